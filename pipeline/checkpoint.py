@@ -1,0 +1,109 @@
+"""Checkpoint files: model weights + vocabulary + resolved config (+ optimiser state).
+
+A checkpoint is a directory holding ``checkpoint.pt`` (a dict, torchvision-references
+style) plus ``vocab.json`` and ``config.json`` copies for people and tools to read::
+
+    {"format": "composed-retrieval-checkpoint/1", "model_name": "tirg",
+     "model_kwargs": {...}, "model": state_dict, "vocab": {...}, "config": {...},
+     "optimizer": state_dict | None, "scheduler": state_dict | None, "step": int,
+     "metrics": {...}}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.vocab import Vocabulary
+
+CHECKPOINT_FORMAT = "composed-retrieval-checkpoint/1"
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint path is missing, corrupt or not one of ours."""
+
+
+def save_checkpoint(directory: str | Path, model: torch.nn.Module, vocab: Vocabulary,
+                    config: dict[str, Any], *, optimizer=None, scheduler=None, step: int = 0,
+                    metrics: dict[str, Any] | None = None) -> Path:
+    """Write ``directory/checkpoint.pt`` atomically (temp file + rename); returns the dir."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model = getattr(model, "module", model)  # unwrap DDP
+    model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "model_name": model.model_name,
+        "model_kwargs": model.model_kwargs,
+        "model": model.state_dict(),
+        "vocab": vocab.to_dict(),
+        "config": config,
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "step": int(step),
+        "metrics": metrics or {},
+    }
+    tmp = directory / f".{CHECKPOINT_FILE}.tmp-{os.getpid()}"
+    torch.save(payload, tmp)
+    os.replace(tmp, directory / CHECKPOINT_FILE)
+    (directory / "vocab.json").write_text(json.dumps(vocab.to_dict()))
+    (directory / "config.json").write_text(json.dumps(config, indent=1, default=str))
+    return directory
+
+
+def checkpoint_file(path: str | Path) -> Path:
+    """``path`` itself if it is a file, else ``path/checkpoint.pt``."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_FILE
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path} (expected a directory with {CHECKPOINT_FILE})")
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read and validate a checkpoint dict."""
+    file = checkpoint_file(path)
+    try:
+        payload = torch.load(file, map_location=map_location, weights_only=False)
+    except Exception as err:  # torch raises many types for a damaged file
+        raise CheckpointError(f"{file} is not a readable checkpoint: {err}") from err
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{file} is not a {CHECKPOINT_FORMAT} checkpoint")
+    return payload
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu",
+               expect_model: str | None = None):
+    """Rebuild the model of a checkpoint: returns ``(model.eval(), vocab, payload)``."""
+    from pipeline.models import create_model
+
+    payload = load_checkpoint(path, map_location="cpu")
+    if expect_model is not None and payload["model_name"] != expect_model:
+        raise CheckpointError(
+            f"{path} holds model {payload['model_name']!r}, expected {expect_model!r}"
+        )
+    kwargs = dict(payload["model_kwargs"])
+    kwargs.pop("pretrained_path", None)  # weights come from the checkpoint itself
+    model = create_model(payload["model_name"], **kwargs)
+    try:
+        model.load_state_dict(payload["model"])
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: weights do not fit model {payload['model_name']!r}: {err}") from err
+    vocab = Vocabulary.from_dict(payload["vocab"])
+    return model.to(device).eval(), vocab, payload
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file (checkpoint hashes in export metadata)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
