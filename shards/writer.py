@@ -31,10 +31,16 @@ class DatasetWriter:
 
     Use as a context manager: leaving the block with an exception removes the partial
     directory. ``overwrite=False`` refuses to replace an existing dataset.
+
+    ``shard_sizes`` overrides ``shard_size`` (samples per shard) for named splits, e.g.
+    fewer samples per train shard when each train sample is a group of many images.
+    ``mtime`` fixes the tar entries' modification time (default: the time of writing) so
+    that the same samples give byte-identical shards.
     """
 
     def __init__(self, out_dir: str | Path, name: str, created_by: str, *,
-                 shard_size: int = 1000, image_ext: str = "png", overwrite: bool = False):
+                 shard_size: int = 1000, image_ext: str = "png", overwrite: bool = False,
+                 shard_sizes: dict[str, int] | None = None, mtime: float | None = None):
         self.out_dir = Path(out_dir)
         if self.out_dir.exists() and not overwrite:
             raise FileExistsError(
@@ -42,9 +48,14 @@ class DatasetWriter:
             )
         if shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        for split, size in (shard_sizes or {}).items():
+            if size < 1:
+                raise ValueError(f"shard_sizes[{split!r}] must be >= 1, got {size}")
         self.name = name
         self.created_by = created_by
         self.shard_size = shard_size
+        self.shard_sizes = dict(shard_sizes or {})
+        self.mtime = mtime
         self.image_ext = image_ext
         self.overwrite = overwrite
         self.tmp_dir = self.out_dir.parent / f"{self.out_dir.name}.partial-{os.getpid()}"
@@ -72,7 +83,9 @@ class DatasetWriter:
             if not _KEY_RE.match(split):
                 raise ValueError(f"split name {split!r} must be letters, digits, '-' or '_'")
             pattern = str(self.tmp_dir / f"{split}-%06d.tar")
-            self._writers[split] = wds.ShardWriter(pattern, maxcount=self.shard_size, verbose=0)
+            maxcount = self.shard_sizes.get(split, self.shard_size)
+            self._writers[split] = wds.ShardWriter(pattern, maxcount=maxcount, verbose=0,
+                                                   mtime=self.mtime)
             self._kinds[split] = kind
         elif self._kinds[split] != kind:
             raise ValueError(f"split {split!r} is {self._kinds[split]!r}, not {kind!r}")
