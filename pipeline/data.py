@@ -1,0 +1,446 @@
+"""Streaming training triplets and gallery images from WebDataset shards.
+
+Distributed streaming follows open_clip's WebDataset reader:
+
+1. every epoch the shard list is shuffled with a seed of ``(seed, epoch)`` -- the
+   same order on every rank;
+2. the shuffled list is split by node (``rank::world_size``), then by DataLoader
+   worker (``worker::num_workers``), so readers read disjoint shards;
+3. each reader draws the triplets of its groups (``pipeline.triplets``, afresh every
+   epoch), passes them through a shuffle buffer, decodes, preprocesses and batches;
+4. each reader repeats its shards endlessly and the loader stops after exactly
+   ``batches_per_epoch`` batches, so every rank yields the same number of batches
+   whatever the shard sizes (an uneven rank would hang DDP).
+
+Few shards: with fewer shards than readers (``world_size x loader_workers``) a shard
+split would leave readers idle. ``split_by="auto"`` (default) then falls back to a
+*sample* split -- every reader streams all shards and keeps every R-th group (R the
+number of readers) -- and logs a warning; ``split_by="shards"`` raises instead (open_clip's
+assertion), ``split_by="samples"`` always splits samples. Tiny test datasets need the
+fallback; real datasets should have many more shards than readers.
+
+Decoding: on CPU the DataLoader workers decode and preprocess. When ``device`` is
+CUDA the workers pass the encoded bytes and the main process decodes the batch on
+the GPU (nvJPEG for JPEG) and preprocesses there, which frees the few CPU cores of
+a GPU node from decoding.
+
+Corrupt samples (bad JSON, an image that does not decode) are skipped; each reader
+logs a warning with the count per epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import tarfile
+from collections import Counter
+from collections.abc import Iterator
+from itertools import count, islice
+from pathlib import Path
+from typing import Any
+
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline.images import IMAGENET_MEAN, IMAGENET_STD, ImagePreprocess, decode_image
+from pipeline.triplets import draw_triplets, group_texts, triplets_per_epoch
+from pipeline.vocab import Vocabulary
+from shards.manifest import load_manifest, shard_paths
+
+log = logging.getLogger(__name__)
+
+SPLIT_MODES = ("auto", "shards", "samples")
+
+
+# -- group JSON scans (vocabulary, epoch length) -----------------------------------------
+
+def iter_group_jsons(dataset_dir: str | Path, split: str = "train") -> Iterator[dict[str, Any]]:
+    """Every group JSON of a ``groups`` split, in shard order, without reading images
+    into memory. Unparseable JSON is skipped with a warning."""
+    manifest = load_manifest(dataset_dir)
+    bad = 0
+    for path in shard_paths(dataset_dir, manifest, split):
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if not member.isfile() or not member.name.endswith(".json"):
+                    continue
+                try:
+                    group = json.loads(tar.extractfile(member).read())
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    bad += 1
+                    continue
+                yield group
+    if bad:
+        log.warning("%s split %r: skipped %d group(s) with unreadable JSON", dataset_dir, split, bad)
+
+
+def build_vocabulary(dataset_dir: str | Path, split: str = "train",
+                     min_count: int = 1) -> Vocabulary:
+    """Vocabulary of every training text: explicit pair texts and derived texts."""
+    def texts():
+        for group in iter_group_jsons(dataset_dir, split):
+            try:
+                yield from group_texts(group)
+            except ValueError as err:
+                log.warning("vocabulary: skipping malformed group: %s", err)
+
+    return Vocabulary.build(texts(), min_count=min_count)
+
+
+def count_triplets(dataset_dir: str | Path, split: str = "train") -> int:
+    """Triplets drawn per epoch over the whole split (malformed groups count 0)."""
+    total = 0
+    for group in iter_group_jsons(dataset_dir, split):
+        try:
+            total += triplets_per_epoch(group)
+        except ValueError:
+            pass
+    return total
+
+
+def default_batches_per_epoch(dataset_dir: str | Path, batch_size: int, world_size: int = 1,
+                              split: str = "train") -> int:
+    """``triplets per epoch // (batch_size * world_size)``, at least 1."""
+    if batch_size < 1 or world_size < 1:
+        raise ValueError(f"batch_size and world_size must be >= 1, got {batch_size}, {world_size}")
+    return max(1, count_triplets(dataset_dir, split) // (batch_size * world_size))
+
+
+# -- shard assignment ---------------------------------------------------------------------
+
+def reader_shards(shards: list[str], *, seed: int, epoch: int, rank: int, world_size: int,
+                  worker: int, num_workers: int, split_by: str = "auto"
+                  ) -> tuple[list[str], int, int]:
+    """Which shards one reader streams this epoch, and which of their samples it keeps.
+
+    Returns ``(shards, stride, offset)``: the reader keeps samples ``i`` (counted over
+    its shard list) with ``i % stride == offset``; ``stride == 1`` for a shard split.
+    """
+    if split_by not in SPLIT_MODES:
+        raise ValueError(f"split_by must be one of {SPLIT_MODES}, got {split_by!r}")
+    if not 0 <= rank < world_size or not 0 <= worker < num_workers:
+        raise ValueError(f"rank {rank}/{world_size} or worker {worker}/{num_workers} out of range")
+    order = list(shards)
+    random.Random(f"shards-{seed}-{epoch}").shuffle(order)
+    readers = world_size * num_workers
+    if split_by == "shards" or (split_by == "auto" and len(order) >= readers):
+        if len(order) < readers:
+            raise ValueError(
+                f"{len(order)} shard(s) for {readers} readers ({world_size} rank(s) x "
+                f"{num_workers} loader worker(s)): write more shards or use fewer workers"
+            )
+        return order[rank::world_size][worker::num_workers], 1, 0
+    return order, readers, rank * num_workers + worker
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+def _image_entry(sample: dict[str, Any], name: str) -> tuple[bytes, str]:
+    """The bytes and extension of ``<name>.<ext>`` in a WebDataset sample."""
+    for key, value in sample.items():
+        if key.startswith(name + ".") and "." not in key[len(name) + 1:]:
+            return value, key[len(name) + 1:]
+    raise KeyError(f"sample {sample.get('__key__')!r} has no image {name}.<ext>")
+
+
+# -- training triplets --------------------------------------------------------------------
+
+class TripletStream(IterableDataset):
+    """One reader's endless stream of batches for one epoch (runs on a DataLoader worker).
+
+    Yields dicts with ``texts``, ``tokens``, ``lengths``, ``ref_ids``, ``target_ids`` and
+    either decoded ``ref_images``/``target_images`` (B, 3, S, S) or, when
+    ``decode_on_worker`` is False, the encoded ``ref_bytes``/``target_bytes``.
+    """
+
+    def __init__(self, shards: list[str], vocab: Vocabulary, *, batch_size: int,
+                 preprocess: ImagePreprocess, rank: int, world_size: int, seed: int,
+                 epoch: int, shuffle_buffer: int, split_by: str, max_text_len: int | None,
+                 decode_on_worker: bool):
+        super().__init__()
+        self.shards = shards
+        self.vocab = vocab
+        self.batch_size = batch_size
+        self.preprocess = preprocess
+        self.rank, self.world_size = rank, world_size
+        self.seed, self.epoch = seed, epoch
+        self.shuffle_buffer = shuffle_buffer
+        self.split_by = split_by
+        self.max_text_len = max_text_len
+        self.decode_on_worker = decode_on_worker
+
+    def __iter__(self):
+        worker, num_workers = _worker()
+        shards, stride, offset = reader_shards(
+            self.shards, seed=self.seed, epoch=self.epoch, rank=self.rank,
+            world_size=self.world_size, worker=worker, num_workers=num_workers,
+            split_by=self.split_by)
+        where = f"rank {self.rank} worker {worker} epoch {self.epoch}"
+        if stride > 1 and worker == 0:
+            log.warning("%d shard(s) for %d readers: %s splits samples, not shards",
+                        len(self.shards), stride, where)
+        skipped: Counter = Counter()
+        reader_seed = f"{self.seed}-{self.epoch}-{self.rank}-{worker}"
+        triplets = self._triplets(shards, stride, offset, skipped, where)
+        if self.shuffle_buffer > 1:
+            triplets = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer,
+                                   rng=random.Random(f"buffer-{reader_seed}"))(triplets)
+        crop_rng = random.Random(f"crop-{reader_seed}")
+        try:
+            batch: list[dict[str, Any]] = []
+            for triplet in triplets:
+                if self.decode_on_worker:
+                    try:
+                        triplet["ref_image"] = self.preprocess(decode_image(triplet["ref_bytes"]), crop_rng)
+                        triplet["target_image"] = self.preprocess(decode_image(triplet["target_bytes"]), crop_rng)
+                    except ValueError as err:
+                        skipped["undecodable image"] += 1
+                        log.debug("%s: skipping triplet %s -> %s: %s", where,
+                                  triplet["ref_id"], triplet["target_id"], err)
+                        continue
+                batch.append(triplet)
+                if len(batch) == self.batch_size:
+                    yield self._collate(batch)
+                    batch = []
+        finally:
+            if skipped:
+                log.warning("%s: skipped %d corrupt sample(s): %s", where, sum(skipped.values()),
+                            dict(skipped))
+
+    def _triplets(self, shards: list[str], stride: int, offset: int, skipped: Counter,
+                  where: str) -> Iterator[dict[str, Any]]:
+        """Endless passes over the reader's groups, each drawing fresh triplets."""
+        for repeat in count():
+            produced = 0
+            index = -1
+            samples = wds.tarfile_samples([{"url": s} for s in shards], handler=wds.warn_and_continue)
+            for sample in samples:
+                index += 1
+                if index % stride != offset:
+                    continue
+                key = sample.get("__key__")
+                try:
+                    group = json.loads(sample["json"])
+                    drawn = draw_triplets(group, random.Random(f"{self.seed}-{self.epoch}-{repeat}-{key}"))
+                    images = [_image_entry(sample, str(i)) for i in range(len(group["members"]))]
+                except (KeyError, ValueError, TypeError, UnicodeDecodeError) as err:
+                    skipped["bad group json"] += 1
+                    log.debug("%s: skipping group %s: %s", where, key, err)
+                    continue
+                members = group["members"]
+                for ref, tgt, text in drawn:
+                    produced += 1
+                    yield {"ref_bytes": images[ref][0], "target_bytes": images[tgt][0],
+                           "ref_id": str(members[ref].get("id", f"{key}/{ref}")),
+                           "target_id": str(members[tgt].get("id", f"{key}/{tgt}")),
+                           "text": text}
+            if produced == 0:
+                raise ValueError(
+                    f"{where}: no triplets in its share of {len(shards)} shard(s) "
+                    f"(stride {stride}); the dataset has fewer usable groups than readers"
+                )
+
+    def _collate(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
+        texts = [t["text"] for t in batch]
+        tokens, lengths = self.vocab.encode(texts, max_len=self.max_text_len)
+        out: dict[str, Any] = {"tokens": tokens, "lengths": lengths, "texts": texts,
+                               "ref_ids": [t["ref_id"] for t in batch],
+                               "target_ids": [t["target_id"] for t in batch]}
+        if self.decode_on_worker:
+            out["ref_images"] = torch.stack([t["ref_image"] for t in batch])
+            out["target_images"] = torch.stack([t["target_image"] for t in batch])
+        else:
+            out["ref_bytes"] = [t["ref_bytes"] for t in batch]
+            out["target_bytes"] = [t["target_bytes"] for t in batch]
+        return out
+
+
+class TripletLoader:
+    """Iterable of exactly ``len(self)`` training batches per epoch on this rank.
+
+    Each ``iter()`` runs the epoch set by ``set_epoch`` (initially the ``epoch``
+    argument) and then advances it by one, so ``for epoch ...: for batch in loader``
+    sees a fresh shard order and fresh triplets every epoch. Batches are dicts:
+    ``ref_images``/``target_images`` (B, 3, S, S) float32, ``tokens`` (B, T) int64,
+    ``lengths`` (B,) int64, ``texts``, ``ref_ids``, ``target_ids`` (lists of str).
+    """
+
+    def __init__(self, stream: TripletStream, *, batches_per_epoch: int, loader_workers: int,
+                 device: torch.device):
+        self.stream = stream
+        self.batches_per_epoch = batches_per_epoch
+        self.loader_workers = loader_workers
+        self.device = device
+        self.epoch = stream.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self.stream.epoch = self.epoch
+        self.epoch += 1
+        loader = DataLoader(self.stream, batch_size=None, num_workers=self.loader_workers,
+                            persistent_workers=False)
+        crop_rng = random.Random(f"gpu-crop-{self.stream.seed}-{self.stream.epoch}-{self.stream.rank}")
+        for batch in islice(loader, self.batches_per_epoch):
+            if self.stream.decode_on_worker:
+                yield batch
+            else:
+                yield _decode_batch_on_device(batch, self.stream.preprocess, self.device, crop_rng)
+
+
+def _decode_batch_on_device(batch: dict[str, Any], preprocess: ImagePreprocess,
+                            device: torch.device, rng: random.Random) -> dict[str, Any]:
+    """Decode a batch's images on ``device``; triplets with an undecodable image are dropped."""
+    refs, targets, keep = [], [], []
+    for i, (ref, tgt) in enumerate(zip(batch["ref_bytes"], batch["target_bytes"])):
+        try:
+            refs.append(preprocess(decode_image(ref, device), rng))
+            targets.append(preprocess(decode_image(tgt, device), rng))
+        except ValueError as err:
+            if len(refs) > len(targets):
+                refs.pop()
+            log.warning("skipping triplet %s -> %s: %s", batch["ref_ids"][i],
+                        batch["target_ids"][i], err)
+            continue
+        keep.append(i)
+    if not keep:
+        raise ValueError(f"every image of a batch failed to decode on {device}: {batch['ref_ids']}")
+    index = torch.tensor(keep, dtype=torch.long)
+    return {"ref_images": torch.stack(refs), "target_images": torch.stack(targets),
+            "tokens": batch["tokens"][index].to(device), "lengths": batch["lengths"][index].to(device),
+            "texts": [batch["texts"][i] for i in keep], "ref_ids": [batch["ref_ids"][i] for i in keep],
+            "target_ids": [batch["target_ids"][i] for i in keep]}
+
+
+def triplet_loader(dataset_dir: str | Path, vocab: Vocabulary, *, batch_size: int,
+                   image_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                   epoch: int = 0, loader_workers: int = 0, shuffle_buffer: int = 1000,
+                   batches_per_epoch: int | None = None, split: str = "train",
+                   mean=IMAGENET_MEAN, std=IMAGENET_STD, augment: bool = False,
+                   device: str | torch.device = "cpu", max_text_len: int | None = None,
+                   split_by: str = "auto") -> TripletLoader:
+    """Training batches of one rank (see the module docstring for the streaming scheme).
+
+    ``batches_per_epoch`` defaults to ``default_batches_per_epoch(...)``; pass the same
+    value on every rank (it is what keeps DDP ranks in step).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if loader_workers < 0:
+        raise ValueError(f"loader_workers must be >= 0, got {loader_workers}")
+    manifest = load_manifest(dataset_dir)
+    if manifest["splits"].get(split, {}).get("kind") != "groups":
+        raise ValueError(f"split {split!r} of {dataset_dir} is not a 'groups' split: "
+                         f"{ {k: v['kind'] for k, v in manifest['splits'].items()} }")
+    if batches_per_epoch is None:
+        batches_per_epoch = default_batches_per_epoch(dataset_dir, batch_size, world_size, split)
+    if batches_per_epoch < 1:
+        raise ValueError(f"batches_per_epoch must be >= 1, got {batches_per_epoch}")
+    device = torch.device(device)
+    stream = TripletStream(
+        shard_paths(dataset_dir, manifest, split), vocab, batch_size=batch_size,
+        preprocess=ImagePreprocess(image_size, mean, std, augment=augment), rank=rank,
+        world_size=world_size, seed=seed, epoch=epoch, shuffle_buffer=shuffle_buffer,
+        split_by=split_by, max_text_len=max_text_len, decode_on_worker=device.type != "cuda")
+    return TripletLoader(stream, batches_per_epoch=batches_per_epoch,
+                         loader_workers=loader_workers, device=device)
+
+
+# -- gallery ------------------------------------------------------------------------------
+
+def iter_gallery_samples(dataset_dir: str | Path, split: str = "gallery"
+                         ) -> Iterator[tuple[dict[str, Any], bytes, str]]:
+    """``(meta, image bytes, ext)`` of every gallery sample in shard order."""
+    manifest = load_manifest(dataset_dir)
+    if manifest["splits"].get(split, {}).get("kind") != "gallery":
+        raise ValueError(f"split {split!r} of {dataset_dir} is not a 'gallery' split")
+    for sample in wds.tarfile_samples([{"url": p} for p in shard_paths(dataset_dir, manifest, split)]):
+        meta = json.loads(sample["json"])
+        data, ext = _image_entry(sample, "img")
+        yield meta, data, ext
+
+
+class GalleryStream(IterableDataset):
+    """Gallery batches in shard order: worker ``w`` of ``W`` builds batches ``w, w+W, ...``
+    so the DataLoader's round-robin returns batch 0, 1, 2, ... (each worker reads every
+    shard's bytes but decodes only its own batches)."""
+
+    def __init__(self, dataset_dir: str, split: str, batch_size: int,
+                 preprocess: ImagePreprocess, decode_on_worker: bool = True):
+        super().__init__()
+        self.dataset_dir, self.split = dataset_dir, split
+        self.batch_size = batch_size
+        self.preprocess = preprocess
+        self.decode_on_worker = decode_on_worker
+
+    def __iter__(self):
+        worker, num_workers = _worker()
+        batch: list[tuple[dict, bytes]] = []
+        index = 0
+        for meta, data, _ in iter_gallery_samples(self.dataset_dir, self.split):
+            if (index // self.batch_size) % num_workers == worker:
+                batch.append((meta, data))
+            index += 1
+            if index % self.batch_size == 0 and batch:
+                yield self._collate(batch)
+                batch = []
+        if batch:
+            yield self._collate(batch)
+
+    def _collate(self, batch: list[tuple[dict, bytes]]):
+        ids = [str(meta["id"]) for meta, _ in batch]
+        metas = [meta for meta, _ in batch]
+        if not self.decode_on_worker:
+            return ids, [data for _, data in batch], metas
+        images = []
+        for meta, data in batch:
+            try:
+                images.append(self.preprocess(decode_image(data)))
+            except ValueError as err:
+                raise ValueError(f"gallery image {meta['id']!r} in {self.dataset_dir}: {err}") from err
+        return ids, torch.stack(images), metas
+
+
+def gallery_loader(dataset_dir: str | Path, split: str = "gallery", *, batch_size: int,
+                   image_size: int, loader_workers: int = 0, mean=IMAGENET_MEAN,
+                   std=IMAGENET_STD, device: str | torch.device = "cpu"
+                   ) -> Iterator[tuple[list[str], torch.Tensor, list[dict]]]:
+    """``(ids, images (B, 3, S, S) float32, metas)`` batches, every gallery image once, in
+    shard order. A corrupt gallery image raises ``ValueError`` naming its id (a gallery
+    must be complete; converters skip bad images before writing)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = torch.device(device)
+    preprocess = ImagePreprocess(image_size, mean, std)
+    stream = GalleryStream(str(dataset_dir), split, batch_size, preprocess,
+                           decode_on_worker=device.type != "cuda")
+    loader = DataLoader(stream, batch_size=None, num_workers=loader_workers)
+    for ids, images, metas in loader:
+        if device.type == "cuda":
+            images = torch.stack([preprocess(decode_image(d, device)) for d in images])
+        yield ids, images, metas
+
+
+def read_gallery_bytes(dataset_dir: str | Path, split: str = "gallery",
+                       ids=None) -> dict[str, tuple[bytes, str]]:
+    """``{id: (encoded bytes, ext)}`` of a gallery split (only ``ids`` when given)."""
+    wanted = None if ids is None else {str(i) for i in ids}
+    out = {}
+    for meta, data, ext in iter_gallery_samples(dataset_dir, split):
+        gid = str(meta["id"])
+        if wanted is None or gid in wanted:
+            out[gid] = (bytes(data), ext)
+    if wanted is not None and len(out) < len(wanted):
+        missing = sorted(wanted - out.keys())[:5]
+        raise KeyError(f"gallery split {split!r} of {dataset_dir} has no image(s) {missing}")
+    return out
+
