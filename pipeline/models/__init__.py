@@ -1,6 +1,11 @@
-"""Model library: encoders, composers and the registry (``create_model``, ``list_models``)."""
+"""Model library: encoders, composers and the registry (``create_model``, ``list_models``).
 
+Importing this package registers every model (the composer modules register on import).
+"""
+
+from pipeline.models import composers  # noqa: F401  (registers the TIRG-family models)
 from pipeline.models.base import ComposedRetrievalModel
-from pipeline.models.registry import create_model, list_models, register_model
+from pipeline.models.registry import accepted_kwargs, create_model, list_models, register_model
 
-__all__ = ["ComposedRetrievalModel", "create_model", "list_models", "register_model"]
+__all__ = ["ComposedRetrievalModel", "accepted_kwargs", "create_model", "list_models",
+           "register_model"]

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
+
+from torch import nn
 
 from pipeline.models.base import ComposedRetrievalModel
 
@@ -27,11 +30,33 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create_model(name: str, **kwargs: Any) -> ComposedRetrievalModel:
-    """Build model ``name``; ``kwargs`` (vocab_size, embed_dim, ...) are recorded on it
-    as ``model.model_kwargs`` so a checkpoint can rebuild it."""
+def accepted_kwargs(name: str) -> list[str]:
+    """Keyword arguments the constructor of model ``name`` accepts (its own and those its
+    ``**common`` passes on to base classes)."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; registered: {', '.join(list_models())}")
+    fn = _REGISTRY[name]
+    inits = ([c.__init__ for c in fn.__mro__ if issubclass(c, ComposedRetrievalModel)
+              and c is not ComposedRetrievalModel and "__init__" in vars(c)]
+             if isinstance(fn, type) and issubclass(fn, nn.Module) else [fn])
+    names: list[str] = []
+    for init in inits:
+        for p in inspect.signature(init).parameters.values():
+            if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) \
+                    and p.name not in names:
+                names.append(p.name)
+    return names
+
+
+def create_model(name: str, **kwargs: Any) -> ComposedRetrievalModel:
+    """Build model ``name``; ``kwargs`` (vocab_size, embed_dim, ...) are recorded on it
+    as ``model.model_kwargs`` so a checkpoint can rebuild it. An unknown keyword raises
+    TypeError naming it and the accepted ones."""
+    accepted = accepted_kwargs(name)
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise TypeError(f"model {name!r} got unknown keyword argument(s) {unknown}; "
+                        f"accepted: {', '.join(accepted)}")
     model = _REGISTRY[name](**kwargs)
     model.model_name = name
     model.model_kwargs = dict(kwargs)
