@@ -44,7 +44,13 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.images import IMAGENET_MEAN, IMAGENET_STD, ImagePreprocess, decode_image
+from pipeline.images import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImagePreprocess,
+    decode_image,
+    decode_images,
+)
 from pipeline.triplets import draw_triplets, group_texts, triplets_per_epoch
 from pipeline.vocab import Vocabulary
 from shards.manifest import load_manifest, shard_paths
@@ -299,25 +305,31 @@ class TripletLoader:
 
 def _decode_batch_on_device(batch: dict[str, Any], preprocess: ImagePreprocess,
                             device: torch.device, rng: random.Random) -> dict[str, Any]:
-    """Decode a batch's images on ``device``; triplets with an undecodable image are dropped."""
-    refs, targets, keep = [], [], []
-    for i, (ref, tgt) in enumerate(zip(batch["ref_bytes"], batch["target_bytes"])):
-        try:
-            refs.append(preprocess(decode_image(ref, device), rng))
-            targets.append(preprocess(decode_image(tgt, device), rng))
-        except ValueError as err:
-            if len(refs) > len(targets):
-                refs.pop()
-            log.warning("skipping triplet %s -> %s: %s", batch["ref_ids"][i],
-                        batch["target_ids"][i], err)
-            continue
-        keep.append(i)
+    """Decode a batch's images on ``device`` (one batched nvJPEG call for JPEGs); triplets
+    with an undecodable image are dropped with a warning, so the batch may shrink."""
+    size = len(batch["texts"])
+    try:
+        images = decode_images(batch["ref_bytes"] + batch["target_bytes"], device)
+        pairs = [(images[i], images[size + i]) for i in range(size)]
+    except ValueError:
+        pairs = []
+        for i, (ref, tgt) in enumerate(zip(batch["ref_bytes"], batch["target_bytes"])):
+            try:
+                pairs.append((decode_image(ref, device), decode_image(tgt, device)))
+            except ValueError as err:
+                pairs.append(None)
+                log.warning("skipping triplet %s -> %s: %s", batch["ref_ids"][i],
+                            batch["target_ids"][i], err)
+    keep = [i for i, pair in enumerate(pairs) if pair is not None]
     if not keep:
         raise ValueError(f"every image of a batch failed to decode on {device}: {batch['ref_ids']}")
     index = torch.tensor(keep, dtype=torch.long)
-    return {"ref_images": torch.stack(refs), "target_images": torch.stack(targets),
-            "tokens": batch["tokens"][index].to(device), "lengths": batch["lengths"][index].to(device),
-            "texts": [batch["texts"][i] for i in keep], "ref_ids": [batch["ref_ids"][i] for i in keep],
+    return {"ref_images": torch.stack([preprocess(pairs[i][0], rng) for i in keep]),
+            "target_images": torch.stack([preprocess(pairs[i][1], rng) for i in keep]),
+            "tokens": batch["tokens"][index].to(device),
+            "lengths": batch["lengths"][index].to(device),
+            "texts": [batch["texts"][i] for i in keep],
+            "ref_ids": [batch["ref_ids"][i] for i in keep],
             "target_ids": [batch["target_ids"][i] for i in keep]}
 
 
@@ -426,7 +438,7 @@ def gallery_loader(dataset_dir: str | Path, split: str = "gallery", *, batch_siz
     loader = DataLoader(stream, batch_size=None, num_workers=loader_workers)
     for ids, images, metas in loader:
         if device.type == "cuda":
-            images = torch.stack([preprocess(decode_image(d, device)) for d in images])
+            images = torch.stack([preprocess(img) for img in decode_images(images, device)])
         yield ids, images, metas
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -40,10 +41,14 @@ def decode_image(data: bytes, device: str | torch.device = "cpu") -> torch.Tenso
     raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     device = torch.device(device)
     try:
-        if device.type == "cuda" and is_jpeg(data):
-            image = decode_jpeg(raw, mode=ImageReadMode.RGB, device=device)
-        else:
-            image = _tv_decode_image(raw, mode=ImageReadMode.RGB)
+        with warnings.catch_warnings():
+            # torchvision 0.29 deprecates its decoders in favour of TorchCodec, which is not
+            # a dependency here; the warning would repeat for every image
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            if device.type == "cuda" and is_jpeg(data):
+                image = decode_jpeg(raw, mode=ImageReadMode.RGB, device=device)
+            else:
+                image = _tv_decode_image(raw, mode=ImageReadMode.RGB)
     except (RuntimeError, ValueError) as err:
         raise ValueError(
             f"cannot decode image ({len(data)} bytes, starts {bytes(data[:8])!r}): corrupt "
@@ -67,7 +72,9 @@ def decode_images(datas: Sequence[bytes], device: str | torch.device = "cpu") ->
     if jpeg_pos:
         raws = [torch.frombuffer(bytearray(datas[i]), dtype=torch.uint8) for i in jpeg_pos]
         try:
-            decoded = decode_jpeg(raws, mode=ImageReadMode.RGB, device=device)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", category=DeprecationWarning)
+                decoded = decode_jpeg(raws, mode=ImageReadMode.RGB, device=device)
             for i, img in zip(jpeg_pos, decoded):
                 out[i] = img
         except RuntimeError:
