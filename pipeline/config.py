@@ -33,6 +33,7 @@ DEFAULTS: dict[str, Any] = {
     "demo": False,  # merge ``demo_settings`` (CPU-sized run)
     "demo_settings": {},
     "fault_injection": None,  # {"step": N, "rank": R}: rank R exits once at step N (tests)
+    "tune": None,  # search space of tune.search (tune/space.py); training ignores it
     "model": {
         "name": "tirg",
         "embed_dim": 512,
@@ -90,7 +91,7 @@ DEFAULTS: dict[str, Any] = {
     },
 }
 
-OPEN_SECTIONS = ("model", "loss", "demo_settings", "fault_injection")
+OPEN_SECTIONS = ("model", "loss", "demo_settings", "fault_injection", "tune")
 BASE_KEY = "base"
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("step", "exponential", "constant")
