@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -34,8 +35,9 @@ class DatasetWriter:
 
     ``shard_sizes`` overrides ``shard_size`` (samples per shard) for named splits, e.g.
     fewer samples per train shard when each train sample is a group of many images.
-    ``mtime`` fixes the tar entries' modification time (default: the time of writing) so
-    that the same samples give byte-identical shards.
+    ``mtime`` fixes the tar entries' modification time (whole seconds; default: when the
+    writer is created) so that the same samples give byte-identical shards. It is always an
+    integer because a fractional mtime makes tarfile add a 1 KiB PAX header to every entry.
     """
 
     def __init__(self, out_dir: str | Path, name: str, created_by: str, *,
@@ -55,7 +57,7 @@ class DatasetWriter:
         self.created_by = created_by
         self.shard_size = shard_size
         self.shard_sizes = dict(shard_sizes or {})
-        self.mtime = mtime
+        self.mtime = int(time.time() if mtime is None else mtime)
         self.image_ext = image_ext
         self.overwrite = overwrite
         self.tmp_dir = self.out_dir.parent / f"{self.out_dir.name}.partial-{os.getpid()}"
