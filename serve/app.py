@@ -1,0 +1,308 @@
+"""HTTP service over a ``QueryEngine`` (FastAPI): search, gallery images, demo page.
+
+Endpoints::
+
+    POST /search          multipart: ``image`` (file) or ``ref_id``, ``text``, ``k``
+                          -> {"results": [{"id", "score", "image_url"}], "timing": {...}, ...}
+    GET  /images/{id}     the catalogue image's bytes from the index (content type by ext)
+    GET  /gallery/sample  ``n`` random gallery ids with thumbnails' URLs (the demo's picker)
+    GET  /healthz         model, backend, device, gallery size, batches served
+    GET  /                the demo page (serve/static, no external resources)
+    GET  /docs            OpenAPI docs (FastAPI's Swagger UI; /openapi.json is the schema)
+
+Every input error is a 4xx with ``{"error": code, "detail": message}``; ids are looked
+up in the index and never touch the filesystem. Concurrent searches are micro-batched
+(``serve.batching``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import quote
+
+from fastapi import FastAPI, File, Form, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serve.batching import MicroBatcher, QueueFullError
+from serve.engine import (
+    Hit,
+    ImageTooLargeError,
+    InvalidImageError,
+    QueryEngine,
+    UnknownReferenceError,
+)
+from serve.engine import Query as EngineQuery
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).parent / "static"
+# Multipart framing and the form's text fields, on top of the image itself.
+BODY_OVERHEAD_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class ServiceLimits:
+    """What one request may ask for; every excess is a 4xx."""
+
+    max_image_bytes: int = 10 * 1024 * 1024
+    max_text_chars: int = 500
+    max_k: int = 100
+    max_sample: int = 100
+    concurrent_decodes: int = 2  # decoded uploads in flight (each up to max_image_pixels)
+
+
+class ApiError(Exception):
+    """An input error answered as ``status`` with ``{"error": code, "detail": detail}``."""
+
+    def __init__(self, status: int, code: str, detail: str):
+        super().__init__(detail)
+        self.status, self.code, self.detail = status, code, detail
+
+
+def error_response(status: int, code: str, detail: Any, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
+
+
+def image_url(image_id: str) -> str:
+    return "/images/" + quote(image_id, safe="")
+
+
+def create_app(engine: QueryEngine, limits: ServiceLimits | None = None, *,
+               max_batch: int | None = None, max_wait_ms: float | None = None,
+               max_queue: int = 1024) -> FastAPI:
+    """The FastAPI app over ``engine``. Batching defaults: on a GPU up to 64 queries
+    collected for up to 2 ms; on the CPU up to 16, never waiting (what is queued runs)."""
+    limits = limits or ServiceLimits()
+    on_gpu = engine.device.type == "cuda"
+    batcher = MicroBatcher(
+        lambda items: _run_batch(engine, items),
+        max_batch=max_batch if max_batch is not None else (64 if on_gpu else 16),
+        max_wait_ms=max_wait_ms if max_wait_ms is not None else (2.0 if on_gpu else 0.0),
+        max_queue=max_queue)
+    decode_slots = asyncio.Semaphore(limits.concurrent_decodes)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await batcher.start()
+        try:
+            yield
+        finally:
+            await batcher.stop()
+
+    app = FastAPI(title="Composed image retrieval", version="1",
+                  description="Search a catalogue with a reference image and a text saying "
+                              "what should change.", lifespan=lifespan)
+    app.state.engine, app.state.batcher, app.state.limits = engine, batcher, limits
+    app.add_middleware(BodySizeLimit, max_bytes=limits.max_image_bytes + BODY_OVERHEAD_BYTES
+                       + 4 * limits.max_text_chars)
+    _add_error_handlers(app)
+
+    @app.post("/search", summary="Top-k gallery images for a reference and a change text")
+    async def search(
+        text: Annotated[str | None, Form(description="what should change")] = None,
+        image: Annotated[UploadFile | None, File(description="reference image upload")] = None,
+        ref_id: Annotated[str | None, Form(description="a gallery id as the reference")] = None,
+        k: Annotated[int, Form(description="number of results")] = 10,
+    ) -> dict[str, Any]:
+        began = time.perf_counter()
+        text = _check_text(text, limits)
+        if image is not None and not image.filename and not image.size:
+            image = None  # an empty file field (a form posted with no file chosen)
+        if (image is None) == (ref_id is None or ref_id == ""):
+            raise ApiError(422, "reference_required" if image is None else "reference_conflict",
+                           "give exactly one reference: an image file or a ref_id"
+                           + (" (both were given)" if image is not None else ""))
+        if not 1 <= k <= min(limits.max_k, len(engine.index)):
+            raise ApiError(422, "k_out_of_range",
+                           f"k must be between 1 and {min(limits.max_k, len(engine.index))}, got {k}")
+        reference: dict[str, Any]
+        if image is not None:
+            data = await image.read(limits.max_image_bytes + 1)
+            if len(data) > limits.max_image_bytes:
+                raise ApiError(413, "image_too_large",
+                               f"the image upload exceeds {limits.max_image_bytes} bytes")
+            async with decode_slots:
+                tensor = await run_in_threadpool(engine.prepare_image, data)
+            query = EngineQuery(text=text, image=tensor)
+            reference = {"upload": {"filename": image.filename, "bytes": len(data)}}
+        else:
+            engine.row_of(ref_id)  # unknown ids fail here, not inside a batch
+            query = EngineQuery(text=text, ref_id=ref_id)
+            reference = {"ref_id": ref_id, "image_url": image_url(ref_id)}
+        prepared = time.perf_counter()
+        hits, info = await batcher.submit((query, k))
+        done = time.perf_counter()
+        timing = {"total_ms": (done - began) * 1e3, "prepare_ms": (prepared - began) * 1e3,
+                  **{key: value for key, value in info.items()}}
+        return {"results": [{"id": h.id, "score": h.score, "image_url": image_url(h.id)}
+                            for h in hits],
+                "k": k, "text": text, "reference": reference,
+                "model": engine.model_name, "backend": engine.backend.name, "timing": timing}
+
+    @app.get("/images/{image_id:path}", summary="A gallery image's encoded bytes",
+             responses={200: {"content": {"image/png": {}, "image/jpeg": {}}}})
+    async def gallery_image(image_id: str) -> Response:
+        row = engine.index.row_of.get(image_id)
+        if row is None:
+            raise ApiError(404, "unknown_image_id", f"no gallery image with id {image_id!r}")
+        return Response(engine.index.image_bytes(row), media_type=engine.index.content_type(row),
+                        headers={"Cache-Control": "public, max-age=3600"})
+
+    @app.get("/gallery/sample", summary="Random gallery images (the demo's reference picker)")
+    async def gallery_sample(
+        n: Annotated[int, Query(ge=1, le=limits.max_sample)] = 12,
+        seed: Annotated[int | None, Query()] = None,
+    ) -> dict[str, Any]:
+        rows = random.Random(seed).sample(range(len(engine.index)), min(n, len(engine.index)))
+        items = []
+        for row in rows:
+            meta = engine.index.meta(row)
+            items.append({"id": engine.index.ids[row], "image_url": image_url(engine.index.ids[row]),
+                          **{key: meta[key] for key in ("label", "caption", "category")
+                             if key in meta}})
+        return {"items": items, "gallery_size": len(engine.index)}
+
+    @app.get("/healthz", summary="Liveness and what is being served")
+    async def healthz() -> dict[str, Any]:
+        return {"status": "ok", **engine.describe(), "batches": batcher.batches,
+                "queries": batcher.items,
+                "limits": {"max_image_bytes": limits.max_image_bytes,
+                           "max_text_chars": limits.max_text_chars, "max_k": limits.max_k}}
+
+    @app.get("/", include_in_schema=False)
+    async def demo_page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app
+
+
+def _check_text(text: str | None, limits: ServiceLimits) -> str:
+    if text is None or not text.strip():
+        raise ApiError(422, "empty_text", "text is required: say what should change")
+    if len(text) > limits.max_text_chars:
+        raise ApiError(422, "text_too_long",
+                       f"text has {len(text)} characters; at most {limits.max_text_chars} are accepted")
+    return text.strip()
+
+
+def _run_batch(engine: QueryEngine, items: list[tuple[EngineQuery, int]]
+               ) -> tuple[list[list[Hit]], dict[str, float]]:
+    """Runs on the batcher's worker thread: one engine call for the whole batch."""
+    k = max(k for _, k in items)
+    result = engine.search([query for query, _ in items], k)
+    return [hits[:k] for hits, (_, k) in zip(result.hits, items)], result.timing_ms
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, err: ApiError) -> JSONResponse:
+        return error_response(err.status, err.code, err.detail)
+
+    @app.exception_handler(InvalidImageError)
+    async def invalid_image(request: Request, err: InvalidImageError) -> JSONResponse:
+        return error_response(400, "invalid_image", str(err))
+
+    @app.exception_handler(ImageTooLargeError)
+    async def image_too_large(request: Request, err: ImageTooLargeError) -> JSONResponse:
+        return error_response(413, "image_too_large", str(err))
+
+    @app.exception_handler(UnknownReferenceError)
+    async def unknown_reference(request: Request, err: UnknownReferenceError) -> JSONResponse:
+        return error_response(404, "unknown_ref_id", str(err))
+
+    @app.exception_handler(QueueFullError)
+    async def overloaded(request: Request, err: QueueFullError) -> JSONResponse:
+        return error_response(503, "overloaded", str(err), headers={"Retry-After": "1"})
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, err: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body')}: "
+                             f"{e.get('msg', 'invalid')}" for e in err.errors())
+        return error_response(422, "invalid_request", problems or "invalid request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        codes = {400: "bad_request", 404: "not_found", 405: "method_not_allowed",
+                 413: "request_too_large"}
+        return error_response(err.status_code, codes.get(err.status_code, "http_error"),
+                              str(err.detail), headers=getattr(err, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, err: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(500, "internal_error", "the server failed on this request")
+
+
+class BodySizeLimit:
+    """ASGI middleware: refuse request bodies over ``max_bytes`` with 413, before they
+    are parsed (declared Content-Length) or as soon as a streamed body passes it."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = int(max_bytes)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None:
+            try:
+                size = int(declared)
+            except ValueError:
+                await _send_json(send, 400, "bad_request", "Content-Length is not a number")
+                return
+            if size > self.max_bytes:
+                await _send_json(send, 413, "request_too_large",
+                                 f"request body of {size} bytes exceeds {self.max_bytes}")
+                return
+        received = 0
+        exceeded = False
+
+        async def limited_receive():
+            nonlocal received, exceeded
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    exceeded = True
+                    raise _BodyTooLarge
+            return message
+
+        async def guarded_send(message) -> None:
+            if not exceeded:  # the app's own answer to a cut-off body is replaced below
+                await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except _BodyTooLarge:
+            pass
+        if exceeded:
+            await _send_json(send, 413, "request_too_large",
+                             f"request body exceeds {self.max_bytes} bytes")
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+async def _send_json(send, status: int, code: str, detail: str) -> None:
+    body = json.dumps({"error": code, "detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})

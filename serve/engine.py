@@ -1,0 +1,273 @@
+"""The query engine: (reference image or gallery id, text) -> top-k gallery ids.
+
+A query composes the reference's image representation with the text (TIRG-style
+``compose``), then ranks the gallery by the dot product with its target embeddings
+(``serve.search``). A gallery-id reference reuses the representation the index stored
+(``repr_<name>.npy``) instead of decoding and encoding its image again (DESIGN.md).
+For models with a correction network (CCNet) the top ``rerank_top`` candidates are
+re-scored by ``pipeline.evaluate.rerank_with_correction`` -- the same function the
+evaluation uses, so served and evaluated rankings agree.
+
+Shapes: B queries in a batch, S image side, D embedding size.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from export.artifacts import ArtifactError, load_artifacts, load_vocab
+from pipeline.images import ImagePreprocess, decode_image
+from serve.backends import BACKENDS, create_backend
+from serve.gallery import GalleryIndex
+from serve.search import GallerySearch
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RERANK_TOP = 50
+
+
+class QueryError(ValueError):
+    """A query the engine cannot answer because of its input (the HTTP layer's 4xx)."""
+
+
+class InvalidImageError(QueryError):
+    """The reference upload is not a decodable image."""
+
+
+class ImageTooLargeError(QueryError):
+    """The reference upload has more bytes or pixels than allowed."""
+
+
+class UnknownReferenceError(QueryError, KeyError):
+    """A reference id that is not in the gallery index."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+@dataclass(frozen=True)
+class Query:
+    """One query: ``text`` plus exactly one reference, a preprocessed ``image`` (3, S, S)
+    from ``QueryEngine.prepare_image`` or a gallery ``ref_id``."""
+
+    text: str
+    image: torch.Tensor | None = None
+    ref_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Hit:
+    id: str
+    score: float
+
+
+@dataclass
+class BatchResult:
+    """Answers of a batch, in query order, and where the time went (milliseconds)."""
+
+    hits: list[list[Hit]]
+    timing_ms: dict[str, float] = field(default_factory=dict)
+
+
+class QueryEngine:
+    """Artifacts + gallery index + one backend, answering batches of queries.
+
+    ``backend``: ``torch`` (eager; CUDA graphs per batch bucket on a GPU), ``onnxruntime``
+    or ``tensorrt``. ``device``: ``None`` picks CUDA when available. ``index_dir``
+    defaults to ``ART_DIR/index``. Not thread-safe: one thread calls ``search`` at a time
+    (the HTTP service runs every batch on one worker thread).
+    """
+
+    def __init__(self, art_dir: str | Path, backend: str = "torch",
+                 device: str | torch.device | None = None, index_dir: str | Path | None = None,
+                 *, rerank_top: int = DEFAULT_RERANK_TOP, max_image_pixels: int = 40_000_000,
+                 chunk_rows: int = 65536, max_resident_bytes: int = 4 << 30,
+                 backend_options: dict[str, Any] | None = None):
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+        self.arts = load_artifacts(art_dir)
+        self.art_dir = Path(self.arts["dir"])
+        self.device = torch.device(device if device is not None else
+                                   "cuda" if torch.cuda.is_available() else "cpu")
+        self.model_name: str = self.arts["model_name"]
+        self.embed_dim = int(self.arts["embed_dim"])
+        self.vocab = load_vocab(self.arts)
+        self.max_text_len = int(self.arts["tokenizer"]["max_text_len"])
+        self.preprocess = _image_preprocess(self.arts)
+        self.max_image_pixels = int(max_image_pixels)
+        self.has_correction = bool(self.arts["has_correction"])
+        self.rerank_top = int(rerank_top) if self.has_correction else 0
+        self.index = GalleryIndex(Path(index_dir) if index_dir else self.art_dir / "index",
+                                  repr_names=list(self.arts["image_repr_names"]),
+                                  checkpoint_sha256=self.arts["checkpoint"].get("sha256"))
+        if self.index.embed_dim != self.embed_dim:
+            raise ArtifactError(f"{self.index.dir}: embed_dim {self.index.embed_dim}, the model's "
+                                f"is {self.embed_dim}")
+        self.backend = create_backend(backend, self.art_dir, self.arts, self.device,
+                                      **(backend_options or {}))
+        self.gallery = GallerySearch(self.index.embeddings, self.device, chunk_rows=chunk_rows,
+                                     max_resident_bytes=max_resident_bytes)
+        log.info("query engine: %s, %d gallery images, %s on %s", self.model_name,
+                 len(self.index), self.backend.describe, self.device)
+
+    # -- inputs -------------------------------------------------------------------------------
+    def prepare_image(self, data: bytes) -> torch.Tensor:
+        """Encoded upload -> preprocessed float32 (3, S, S) on the CPU.
+
+        Raises ``InvalidImageError`` for bytes that are not an image and
+        ``ImageTooLargeError`` for more than ``max_image_pixels`` pixels (read from the
+        header, before decoding).
+        """
+        if not data:
+            raise InvalidImageError("the image upload is empty")
+        try:
+            with Image.open(io.BytesIO(data)) as probe:
+                width, height = probe.size
+                image_format = probe.format
+        except Image.DecompressionBombError as err:
+            raise ImageTooLargeError(f"the image has too many pixels: {err}") from err
+        except (UnidentifiedImageError, OSError, ValueError) as err:
+            raise InvalidImageError(f"the upload ({len(data)} bytes) is not an image that can be "
+                                    f"decoded: {err}") from err
+        if width * height > self.max_image_pixels:
+            raise ImageTooLargeError(f"the image is {width}x{height} pixels; at most "
+                                     f"{self.max_image_pixels} pixels are accepted")
+        try:
+            pixels = decode_image(data)
+        except ValueError:
+            pixels = _decode_with_pil(data, image_format)  # formats torchvision cannot read
+        return self.preprocess(pixels)
+
+    def row_of(self, ref_id: str) -> int:
+        """Index row of a gallery id; ``UnknownReferenceError`` when it is not there."""
+        row = self.index.row_of.get(ref_id)
+        if row is None:
+            raise UnknownReferenceError(f"ref_id {ref_id!r} is not in the gallery index "
+                                        f"({len(self.index)} images)")
+        return row
+
+    # -- answering ----------------------------------------------------------------------------
+    def query(self, text: str, image: bytes | None = None, ref_id: str | None = None,
+              k: int = 10, exclude_reference: bool = True) -> list[Hit]:
+        """One query from raw inputs: uploaded image bytes or a gallery id, and a text."""
+        tensor = self.prepare_image(image) if image is not None else None
+        return self.search([Query(text, tensor, ref_id)], k, exclude_reference).hits[0]
+
+    def search(self, queries: Sequence[Query], k: int = 10,
+               exclude_reference: bool = True) -> BatchResult:
+        """Answer a batch: top-``k`` hits per query, best first.
+
+        With ``exclude_reference`` a gallery-id reference is not returned as its own answer.
+        """
+        if not queries:
+            raise QueryError("search() got no queries")
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise QueryError(f"k must be a positive int, got {k!r}")
+        for q in queries:
+            if (q.image is None) == (q.ref_id is None):
+                raise QueryError("each query needs exactly one reference: an image or a ref_id")
+            if not isinstance(q.text, str):
+                raise QueryError(f"query text must be a str, got {type(q.text).__name__}")
+        sync = self.device.type == "cuda"
+        start = time.perf_counter()
+        rows = [self.row_of(q.ref_id) if q.ref_id is not None else None for q in queries]
+        image_repr = self._reference_reprs(queries, rows)
+        tokens, lengths = self.vocab.encode([q.text for q in queries], max_len=self.max_text_len)
+        query_emb, text_repr = self.backend.compose_query(image_repr, tokens, lengths)
+        if sync:
+            torch.cuda.synchronize(self.device)
+        encoded = time.perf_counter()
+        excluded = rows if exclude_reference else None
+        wanted = max(k, self.rerank_top)
+        scores, found = self.gallery.search(query_emb, wanted, excluded)
+        searched = time.perf_counter()
+        if self.has_correction:
+            scores, found = self._rerank(image_repr, text_repr, scores, found)
+        done = time.perf_counter()
+        hits = [[Hit(self.index.ids[r], float(s)) for s, r in zip(srow[:k], rrow[:k])]
+                for srow, rrow in zip(scores.tolist(), found.tolist())]
+        timing = {"encode_ms": (encoded - start) * 1e3, "search_ms": (searched - encoded) * 1e3,
+                  "rerank_ms": (done - searched) * 1e3, "engine_ms": (done - start) * 1e3}
+        return BatchResult(hits, timing)
+
+    def _reference_reprs(self, queries: Sequence[Query],
+                         rows: list[int | None]) -> dict[str, torch.Tensor]:
+        """Image representation of every reference, (B, ...) per repr name, in query order:
+        uploads are encoded in one batch, gallery ids read from the index's stored rows."""
+        uploads = [i for i, q in enumerate(queries) if q.image is not None]
+        stored = [i for i, r in enumerate(rows) if r is not None]
+        parts: dict[str, list[tuple[list[int], torch.Tensor]]] = {}
+        if uploads:
+            images = torch.stack([queries[i].image for i in uploads]).to(self.device)
+            for name, value in self.backend.encode_image(images).items():
+                parts.setdefault(name, []).append((uploads, value))
+        if stored:
+            gathered = self.index.gather_reprs(np.asarray([rows[i] for i in stored]))
+            for name, value in gathered.items():
+                parts.setdefault(name, []).append((stored, torch.from_numpy(value).to(self.device)))
+        reprs = {}
+        for name, pieces in parts.items():
+            if len(pieces) == 1 and len(pieces[0][0]) == len(queries):
+                reprs[name] = pieces[0][1]
+                continue
+            shape = pieces[0][1].shape[1:]
+            full = torch.empty((len(queries), *shape), dtype=torch.float32, device=self.device)
+            for positions, value in pieces:
+                full[torch.as_tensor(positions, device=self.device)] = value.float()
+            reprs[name] = full
+        return reprs
+
+    def _rerank(self, ref_repr: dict[str, torch.Tensor], text_repr: dict[str, torch.Tensor],
+                scores: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """CCNet: re-score the (B, C) candidates with the correction network (evaluation's
+        ``rerank_with_correction``), best first."""
+        from pipeline.evaluate import rerank_with_correction
+
+        return rerank_with_correction(
+            scores, rows, top=self.rerank_top,
+            correct=lambda ref, cand, text: self.backend.correct(ref, cand, text),
+            ref_repr=ref_repr, text_repr=text_repr,
+            candidate_repr=lambda r: {n: torch.from_numpy(v).to(self.device) for n, v in
+                                      self.index.gather_reprs(r.reshape(-1).numpy()).items()})
+
+    def warmup(self, batch_sizes: Sequence[int] = (1, 2, 4, 8, 16, 32, 64)) -> None:
+        """Capture CUDA graphs / run each batch size once before traffic arrives."""
+        self.backend.warmup(batch_sizes)
+
+    def describe(self) -> dict[str, Any]:
+        return {"model": self.model_name, "backend": self.backend.name,
+                "backend_detail": self.backend.describe, "device": str(self.device),
+                "gallery_size": len(self.index), "embed_dim": self.embed_dim,
+                "search_layout": self.gallery.layout, "has_correction": self.has_correction}
+
+    def close(self) -> None:
+        self.index.close()
+
+
+def _image_preprocess(arts: dict[str, Any]) -> ImagePreprocess:
+    """The export's recipe (``artifacts.json`` preprocess) as an ``ImagePreprocess``."""
+    pre = arts["preprocess"]
+    if int(pre["resize"]) != int(pre["crop"]):
+        raise ArtifactError(f"{arts['dir']}: preprocess resize {pre['resize']} != crop {pre['crop']}; "
+                            "serving reproduces ImagePreprocess (resize shorter side = crop)")
+    return ImagePreprocess(int(pre["crop"]), mean=pre["mean"], std=pre["std"])
+
+
+def _decode_with_pil(data: bytes, image_format: str | None) -> torch.Tensor:
+    """uint8 (3, H, W) via Pillow, for formats torchvision's decoder lacks (BMP, TIFF...)."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            rgb = np.asarray(image.convert("RGB"))
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise InvalidImageError(f"the {image_format or 'image'} upload cannot be decoded: {err}") from err
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
