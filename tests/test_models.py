@@ -1,0 +1,210 @@
+"""Every registered model: shapes, gradients, modes, determinism, overfitting a batch,
+ONNX parity and input validation. One small model per name is built once per module."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.losses import compute_loss
+from pipeline.models import accepted_kwargs, create_model, list_models
+from pipeline.models.export_wrappers import export_graph, graph_modules
+
+VOCAB = 12
+DIM = 64
+SIZE = 64
+NAMES = list_models()
+
+
+def small_kwargs(name: str) -> dict:
+    kwargs = {"vocab_size": VOCAB, "embed_dim": DIM, "image_backbone": "resnet18"}
+    small = {"word_dim": 32, "text_hidden_dim": 32}
+    kwargs.update({k: v for k, v in small.items() if k in accepted_kwargs(name)})
+    return kwargs
+
+
+def build(name: str, seed: int = 0):
+    torch.manual_seed(seed)
+    return create_model(name, **small_kwargs(name))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def models():
+    cache: dict = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = build(name)
+        return cache[name]
+
+    return get
+
+
+def triplets(batch: int = 8, text_len: int = 5, seed: int = 0):
+    """CSS-like batch: reference scenes, distinct texts, targets = reference + a coloured
+    square at a per-text place (all different)."""
+    gen = torch.Generator().manual_seed(seed)
+    refs = torch.randn(batch, 3, SIZE, SIZE, generator=gen) * 0.5
+    targets = refs.clone()
+    for i in range(batch):
+        y, x = divmod(i, 4)
+        targets[i, i % 3, 8 + 24 * y: 24 + 24 * y, 4 + 14 * x: 16 + 14 * x] += 2.0
+    tokens = torch.randint(2, VOCAB, (batch, text_len), generator=gen)
+    tokens[:, 0] = torch.arange(batch) % (VOCAB - 2) + 2
+    lengths = torch.randint(1, text_len + 1, (batch,), generator=gen)
+    lengths[0] = text_len
+    return refs, tokens, lengths, targets
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_forward_shapes_unit_norm_and_reuse(models, name):
+    model = models(name).eval()
+    refs, tokens, lengths, targets = triplets(4)
+    with torch.no_grad():
+        out = model(refs, tokens, lengths, targets)
+        assert out["query"].shape == (4, DIM) and out["target"].shape == (4, DIM)
+        for key in ("query", "target"):
+            assert torch.isfinite(out[key]).all()
+            assert torch.allclose(out[key].norm(dim=1), torch.ones(4), atol=1e-5)
+        # a catalogue image's representation, computed once, composes the same query
+        ref_repr = model.encode_image(refs)
+        assert len(ref_repr) == len(model.image_repr_names)
+        query = model.compose(ref_repr, model.encode_text(tokens, lengths))
+        assert torch.allclose(query, out["query"], atol=1e-5)
+        assert torch.allclose(model.embed_target(model.encode_image(targets)), out["target"],
+                              atol=1e-5)
+        if model.has_correction:
+            logits = out["correction_logits"]
+            assert logits.shape == (4, 4) and torch.isfinite(logits).all()
+            tgt_repr = model.encode_image(targets)
+            diag = model.correct(ref_repr, tgt_repr, model.encode_text(tokens, lengths))
+            assert diag.shape == (4,)
+            assert torch.allclose(diag, logits.diagonal(), atol=1e-4)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("loss_name", ["soft_triplet", "batch_classification"])
+def test_every_trainable_parameter_gets_a_gradient(models, name, loss_name):
+    model = models(name).train()
+    model.zero_grad(set_to_none=True)
+    loss, logs = compute_loss(model(*triplets(4)), loss_name)
+    loss.backward()
+    assert np.isfinite(logs["loss"])
+    missing = [n for n, p in model.named_parameters()
+               if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all())]
+    assert not missing, f"no/NaN gradient for {missing}"
+    model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_eval_is_deterministic_and_train_uses_batch_statistics(models, name):
+    model = models(name)
+    batch = triplets(4)
+    with torch.no_grad():
+        model.eval()
+        first, second = model(*batch), model(*batch)
+        assert torch.equal(first["query"], second["query"])
+        model.train()
+        trained = model(*batch)
+    model.eval()
+    # batchnorm uses batch statistics in train mode (and dropout is active)
+    assert not torch.allclose(trained["target"], first["target"], atol=1e-6)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_same_seed_builds_the_same_model(name):
+    a, b = build(name, seed=3).eval(), build(name, seed=3).eval()
+    batch = triplets(2)
+    with torch.no_grad():
+        assert torch.equal(a(*batch)["query"], b(*batch)["query"])
+    c = build(name, seed=4)
+    assert any(not torch.equal(p, q) for p, q in zip(a.parameters(), c.parameters()))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_overfits_a_batch_of_eight_triplets(name):
+    model = build(name, seed=0).train()
+    batch = triplets(8)
+    optim = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(25):
+        loss, _ = compute_loss(model(*batch), "batch_classification")
+        optim.zero_grad()
+        loss.backward()
+        optim.step()
+        losses.append(loss.item())
+    model.eval()
+    with torch.no_grad():
+        out = model(*batch)
+    recall_at_1 = float(((out["query"] @ out["target"].T).argmax(1) == torch.arange(8)).float()
+                        .mean())
+    assert losses[-1] < 0.3 * losses[0], losses
+    assert recall_at_1 == 1.0, (recall_at_1, losses)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_graphs_export_to_onnx_and_match_pytorch(models, name, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    model = models(name).eval()
+    graphs = graph_modules(model, image_size=SIZE)
+    expected = {"image_encoder", "composer", "target_head"}
+    expected |= {"text_encoder"} if model.text_repr_names else set()
+    expected |= {"correction"} if model.has_correction else set()
+    assert set(graphs) == expected
+    for graph_name, graph in graphs.items():
+        path = export_graph(graph, tmp_path / f"{graph_name}.onnx")
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        assert [i.name for i in session.get_inputs()] == graph.input_names
+        for batch, text_len in [(1, 3), (5, 7)]:
+            inputs = graph.example_inputs(batch, text_len)
+            with torch.no_grad():
+                ref = graph.module(*inputs)
+            ref = ref if isinstance(ref, tuple) else (ref,)
+            got = session.run(graph.output_names,
+                              {n: x.numpy() for n, x in zip(graph.input_names, inputs)})
+            for out_name, g, r in zip(graph.output_names, got, ref):
+                assert g.shape == tuple(r.shape), (graph_name, out_name)
+                np.testing.assert_allclose(g, r.numpy(), atol=1e-4, rtol=1e-4,
+                                           err_msg=f"{name}/{graph_name}/{out_name}")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bad_inputs_raise_clear_errors(models, name):
+    model = models(name).eval()
+    refs, tokens, lengths, targets = triplets(2)
+    cases = [
+        ((refs[0], tokens, lengths, targets), "ref_images|images"),
+        ((refs[:, :1], tokens, lengths, targets), "3 channels"),
+        ((refs[:, :, :16, :16], tokens, lengths, targets), "at least 32"),
+        ((refs, tokens.clamp(max=0) + VOCAB, lengths, targets), "tokens must be ids"),
+        ((refs, tokens - 10, lengths, targets), "tokens must be ids"),
+        ((refs, tokens, torch.zeros_like(lengths), targets), "lengths must be in"),
+        ((refs, tokens, lengths + tokens.shape[1], targets), "lengths must be in"),
+        ((refs, tokens.float(), lengths, targets), "integer"),
+        ((refs, tokens[:1], lengths[:1], targets), "batch sizes"),
+    ]
+    for args, message in cases:
+        with pytest.raises(ValueError, match=message):
+            model(*args)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_unknown_kwarg_is_named(name):
+    with pytest.raises(TypeError, match="colour.*accepted: vocab_size"):
+        create_model(name, vocab_size=VOCAB, colour="red")
+
+
+def test_tirg_weights_init_and_freeze():
+    model = create_model("tirg", vocab_size=VOCAB, embed_dim=DIM, w_g_init=2.0, w_r_init=5.0,
+                         learn_weights=False)
+    assert model.weights.w_g.item() == 2.0 and model.weights.w_r.item() == 5.0
+    assert not model.weights.w_g.requires_grad and not model.weights.w_r.requires_grad
