@@ -115,6 +115,9 @@ class QueryEngine:
                                 f"is {self.embed_dim}")
         self.backend = create_backend(backend, self.art_dir, self.arts, self.device,
                                       **(backend_options or {}))
+        if self.has_correction:
+            self._correction_model, self._logit_scale = _correction_model(
+                self.backend, self.art_dir / self.arts["checkpoint"]["file"], self.device)
         self.gallery = GallerySearch(self.index.embeddings, self.device, chunk_rows=chunk_rows,
                                      max_resident_bytes=max_resident_bytes)
         log.info("query engine: %s, %d gallery images, %s on %s", self.model_name,
@@ -194,7 +197,8 @@ class QueryEngine:
         if self.has_correction:
             scores, found = self._rerank(image_repr, text_repr, scores, found)
         done = time.perf_counter()
-        hits = [[Hit(self.index.ids[r], float(s)) for s, r in zip(srow[:k], rrow[:k])]
+        hits = [[Hit(self.index.ids[r], float(s)) for s, r in zip(srow[:k], rrow[:k])
+                 if s != float("-inf")]  # an excluded reference in a gallery smaller than k
                 for srow, rrow in zip(scores.tolist(), found.tolist())]
         timing = {"encode_ms": (encoded - start) * 1e3, "search_ms": (searched - encoded) * 1e3,
                   "rerank_ms": (done - searched) * 1e3, "engine_ms": (done - start) * 1e3}
@@ -229,16 +233,23 @@ class QueryEngine:
 
     def _rerank(self, ref_repr: dict[str, torch.Tensor], text_repr: dict[str, torch.Tensor],
                 scores: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """CCNet: re-score the (B, C) candidates with the correction network (evaluation's
-        ``rerank_with_correction``), best first."""
+        """CCNet: re-rank the (B, C) candidates with evaluation's ``rerank_with_correction``
+        (CCNet Eq. 15). Returns (scores (B, C), rows (B, C)) best first; the scores are
+        Eq. 15's log-probabilities over the candidates, empty slots ``-inf``."""
         from pipeline.evaluate import rerank_with_correction
 
-        return rerank_with_correction(
-            scores, rows, top=self.rerank_top,
-            correct=lambda ref, cand, text: self.backend.correct(ref, cand, text),
-            ref_repr=ref_repr, text_repr=text_repr,
-            candidate_repr=lambda r: {n: torch.from_numpy(v).to(self.device) for n, v in
-                                      self.index.gather_reprs(r.reshape(-1).numpy()).items()})
+        valid = torch.isfinite(scores)
+        unique, local = torch.unique(rows.clamp(min=0), return_inverse=True)
+        stored = self.index.gather_reprs(unique.numpy())
+        gallery_repr = tuple(torch.from_numpy(stored[n]).to(self.device)
+                             for n in self.arts["image_repr_names"])
+        order, total = rerank_with_correction(
+            self._correction_model, ref_repr=_as_tuple(ref_repr, self.arts["image_repr_names"]),
+            text_repr=_as_tuple(text_repr, self.arts["text_repr_names"]),
+            gallery_repr=gallery_repr, candidates=torch.where(valid, local, -1),
+            candidate_scores=scores, logit_scale=self._logit_scale)
+        order = order.cpu()
+        return total.float().cpu(), torch.where(order >= 0, unique[order.clamp(min=0)], -1)
 
     def warmup(self, batch_sizes: Sequence[int] = (1, 2, 4, 8, 16, 32, 64)) -> None:
         """Capture CUDA graphs / run each batch size once before traffic arrives."""
@@ -252,6 +263,39 @@ class QueryEngine:
 
     def close(self) -> None:
         self.index.close()
+
+
+def _as_tuple(reprs: dict[str, torch.Tensor], names: Sequence[str]) -> tuple[torch.Tensor, ...]:
+    return tuple(reprs[n] for n in names)
+
+
+class _BackendCorrection(torch.nn.Module):
+    """The backend's correction network behind the ``model.correct`` interface that
+    ``rerank_with_correction`` calls (repr tuples in, (B,) logits out, on ``device``)."""
+
+    def __init__(self, backend, device: torch.device):
+        super().__init__()
+        self.backend = backend
+        self.anchor = torch.nn.Parameter(torch.zeros(1, device=device), requires_grad=False)
+
+    def correct(self, ref_repr, cand_repr, text_repr) -> torch.Tensor:
+        image_names, text_names = self.backend.image_repr_names, self.backend.text_repr_names
+        return self.backend.correct(dict(zip(image_names, ref_repr)),
+                                    dict(zip(image_names, cand_repr)),
+                                    dict(zip(text_names, text_repr)))
+
+
+def _correction_model(backend, checkpoint: Path, device: torch.device):
+    """(model for ``rerank_with_correction``, its logit scale lambda): the torch model
+    itself for the torch backend, else an adapter over the exported correction graph
+    (lambda is a trained weight that no graph outputs, so it is read from the checkpoint)."""
+    from pipeline.checkpoint import load_model
+    from pipeline.evaluate import composition_logit_scale
+
+    if backend.name == "torch":
+        return backend.model, composition_logit_scale(backend.model)
+    model, _, _ = load_model(checkpoint, device="cpu")
+    return _BackendCorrection(backend, device), composition_logit_scale(model)
 
 
 def _image_preprocess(arts: dict[str, Any]) -> ImagePreprocess:

@@ -58,7 +58,8 @@ class GallerySearch:
         """queries (B, D) -> (scores (B, k) float32, rows (B, k) int64), both on the CPU.
 
         ``exclude_rows[b]`` (a row or None) is left out of query b's results (a gallery
-        reference is not its own answer). ``k`` is capped at the rows left.
+        reference is not its own answer). ``k`` is capped at the gallery size; where
+        exclusion leaves fewer than ``k`` rows, the last places hold score ``-inf``.
         """
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise ValueError(f"queries must be (B, {self.dim}), got {tuple(queries.shape)}")
@@ -76,7 +77,7 @@ class GallerySearch:
                 scores, rows = _topk(queries.float().cpu() @ self.gallery.T, wanted)
             else:
                 scores, rows = self._search_chunked(queries.float().cpu(), wanted)
-            return _finish(scores.cpu(), rows.cpu(), excluded, min(k, self.count - extra))
+            return _finish(scores.cpu(), rows.cpu(), excluded, min(k, self.count))
 
     def _search_device(self, queries: torch.Tensor, wanted: int) -> tuple[torch.Tensor, torch.Tensor]:
         queries = queries.to(self.device, torch.float32)
