@@ -8,7 +8,6 @@ check that exactly those items are skipped).
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import numpy as np
@@ -74,3 +73,129 @@ def make_css3d(root: Path, *, with_labels: bool = False) -> dict:
     truncate(root / "images" / "css_test_000004.png")
     return {"missing": ["images/css_train_000005.png"],
             "truncated": ["images/css_test_000004.png"]}
+
+
+# -- Fashion200k (+ TIRG's test_queries.txt) ----------------------------------------------
+
+F200K_TRAIN = [  # (category, image path, caption)
+    ("dress", "women/dresses/casual/1/1_0.jpeg", "black midi dress"),
+    ("dress", "women/dresses/casual/1/1_1.jpeg", "black midi dress"),
+    ("dress", "women/dresses/casual/2/2_0.jpeg", "red midi dress"),
+    ("dress", "women/dresses/casual/3/3_0.jpeg", "black maxi dress"),
+    ("dress", "women/dresses/casual/4/4_0.jpeg", "blue lace gown"),      # no sibling
+    ("skirt", "women/skirts/mini/5/5_0.jpeg", "pleated mini skirt"),
+    ("skirt", "women/skirts/mini/6/6_0.jpeg", "leather mini skirt"),
+    ("skirt", "women/skirts/mini/7/7_0.jpeg", "leather mini skirt"),      # missing file
+    ("skirt", "women/skirts/mini/8/8_0.jpeg", "denim mini skirt"),        # truncated
+]
+F200K_TEST = [
+    ("dress", "women/dresses/casual/20/20_0.jpeg", "white midi dress"),
+    ("dress", "women/dresses/casual/21/21_0.jpeg", "green midi dress"),
+    ("dress", "women/dresses/casual/22/22_0.jpeg", "green midi dress"),
+    ("skirt", "women/skirts/mini/23/23_0.jpeg", "pink mini skirt"),
+    ("skirt", "women/skirts/mini/24/24_0.jpeg", "grey mini skirt"),       # truncated
+]
+
+
+def make_fashion200k(root: Path) -> dict:
+    """Two categories, 9 train / 5 test images, a bad caption line and bad queries."""
+    lines: dict[str, list[str]] = {}
+    for split, rows in (("train", F200K_TRAIN), ("test", F200K_TEST)):
+        for n, (category, path, caption) in enumerate(rows):
+            write_image(root / path, seed=n + (50 if split == "test" else 0))
+            lines.setdefault(f"{category}_{split}_detect_all.txt", []).append(
+                f"{path}\t0.{n + 1}\t{caption}  ")
+    lines["dress_train_detect_all.txt"].append("women/dresses/casual/9/9_0.jpeg\t0.5")  # 2 fields
+    (root / "labels").mkdir(parents=True, exist_ok=True)
+    for name, rows in lines.items():
+        (root / "labels" / name).write_text("\n".join(rows) + "\n")
+    (root / F200K_TRAIN[7][1]).unlink()
+    truncate(root / F200K_TRAIN[8][1])
+    truncate(root / F200K_TEST[4][1])
+    t = [path for _, path, _ in F200K_TEST]
+    (root / "test_queries.txt").write_text("\n".join([
+        f"{t[0]} {t[1]}",                 # white -> green midi dress
+        f"{t[1]} {t[0]}",
+        f"{t[3]} {t[4]}",                 # target truncated
+        f"{t[3]} women/skirts/mini/99/99_0.jpeg",   # unknown image
+        f"{t[0]}",                        # bad line
+    ]) + "\n")
+    return {"missing": [F200K_TRAIN[7][1]], "truncated": [F200K_TRAIN[8][1], F200K_TEST[4][1]]}
+
+
+# -- MIT-States ------------------------------------------------------------------------------
+
+MITSTATES_FOLDERS = {  # folder -> image count
+    "ancient building": 2, "modern building": 3, "ruined building": 1,  # train noun
+    "ripe apple": 2,                                                     # train, one state only
+    "fresh fish": 2, "fried fish": 1, "raw fish": 1,                     # test noun (TIRG list)
+    "cloudy sky": 1, "sunny sky": 1,                                     # test noun
+    "adj fish": 2,                                                       # no state: left out
+}
+
+
+def make_mitstates(root: Path) -> dict:
+    """10 folders; one truncated test image, one non-image file, one stray folder."""
+    seed = 0
+    for folder, count in MITSTATES_FOLDERS.items():
+        for k in range(count):
+            seed += 1
+            write_image(root / "images" / folder / f"img_{k}.jpg", seed)
+    (root / "images" / "modern building" / "notes.txt").write_text("not an image\n")
+    (root / "images" / "misc").mkdir()
+    truncate(root / "images" / "fresh fish" / "img_1.jpg")
+    return {"truncated": ["images/fresh fish/img_1.jpg"],
+            "not_image": ["images/modern building/notes.txt"]}
+
+
+# -- Fashion-IQ --------------------------------------------------------------------------------
+
+def make_fashioniq(root: Path, *, with_test: bool = True) -> dict:
+    """Three categories; train/val triplets, one missing and one truncated image, a bad
+    caption entry, a val query naming an image outside the val split; test captions for
+    dress only (targets hidden)."""
+    def dump(path: Path, data) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data))
+
+    seed = 0
+    for category in ("dress", "shirt", "toptee"):
+        c = category[0]
+        train = [f"{c}tr{i}" for i in range(5)]
+        val = [f"{c}va{i}" for i in range(4)]
+        for name in train + val:
+            seed += 1
+            write_image(root / "images" / f"{name}.jpg", seed)
+        dump(root / "image_splits" / f"split.{category}.train.json", train)
+        dump(root / "image_splits" / f"split.{category}.val.json", val)
+        dump(root / "captions" / f"cap.{category}.train.json", [
+            {"candidate": train[0], "target": train[1], "captions": ["is red", "has no sleeves"]},
+            {"candidate": train[1], "target": train[2], "captions": ["is longer", "is blue"]},
+            {"candidate": train[0], "target": train[2], "captions": ["is blue", "is long"]},
+            {"candidate": train[3], "target": train[4], "captions": ["has a print", "is darker"]},
+        ])
+        dump(root / "captions" / f"cap.{category}.val.json", [
+            {"candidate": val[0], "target": val[1], "captions": ["is green", "has buttons"]},
+            {"candidate": val[2], "target": val[3], "captions": ["is shorter", "is white"]},
+            {"candidate": val[1], "target": val[0], "captions": ["is black", "has a belt"]},
+        ])
+    # broken parts
+    (root / "images" / "dtr4.jpg").unlink()                     # train target missing
+    truncate(root / "images" / "sva3.jpg")                      # val target truncated
+    caps = json.loads((root / "captions" / "cap.toptee.train.json").read_text())
+    caps.append({"candidate": "ttr0", "captions": ["no target"]})
+    dump(root / "captions" / "cap.toptee.train.json", caps)
+    caps = json.loads((root / "captions" / "cap.toptee.val.json").read_text())
+    caps.append({"candidate": "ttr0", "target": "tva1", "captions": ["a", "b"]})  # not val
+    dump(root / "captions" / "cap.toptee.val.json", caps)
+    if with_test:
+        test = ["dte0", "dte1", "dte2"]
+        for name in test:
+            seed += 1
+            write_image(root / "images" / f"{name}.png", seed, fmt="PNG")
+        dump(root / "image_splits" / "split.dress.test.json", test)
+        dump(root / "captions" / "cap.dress.test.json", [
+            {"candidate": "dte0", "captions": ["is red", "is long"]},
+            {"candidate": "dte2", "captions": ["is pink", "is short"]},
+        ])
+    return {"missing": ["images/dtr4.*"], "truncated": ["images/sva3.jpg"]}

@@ -1,0 +1,247 @@
+"""Convert Fashion-IQ (Wu et al., CVPR 2021) to shards.
+
+Raw layout (the release as distributed, images fetched by the user)::
+
+    SRC/captions/cap.<category>.<split>.json        [{"candidate", "target", "captions": [2]}]
+    SRC/image_splits/split.<category>.<split>.json  [asin, ...]
+    SRC/images/<asin>.<ext>                         (public copies miss some images)
+
+for categories dress, shirt, toptee and splits train, val (and test, when present).
+A triplet whose candidate or target image is missing or corrupt is skipped and listed.
+
+Training: each (candidate, target) pair has texts = its two captions joined with " and " in
+both orders; pairs are packed into groups per category (``shards.grouping.group_pairs``:
+images shared by several triplets are stored once per group, not once per triplet).
+
+Evaluation "val": gallery = every val-split image of the converted categories (with its
+``category``), one query per val triplet (``text`` = the captions joined with " and ",
+``texts`` = both captions); the gallery is restricted to the query's category, the
+reference excluded, the target hit by id. Evaluation "test" (when ``cap.<category>.test.json``
+exist): test gallery and queries without targets, for submission files.
+
+Usage::
+
+    python -m shards.fashioniq --src RAW_FASHIONIQ --out data/fashioniq
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from shards import cli
+from shards.conversion import (
+    ImageTable,
+    group_shard_size,
+    raw_bytes,
+    stored_ext,
+    write_gallery,
+    write_groups,
+)
+from shards.grouping import duplication, group_pairs
+from shards.writer import DatasetWriter
+
+CATEGORIES = ("dress", "shirt", "toptee")
+PROTOCOL = {"name": "fashioniq", "ks": [10, 50], "hit": "id", "exclude_reference": True,
+            "per_category": True}
+
+
+def read_json_list(path: Path) -> list:
+    """A JSON file that must hold a list (a wrong file is a layout error, not a crash)."""
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise cli.LayoutError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, list):
+        raise cli.LayoutError(f"{path}: expected a JSON list, got {type(data).__name__}")
+    return data
+
+
+def index_images(images_dir: Path) -> dict[str, Path]:
+    """``asin -> file`` for every file in ``images/`` (first extension in name order)."""
+    index: dict[str, Path] = {}
+    for path in sorted(images_dir.iterdir()):
+        if path.is_file():
+            index.setdefault(path.stem, path)
+    return index
+
+
+def parse_triplet(entry: Any, test: bool) -> tuple[str, str | None, list[str]]:
+    """``(candidate, target or None for test, [caption, caption])``; ValueError if bad."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"expected an object, got {type(entry).__name__}")
+    candidate, target, captions = entry.get("candidate"), entry.get("target"), entry.get("captions")
+    if not isinstance(candidate, str) or (not test and not isinstance(target, str)):
+        raise ValueError("expected 'candidate' and 'target' image names")
+    if (not isinstance(captions, list) or len(captions) != 2
+            or not all(isinstance(c, str) and c.strip() for c in captions)):
+        raise ValueError(f"expected 'captions' with 2 texts, got {captions!r}")
+    # Test targets are hidden by the benchmark: test queries never carry one.
+    return candidate, None if test else target, [c.strip() for c in captions]
+
+
+def convert(args: argparse.Namespace) -> dict[str, Any]:
+    src: Path = args.src
+    categories = args.categories
+    files = {}
+    for category in categories:
+        files[("cap", category, "train")] = cli.require_file(
+            src / "captions" / f"cap.{category}.train.json", "Fashion-IQ caption file")
+        files[("cap", category, "val")] = cli.require_file(
+            src / "captions" / f"cap.{category}.val.json", "Fashion-IQ caption file")
+        files[("split", category, "val")] = cli.require_file(
+            src / "image_splits" / f"split.{category}.val.json", "Fashion-IQ image split file")
+    test_categories = [c for c in categories
+                       if (src / "captions" / f"cap.{c}.test.json").is_file()]
+    for category in test_categories:
+        files[("cap", category, "test")] = src / "captions" / f"cap.{category}.test.json"
+        files[("split", category, "test")] = cli.require_file(
+            src / "image_splits" / f"split.{category}.test.json",
+            "the test image split next to captions/cap.<category>.test.json")
+    images = index_images(cli.require_dir(src / "images", "images/<asin>.jpg (Fashion-IQ)"))
+
+    with DatasetWriter(args.out, "fashioniq", "shards.fashioniq", shard_size=args.shard_size,
+                       overwrite=args.overwrite) as writer:
+        table = ImageTable(writer, src, args.workers)
+        checker = _ImageLookup(images, table, writer, src)
+        triplets = {key: _read_triplets(path, key[2] == "test", writer, src)
+                    for key, path in files.items() if key[0] == "cap"}
+        needed = {name for t in triplets.values() for c, g, _, _ in t for name in (c, g) if name}
+        split_lists = {key: [str(a) for a in read_json_list(path)]
+                       for key, path in files.items() if key[0] == "split"}
+        needed |= {a for names in split_lists.values() for a in names}
+        checker.check(needed)
+
+        groups = []
+        for category in categories:
+            pairs = []
+            for candidate, target, texts, where in triplets[("cap", category, "train")]:
+                if checker.usable(where, candidate, target):
+                    pairs.append((candidate, target,
+                                  [" and ".join(texts), " and ".join(reversed(texts))]))
+            for group in group_pairs(pairs, args.group_size):
+                groups.append(({
+                    "members": [{"id": m, "category": category} for m in group.members],
+                    "pairs": [{"ref": r, "tgt": t, "texts": x} for r, t, x in group.pairs],
+                    "derive": None}, [checker.image(m) for m in group.members]))
+        writer.shard_sizes["train"] = group_shard_size(args.shard_size, groups)
+        write_groups(writer, "train", groups, workers=args.workers)
+
+        evals = {}
+        for split, split_categories in (("val", categories), ("test", test_categories)):
+            if not split_categories:
+                continue
+            gallery = _gallery(split, split_categories, split_lists, checker, writer)
+            write_gallery(writer, f"{split}-gallery", [
+                ({"id": a, "category": c}, checker.image(a)) for a, c in gallery.items()
+            ], workers=args.workers, desc=f"writing {split} gallery")
+            queries = []
+            for category in split_categories:
+                for candidate, target, texts, where in triplets[("cap", category, split)]:
+                    if not checker.in_gallery(where, gallery, candidate, target):
+                        continue
+                    queries.append({"qid": f"{split}-{category}-{len(queries):06d}",
+                                    "ref_id": candidate, "text": " and ".join(texts),
+                                    "texts": texts, "target_ids": [target] if target else [],
+                                    "category": category})
+            writer.set_queries(f"{split}-queries.json", queries)
+            evals[split] = {"gallery": f"{split}-gallery", "queries": f"{split}-queries.json",
+                            "count": len(queries), "protocol": PROTOCOL}
+
+        stored = list(checker.used.values())
+        writer.image_ext = stored_ext(stored)
+        return writer.finish(
+            evals, source=cli.source_info(src, files.values()),
+            extra={"categories": list(categories), "group_size": args.group_size,
+                   "groups": duplication([m["id"] for m in g["members"]] for g, _ in groups),
+                   "raw_bytes": raw_bytes(stored, files.values())},
+        )
+
+
+class _ImageLookup:
+    """Fashion-IQ image names -> checked files, recording why a triplet is skipped."""
+
+    def __init__(self, index: dict[str, Path], table: ImageTable, writer: DatasetWriter,
+                 src: Path):
+        self.index, self.table, self.writer, self.src = index, table, writer, src
+        self.used: dict[str, Any] = {}
+
+    def check(self, names: set[str]) -> None:
+        for name in sorted(names - self.index.keys()):
+            self.writer.skip(f"images/{name}.*", "missing image file")
+        self.table.check(self.index[n] for n in sorted(names) if n in self.index)
+
+    def image(self, name: str):
+        checked = self.table.get(self.index[name])
+        self.used[name] = checked
+        return checked
+
+    def problem(self, name: str) -> str | None:
+        if name not in self.index:
+            return f"image {name} missing"
+        if self.table.get(self.index[name]) is None:
+            return f"image {name} unusable ({self.table.reason(self.index[name])})"
+        return None
+
+    def usable(self, where: str, *names: str) -> bool:
+        for name in names:
+            if (problem := self.problem(name)) is not None:
+                self.writer.skip(where, f"triplet with unusable image: {problem}")
+                return False
+        return True
+
+    def in_gallery(self, where: str, gallery: dict[str, str], *names: str | None) -> bool:
+        for name in names:
+            if name is None or name in gallery:
+                continue
+            problem = self.problem(name) or f"image {name} is not in the split's image list"
+            self.writer.skip(where, f"query with unknown or unusable image: {problem}")
+            return False
+        return True
+
+
+def _read_triplets(path: Path, test: bool, writer: DatasetWriter, src: Path
+                   ) -> list[tuple[str, str | None, list[str], str]]:
+    out = []
+    for k, entry in enumerate(read_json_list(path)):
+        where = f"{path.relative_to(src)}[{k}]"
+        try:
+            candidate, target, texts = parse_triplet(entry, test)
+        except ValueError as err:
+            writer.skip(where, f"bad caption entry: {err}")
+            continue
+        out.append((candidate, target, texts, where))
+    return out
+
+
+def _gallery(split: str, categories: list[str], split_lists: dict, checker: _ImageLookup,
+             writer: DatasetWriter) -> dict[str, str]:
+    """``asin -> category`` of the usable images of a split (first category wins)."""
+    gallery: dict[str, str] = {}
+    for category in categories:
+        for name in split_lists[("split", category, split)]:
+            if name in gallery:
+                if gallery[name] != category:
+                    writer.skip(f"image_splits/split.{category}.{split}.json: {name}",
+                                f"duplicate entry: already in category {gallery[name]}")
+                continue
+            if checker.problem(name) is None:
+                gallery[name] = category
+    return gallery
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.converter_parser("python -m shards.fashioniq", __doc__.split("\n\n")[0])
+    parser.add_argument("--categories", nargs="+", choices=CATEGORIES, default=list(CATEGORIES),
+                        help="categories to convert")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    return cli.run_converter(build_parser(), convert, argv)
+
+
+if __name__ == "__main__":
+    main()
