@@ -61,6 +61,62 @@ class ImageTable:
             return str(path)
 
 
+class NamedImages:
+    """Images known by a dataset's own names (asins, CIRR names) over an ``ImageTable``.
+
+    ``paths`` maps each name to its file; a needed name without a path is skipped once as
+    ``missing_item`` (formatted with ``name``) with reason "missing image file".
+    ``problem`` says why a name cannot be used; ``usable`` / ``in_gallery`` record a skip
+    for the annotation entry that needs it.
+    """
+
+    def __init__(self, paths: dict[str, Path], table: ImageTable, *,
+                 missing_item: str = "{name}", missing_reason: str = "missing image file"):
+        self.paths, self.table = paths, table
+        self.missing_item, self.missing_reason = missing_item, missing_reason
+        self.used: dict[str, CheckedImage] = {}
+
+    def check(self, names: Iterable[str], desc: str = "checking images") -> None:
+        names = set(names)
+        for name in sorted(names - self.paths.keys()):
+            self.table.writer.skip(self.missing_item.format(name=name), self.missing_reason)
+        self.table.check((self.paths[n] for n in sorted(names) if n in self.paths), desc=desc)
+
+    def image(self, name: str) -> CheckedImage:
+        """The checked image of a usable name (remembered for the raw size)."""
+        checked = self.table.get(self.paths[name])
+        if checked is None:
+            raise KeyError(f"image {name!r} is not usable")
+        self.used[name] = checked
+        return checked
+
+    def problem(self, name: str) -> str | None:
+        if name not in self.paths:
+            return f"image {name} missing"
+        if self.table.get(self.paths[name]) is None:
+            return f"image {name} unusable ({self.table.reason(self.paths[name])})"
+        return None
+
+    def usable(self, where: str, what: str, *names: str) -> bool:
+        """True when every name is usable; else skip ``where`` naming the first problem."""
+        for name in names:
+            if (problem := self.problem(name)) is not None:
+                self.table.writer.skip(where, f"{what} with unusable image: {problem}")
+                return False
+        return True
+
+    def in_gallery(self, where: str, what: str, gallery: Iterable[str],
+                   *names: str | None) -> bool:
+        """True when every (non-None) name is in ``gallery``; else skip ``where``."""
+        for name in names:
+            if name is None or name in gallery:
+                continue
+            problem = self.problem(name) or f"image {name} is not in the split's image list"
+            self.table.writer.skip(where, f"{what} with unknown or unusable image: {problem}")
+            return False
+        return True
+
+
 def write_groups(writer: DatasetWriter, split: str, groups: list[tuple[dict[str, Any],
                  list[ImageSource]]], *, workers: int, desc: str = "writing groups") -> None:
     """Write ``(group json, member images)`` as ``g%07d`` samples of ``split``.
@@ -69,7 +125,8 @@ def write_groups(writer: DatasetWriter, split: str, groups: list[tuple[dict[str,
     """
     flat = (image for _, images in groups for image in images)
     stream = read_images(flat, workers=workers)
-    for number, (group, images) in enumerate(tqdm(groups, desc=desc, unit="group", leave=False)):
+    bar = tqdm(groups, desc=desc, unit="group", leave=False, disable=None)
+    for number, (group, images) in enumerate(bar):
         key = f"g{number:07d}"
         encoded = [next(stream) for _ in images]
         writer.add_group(split, key, {"group": key, **group}, [(e.data, e.ext) for e in encoded])
@@ -80,8 +137,9 @@ def write_gallery(writer: DatasetWriter, split: str,
                   desc: str = "writing gallery") -> None:
     """Write ``(meta, image)`` catalogue entries as ``i%07d`` samples of ``split``."""
     stream = read_images((image for _, image in entries), workers=workers)
-    for number, ((meta, _), image) in enumerate(
-            tqdm(zip(entries, stream), total=len(entries), desc=desc, unit="img", leave=False)):
+    bar = tqdm(zip(entries, stream), total=len(entries), desc=desc, unit="img", leave=False,
+               disable=None)
+    for number, ((meta, _), image) in enumerate(bar):
         writer.add_gallery(split, f"i{number:07d}", meta, image.data, image.ext)
 
 

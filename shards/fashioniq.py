@@ -34,6 +34,7 @@ from typing import Any
 from shards import cli
 from shards.conversion import (
     ImageTable,
+    NamedImages,
     group_shard_size,
     raw_bytes,
     stored_ext,
@@ -105,7 +106,7 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
     with DatasetWriter(args.out, "fashioniq", "shards.fashioniq", shard_size=args.shard_size,
                        overwrite=args.overwrite) as writer:
         table = ImageTable(writer, src, args.workers)
-        checker = _ImageLookup(images, table, writer, src)
+        checker = NamedImages(images, table, missing_item="images/{name}.*")
         triplets = {key: _read_triplets(path, key[2] == "test", writer, src)
                     for key, path in files.items() if key[0] == "cap"}
         needed = {name for t in triplets.values() for c, g, _, _ in t for name in (c, g) if name}
@@ -140,7 +141,7 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
             queries = []
             for category in split_categories:
                 for candidate, target, texts, where in triplets[("cap", category, split)]:
-                    if not checker.in_gallery(where, gallery, candidate, target):
+                    if not checker.in_gallery(where, "query", gallery, candidate, target):
                         continue
                     queries.append({"qid": f"{split}-{category}-{len(queries):06d}",
                                     "ref_id": candidate, "text": " and ".join(texts),
@@ -160,48 +161,6 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
         )
 
 
-class _ImageLookup:
-    """Fashion-IQ image names -> checked files, recording why a triplet is skipped."""
-
-    def __init__(self, index: dict[str, Path], table: ImageTable, writer: DatasetWriter,
-                 src: Path):
-        self.index, self.table, self.writer, self.src = index, table, writer, src
-        self.used: dict[str, Any] = {}
-
-    def check(self, names: set[str]) -> None:
-        for name in sorted(names - self.index.keys()):
-            self.writer.skip(f"images/{name}.*", "missing image file")
-        self.table.check(self.index[n] for n in sorted(names) if n in self.index)
-
-    def image(self, name: str):
-        checked = self.table.get(self.index[name])
-        self.used[name] = checked
-        return checked
-
-    def problem(self, name: str) -> str | None:
-        if name not in self.index:
-            return f"image {name} missing"
-        if self.table.get(self.index[name]) is None:
-            return f"image {name} unusable ({self.table.reason(self.index[name])})"
-        return None
-
-    def usable(self, where: str, *names: str) -> bool:
-        for name in names:
-            if (problem := self.problem(name)) is not None:
-                self.writer.skip(where, f"triplet with unusable image: {problem}")
-                return False
-        return True
-
-    def in_gallery(self, where: str, gallery: dict[str, str], *names: str | None) -> bool:
-        for name in names:
-            if name is None or name in gallery:
-                continue
-            problem = self.problem(name) or f"image {name} is not in the split's image list"
-            self.writer.skip(where, f"query with unknown or unusable image: {problem}")
-            return False
-        return True
-
-
 def _read_triplets(path: Path, test: bool, writer: DatasetWriter, src: Path
                    ) -> list[tuple[str, str | None, list[str], str]]:
     out = []
@@ -216,7 +175,7 @@ def _read_triplets(path: Path, test: bool, writer: DatasetWriter, src: Path
     return out
 
 
-def _gallery(split: str, categories: list[str], split_lists: dict, checker: _ImageLookup,
+def _gallery(split: str, categories: list[str], split_lists: dict, checker: NamedImages,
              writer: DatasetWriter) -> dict[str, str]:
     """``asin -> category`` of the usable images of a split (first category wins)."""
     gallery: dict[str, str] = {}

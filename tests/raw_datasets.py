@@ -199,3 +199,61 @@ def make_fashioniq(root: Path, *, with_test: bool = True) -> dict:
             {"candidate": "dte2", "captions": ["is pink", "is short"]},
         ])
     return {"missing": ["images/dtr4.*"], "truncated": ["images/sva3.jpg"]}
+
+
+# -- CIRR --------------------------------------------------------------------------------------
+
+def make_cirr(root: Path, *, img_raw: bool = True) -> dict:
+    """Train 8 images / 5 pairs, val 6 images / 4 pairs, test1 4 images / 2 pairs; one
+    train image file missing, one val image truncated, a bad caption entry, a val query
+    naming an image in no split."""
+    def dump(path: Path, data) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data))
+
+    image_root = root / "img_raw" if img_raw else root
+    layout = {"train": [f"train-{i}-0-img{i % 2}" for i in range(8)],
+              "val": [f"dev-{i}-1-img{i % 2}" for i in range(6)],
+              "test1": [f"test1-{i}-0-img0" for i in range(4)]}
+    folder = {"train": "train", "val": "dev", "test1": "test1"}
+    seed = 0
+    for split, names in layout.items():
+        mapping = {}
+        for k, name in enumerate(names):
+            rel = f"./{folder[split]}/{k % 2}/{name}.png" if split == "train" \
+                else f"./{folder[split]}/{name}.png"
+            mapping[name] = rel
+            seed += 1
+            write_image(image_root / rel, seed, fmt="PNG", size=16)
+        dump(root / "image_splits" / f"split.rc2.{split}.json", mapping)
+
+    def pair(pairid, split, ref, tgt, caption, members):
+        names = layout[split]
+        entry = {"pairid": pairid, "reference": names[ref], "caption": caption,
+                 "img_set": {"id": pairid // 3, "members": [names[m] for m in members]}}
+        if split != "test1":
+            entry["target_hard"] = names[tgt]
+            entry["target_soft"] = {names[tgt]: 1.0}
+        return entry
+
+    t = [0, 1, 2, 3]
+    dump(root / "captions" / "cap.rc2.train.json", [
+        pair(1, "train", 0, 1, "add a dog", t), pair(2, "train", 1, 2, "remove the  cat", t),
+        pair(3, "train", 2, 3, "make it night", t), pair(4, "train", 4, 5, "zoom in", [4, 5, 6]),
+        pair(5, "train", 6, 7, "show two of them", [6, 7]),     # image 7's file is missing
+        {"pairid": 6, "reference": layout["train"][0], "caption": "no target",
+         "img_set": {"members": []}},                          # bad entry
+    ])
+    v = [0, 1, 2, 3, 4, 5]
+    val_pairs = [pair(10, "val", 0, 1, "same but red", v), pair(11, "val", 2, 3, "fewer birds", v),
+                 pair(12, "val", 4, 5, "close up", v), pair(13, "val", 5, 0, "one is blue", v)]
+    val_pairs[2]["img_set"]["members"][0] = "dev-99-0-img0"    # member in no split
+    val_pairs.append({**pair(14, "val", 1, 2, "at the beach", v), "reference": "dev-77-0-img1"})
+    dump(root / "captions" / "cap.rc2.val.json", val_pairs)
+    dump(root / "captions" / "cap.rc2.test1.json", [
+        pair(20, "test1", 0, None, "on a table", [0, 1, 2, 3]),
+        pair(21, "test1", 2, None, "in the snow", [0, 1, 2, 3])])
+    (image_root / "train" / "1" / f"{layout['train'][7]}.png").unlink()
+    truncate(image_root / "dev" / f"{layout['val'][3]}.png")
+    return {"missing": [f"img_raw/train/1/{layout['train'][7]}.png"],
+            "truncated": [f"img_raw/dev/{layout['val'][3]}.png"]}
