@@ -1,0 +1,300 @@
+"""Hyper-parameter search over the training loop with Ray Tune.
+
+    python -m tune.search --config configs/css_tirg.yaml --num-samples 8 \
+        [--max-concurrent K] [--workers-per-trial W] [--out DIR] [--set key=value ...] \
+        [--scheduler asha|fifo] [--search random|optuna] [--resume]
+
+Each trial applies its sampled values (``tune:`` section of the config, else the
+model's default space: ``tune.space``) to the run config and runs the one training
+loop (``tune.trial``): as a Ray Train ``TorchTrainer`` with W workers, or with
+``--workers-per-trial 0`` inside the trial's own process. ASHA stops weak trials on
+the protocol's recall (default the first K of the evaluation protocol, e.g. ``R@1``,
+mode max) at the loop's evaluations (``time_attr`` = ``step``).
+
+``ray.init()`` joins ``RAY_ADDRESS`` / a running cluster or starts a local one, so the
+same command runs under ``ray job submit``. Trials run concurrently only as far as the
+cluster's resources hold all of them with their workers (``ray.cluster_resources()``):
+Train V2 reserves the workers itself, outside Tune's view, so an unbounded Tune would
+start trials whose workers can never be placed.
+
+``DIR`` (``--out``, default ``runs/<name>-tune``) receives ``results.csv``,
+``results.md``, ``best.yaml`` (for ``pipeline/train.py --config``), ``search.png``,
+``search.yaml`` (the config searched over); ``DIR/tune`` is Tune's experiment (restored
+when it exists or with ``--resume``), ``DIR/trials/<id>`` each trial's run directory and
+``DIR/train`` the Train runs' checkpoints (``train.storage_path`` if the config sets one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import ConfigError, dump_config, load_config, resolve_run_paths
+from tune.report import markdown_table, trial_table, write_outputs
+from tune.space import SPACE_SECTION, ParamSpec, SearchSpaceError, search_space
+
+log = logging.getLogger("tune.search")
+
+EXPERIMENT_NAME = "tune"
+SCHEDULERS = ("asha", "fifo")
+SEARCHERS = ("random", "optuna")
+
+
+class SearchSetupError(ValueError):
+    """The search cannot run as asked (resources, scheduler settings, missing package)."""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m tune.search",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="YAML run config (configs/*.yaml)")
+    parser.add_argument("--num-samples", type=int, required=True,
+                        help="trials to sample (each grid value is run this many times)")
+    parser.add_argument("--max-concurrent", type=int,
+                        help="at most K trials at once (default and upper bound: what fits)")
+    parser.add_argument("--workers-per-trial", type=int, default=1,
+                        help="Ray Train workers per trial; 0 = the loop in the trial's process")
+    parser.add_argument("--out", help="search directory (default runs/<name>-tune)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="override a config key, e.g. train.steps=2000")
+    parser.add_argument("--data", help="shard dataset directory (sets 'data')")
+    parser.add_argument("--steps", type=int, help="training steps per trial (sets train.steps)")
+    parser.add_argument("--scheduler", choices=SCHEDULERS, default="asha")
+    parser.add_argument("--search", choices=SEARCHERS, default="random",
+                        help="optuna needs the optuna package")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue DIR/tune (also done when it exists), errored trials too")
+    parser.add_argument("--metric", help="reported metric to optimise (default R@<first K>)")
+    parser.add_argument("--mode", choices=("max", "min"), default="max")
+    parser.add_argument("--grace-period", type=int,
+                        help="ASHA: steps before a trial can be stopped (default train.eval_every)")
+    parser.add_argument("--reduction-factor", type=float, default=3.0,
+                        help="ASHA: keep the top 1/factor at each rung")
+    parser.add_argument("--max-t", type=int, help="ASHA: stop every trial at this step "
+                        "(default train.steps)")
+    parser.add_argument("--cpus-per-trial", type=float, default=0.2,
+                        help="CPU of a trial's driver process when it launches Train workers")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the search algorithm")
+    return parser.parse_args(argv)
+
+
+def load_search_config(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, ParamSpec]]:
+    """(resolved run config without its ``tune`` section, checked search space)."""
+    overrides = list(args.overrides)
+    if args.data:
+        overrides.append(f"data={json.dumps(args.data)}")
+    if args.steps is not None:
+        overrides.append(f"train.steps={args.steps}")
+    config = load_config(args.config, overrides)
+    space = search_space(config)
+    config[SPACE_SECTION] = None
+    config["out"] = str(Path(args.out or Path("runs") / f"{config['name']}-tune").resolve())
+    if not config["train"]["storage_path"]:
+        config["train"]["storage_path"] = str(Path(config["out"]) / "train")
+    return resolve_run_paths(config), space
+
+
+def default_metric(config: dict[str, Any]) -> str:
+    """``R@<first K>`` of the evaluation set the loop evaluates (``eval.eval_set``)."""
+    from shards.manifest import load_manifest
+
+    evals = load_manifest(config["data"])["evals"]
+    name = config["eval"]["eval_set"] or next(iter(evals))
+    if name not in evals:
+        raise SearchSetupError(f"eval.eval_set {name!r} is not in the dataset's evals "
+                               f"({', '.join(evals)})")
+    ks = evals[name]["protocol"].get("ks") or [1]
+    return f"R@{ks[0]}"
+
+
+def trial_resources(train: dict[str, Any], workers: int, gpu: bool,
+                    cpus_per_trial: float) -> tuple[dict[str, float], dict[str, float]]:
+    """(what Tune reserves for a trial's process, what the trial needs in all).
+
+    In-process trials train in the trial process: it gets a worker's CPU/GPU. Otherwise
+    the trial process only drives a ``TorchTrainer`` whose workers Train reserves."""
+    worker = {"CPU": float(train["cpus_per_worker"]),
+              "GPU": float(train["gpus_per_worker"]) if gpu else 0.0}
+    if workers == 0:
+        return worker, dict(worker)
+    trial = {"CPU": float(cpus_per_trial), "GPU": 0.0}
+    return trial, {r: trial[r] + workers * worker[r] for r in trial}
+
+
+def fitting_trials(cluster: dict[str, float], need: dict[str, float]) -> int:
+    """How many trials (with their workers) the cluster holds at once."""
+    counts = [math.floor(cluster.get(r, 0.0) / amount + 1e-9)
+              for r, amount in need.items() if amount > 0]
+    return min(counts) if counts else 0
+
+
+def concurrency(requested: int | None, fits: int, need: dict[str, float],
+                cluster: dict[str, float]) -> int:
+    if fits < 1:
+        have = {r: cluster.get(r, 0.0) for r in need}
+        raise SearchSetupError(f"one trial needs {need} but the cluster has {have}; lower "
+                               f"train.cpus_per_worker / --cpus-per-trial / --workers-per-trial")
+    if requested is not None and requested < 1:
+        raise SearchSetupError(f"--max-concurrent must be >= 1, got {requested}")
+    if requested is not None and requested > fits:
+        log.warning("--max-concurrent %d: only %d trial(s) of %s fit in %s; using %d",
+                    requested, fits, need, cluster, fits)
+    return min(requested or fits, fits)
+
+
+def make_scheduler(name: str, config: dict[str, Any], args: argparse.Namespace):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if name == "fifo":
+        return FIFOScheduler()
+    eval_every, steps = int(config["train"]["eval_every"]), int(config["train"]["steps"])
+    if eval_every <= 0 and args.grace_period is None:
+        raise SearchSetupError("ASHA needs evaluations during training: set train.eval_every "
+                               "> 0 (e.g. --set train.eval_every=500) or use --scheduler fifo")
+    max_t = args.max_t or steps
+    grace = args.grace_period or eval_every
+    if not 0 < grace <= max_t:
+        raise SearchSetupError(f"ASHA: grace period {grace} must be in [1, max_t={max_t}]")
+    if args.reduction_factor <= 1:
+        raise SearchSetupError(f"--reduction-factor must be > 1, got {args.reduction_factor}")
+    return ASHAScheduler(time_attr="step", max_t=max_t, grace_period=grace,
+                         reduction_factor=args.reduction_factor)
+
+
+def make_searcher(name: str, metric: str, seed: int):
+    """Random search (Tune's variant generator), or Optuna's TPE when it is installed."""
+    if name == "random":
+        from ray.tune.search import BasicVariantGenerator
+
+        return BasicVariantGenerator(random_state=seed)
+    try:
+        from ray.tune.search.optuna import OptunaSearch
+    except ImportError as err:
+        raise SearchSetupError("--search optuna needs the optuna package "
+                               "(pip install optuna)") from err
+
+    class EvaluatedResultsOptunaSearch(OptunaSearch):
+        """Optuna sees only reports that hold the metric (the loop also reports
+        checkpoints between evaluations)."""
+
+        def on_trial_result(self, trial_id: str, result: dict) -> None:
+            if metric in result:
+                super().on_trial_result(trial_id, result)
+
+    return EvaluatedResultsOptunaSearch(seed=seed)
+
+
+def trial_dirname(trial) -> str:
+    return trial.trial_id
+
+
+def build_trainable(config: dict[str, Any], vocab: dict, workers: int,
+                    resources: dict[str, float]):
+    from ray import tune as ray_tune
+
+    from tune.trial import run_trial
+
+    trainable = ray_tune.with_parameters(
+        run_trial, base_config=config, vocab=vocab, out_dir=config["out"],
+        train_storage=config["train"]["storage_path"], workers=workers)
+    return ray_tune.with_resources(trainable, {"cpu": resources["CPU"],
+                                               "gpu": resources["GPU"]})
+
+
+def run_search(args: argparse.Namespace) -> dict[str, Any]:
+    """Set up and run (or resume) the search; write the outputs. Returns a summary."""
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    # The loop reports checkpoints between evaluations without the metric; Tune's strict
+    # check would fail those reports (ASHA ignores them by itself).
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    import ray
+    from ray import tune as ray_tune
+
+    from pipeline.data import build_vocabulary
+    from pipeline.train import use_gpu
+
+    config, space = load_search_config(args)
+    metric = args.metric or default_metric(config)
+    workers = int(args.workers_per_trial)
+    if workers < 0:
+        raise SearchSetupError(f"--workers-per-trial must be >= 0, got {workers}")
+    if not ray.is_initialized():
+        ray.init()  # RAY_ADDRESS / running cluster, else a local one
+    gpu = use_gpu(config)
+    config["train"]["use_gpu"] = gpu
+    cluster = {r: float(v) for r, v in ray.cluster_resources().items()}
+    resources, need = trial_resources(config["train"], workers, gpu, args.cpus_per_trial)
+    max_concurrent = concurrency(args.max_concurrent, fitting_trials(cluster, need), need,
+                                 cluster)
+    scheduler = make_scheduler(args.scheduler, config, args)
+    searcher = make_searcher(args.search, metric, args.seed)
+
+    out = Path(config["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "search.yaml").write_text(dump_config({
+        **config, SPACE_SECTION: {k: vars_of(s) for k, s in space.items()}}))
+    vocab = build_vocabulary(config["data"]).to_dict()
+    trainable = build_trainable(config, vocab, workers, resources)
+    experiment = out / EXPERIMENT_NAME
+    log.info("search %s: %d sample(s), %d at once, %s per trial (%s reserved by Tune), "
+             "metric %s (%s)", experiment, args.num_samples, max_concurrent, need, resources,
+             metric, args.mode)
+    if args.resume or ray_tune.Tuner.can_restore(str(experiment)):
+        log.info("resuming the search in %s", experiment)
+        tuner = ray_tune.Tuner.restore(str(experiment), trainable=trainable,
+                                       resume_errored=True)
+    else:
+        tuner = ray_tune.Tuner(
+            trainable,
+            param_space={key: spec.domain() for key, spec in space.items()},
+            tune_config=ray_tune.TuneConfig(
+                metric=metric, mode=args.mode, scheduler=scheduler, search_alg=searcher,
+                num_samples=args.num_samples, max_concurrent_trials=max_concurrent,
+                trial_dirname_creator=trial_dirname),
+            run_config=ray_tune.RunConfig(
+                name=EXPERIMENT_NAME, storage_path=str(out),
+                failure_config=ray_tune.FailureConfig(max_failures=0),
+                checkpoint_config=ray_tune.CheckpointConfig(
+                    num_to_keep=int(config["train"]["num_to_keep"])),
+                verbose=1),
+        )
+    grid = tuner.fit()
+    table = trial_table(grid, space, metric=metric, mode=args.mode,
+                        max_steps=int(config["train"]["steps"]))
+    written = write_outputs(table, config, space, metric, out)
+    return {"table": table, "written": written, "metric": metric,
+            "max_concurrent": max_concurrent, "experiment": str(experiment)}
+
+
+def vars_of(spec: ParamSpec) -> dict[str, Any]:
+    """A ParamSpec as the ``tune:`` entry that would produce it."""
+    if spec.type in ("choice", "grid"):
+        return {"type": spec.type, "values": list(spec.values)}
+    return {"type": spec.type, "low": spec.low, "high": spec.high}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        summary = run_search(args)
+    except (ConfigError, SearchSpaceError, SearchSetupError) as err:
+        print(f"tune.search: error: {err}", file=sys.stderr)
+        return 2
+    print(markdown_table(summary["table"]), end="")
+    for kind, path in summary["written"].items():
+        print(f"{kind}: {path}")
+    if "best" not in summary["written"]:
+        print(f"no trial reported {summary['metric']}: no best.yaml", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
