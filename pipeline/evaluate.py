@@ -99,7 +99,7 @@ def composition_logit_scale(model: nn.Module) -> float:
     scale = getattr(model, "loss_scale", None)
     if scale is None:
         return DEFAULT_LOGIT_SCALE
-    return float(scale) ** 2
+    return float(scale.detach() if isinstance(scale, torch.Tensor) else scale) ** 2
 
 
 def _gather(repr_: Repr, rows: torch.Tensor, device: torch.device) -> Repr:

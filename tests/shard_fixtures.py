@@ -52,9 +52,12 @@ def image_bytes(index: int, size: int = 32, ext: str = "png") -> bytes:
 def write_dataset(out_dir: str | Path, *, name: str = "fixture", explicit_groups: int = 6,
                   derived_groups: bool = True, shard_size: int = 2, gallery_size: int = 10,
                   gallery_shard_size: int = 4, query_count: int = 6, image_size: int = 32,
-                  ext: str = "png", protocol: dict | None = None, corrupt_image: bool = False,
-                  corrupt_json: bool = False) -> Path:
-    """Write the dataset described in the module docstring; returns ``out_dir``."""
+                  ext: str = "png", protocol: dict | None = None, queries: list[dict] | None = None,
+                  corrupt_image: bool = False, corrupt_json: bool = False) -> Path:
+    """Write the dataset described in the module docstring; returns ``out_dir``.
+
+    ``queries`` replaces the generated query list (ids ``gal_0000`` ... exist).
+    """
     out_dir = Path(out_dir)
     counter = 0
 
@@ -93,7 +96,7 @@ def write_dataset(out_dir: str | Path, *, name: str = "fixture", explicit_groups
                     "category": ("dress", "shirt")[i % 2]}
             writer.add_gallery("gallery", f"s{i:06d}", meta, image_bytes(100 + i, image_size, ext),
                                ext)
-        queries = [{"qid": q, "ref_id": f"gal_{q % gallery_size:04d}", "text": f"make it color{q}",
+        queries = queries or [{"qid": q, "ref_id": f"gal_{q % gallery_size:04d}", "text": f"make it color{q}",
                     "target_ids": [f"gal_{(q + 1) % gallery_size:04d}"],
                     "category": ("dress", "shirt")[q % 2]} for q in range(query_count)]
         writer.set_queries("queries.json", queries)
