@@ -15,9 +15,10 @@ images shared by several triplets are stored once per group, not once per triple
 
 Evaluation "val": gallery = every val-split image of the converted categories (with its
 ``category``), one query per val triplet (``text`` = the captions joined with " and ",
-``texts`` = both captions); the gallery is restricted to the query's category, the
-reference excluded, the target hit by id. Evaluation "test" (when ``cap.<category>.test.json``
-exist): test gallery and queries without targets, for submission files.
+``texts`` and ``captions`` = both captions); the gallery is restricted to the query's
+category, the reference excluded, the target hit by id. Evaluation "test" (when
+``cap.<category>.test.json`` exist): test gallery and queries without targets, for
+submission files.
 
 Usage::
 
@@ -119,7 +120,7 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
         for category in categories:
             pairs = []
             for candidate, target, texts, where in triplets[("cap", category, "train")]:
-                if checker.usable(where, candidate, target):
+                if checker.usable(where, "triplet", candidate, target):
                     pairs.append((candidate, target,
                                   [" and ".join(texts), " and ".join(reversed(texts))]))
             for group in group_pairs(pairs, args.group_size):
@@ -145,11 +146,13 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
                         continue
                     queries.append({"qid": f"{split}-{category}-{len(queries):06d}",
                                     "ref_id": candidate, "text": " and ".join(texts),
-                                    "texts": texts, "target_ids": [target] if target else [],
+                                    "texts": texts, "captions": texts,
+                                    "target_ids": [target] if target else [],
                                     "category": category})
             writer.set_queries(f"{split}-queries.json", queries)
             evals[split] = {"gallery": f"{split}-gallery", "queries": f"{split}-queries.json",
-                            "count": len(queries), "protocol": PROTOCOL}
+                            "count": len(queries),
+                            "protocol": {**PROTOCOL, "categories": list(split_categories)}}
 
         stored = list(checker.used.values())
         writer.image_ext = stored_ext(stored)
