@@ -158,6 +158,8 @@ def rank_queries(model: nn.Module, vocab: Vocabulary, queries: list[dict], plan,
     Returns ``(ranking (M, k) gallery rows, subset ranking (M, S) or None)``.
     """
     device = targets.device
+    if plan.allowed is not None:
+        plan.allowed = plan.allowed.to(device)  # moved once, not per chunk
     correct = bool(getattr(model, "has_correction", False)) and rerank_top > 0
     lam = composition_logit_scale(model)
     rankings, subset_rankings = [], []
