@@ -15,8 +15,8 @@ up in the index and never touch the filesystem. Concurrent searches are micro-ba
 (``serve.batching``).
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: FastAPI reads the endpoint annotations at
+# definition time, and some of them use this module's local limits.
 import asyncio
 import json
 import logging
@@ -111,12 +111,17 @@ def create_app(engine: QueryEngine, limits: ServiceLimits | None = None, *,
 
     @app.post("/search", summary="Top-k gallery images for a reference and a change text")
     async def search(
+        request: Request,
         text: Annotated[str | None, Form(description="what should change")] = None,
         image: Annotated[UploadFile | None, File(description="reference image upload")] = None,
         ref_id: Annotated[str | None, Form(description="a gallery id as the reference")] = None,
         k: Annotated[int, Form(description="number of results")] = 10,
     ) -> dict[str, Any]:
         began = time.perf_counter()
+        media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media_type not in ("multipart/form-data", "application/x-www-form-urlencoded"):
+            raise ApiError(415, "unsupported_media_type",
+                           f"POST /search takes multipart/form-data, got {media_type or 'no body'!r}")
         text = _check_text(text, limits)
         if image is not None and not image.filename and not image.size:
             image = None  # an empty file field (a form posted with no file chosen)

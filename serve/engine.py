@@ -117,7 +117,7 @@ class QueryEngine:
                                       **(backend_options or {}))
         if self.has_correction:
             self._correction_model, self._logit_scale = _correction_model(
-                self.backend, self.art_dir / self.arts["checkpoint"]["file"], self.device)
+                self.backend, self.arts, self.device)
         self.gallery = GallerySearch(self.index.embeddings, self.device, chunk_rows=chunk_rows,
                                      max_resident_bytes=max_resident_bytes)
         log.info("query engine: %s, %d gallery images, %s on %s", self.model_name,
@@ -285,17 +285,17 @@ class _BackendCorrection(torch.nn.Module):
                                     dict(zip(text_names, text_repr)))
 
 
-def _correction_model(backend, checkpoint: Path, device: torch.device):
+def _correction_model(backend, arts: dict[str, Any], device: torch.device):
     """(model for ``rerank_with_correction``, its logit scale lambda): the torch model
-    itself for the torch backend, else an adapter over the exported correction graph
-    (lambda is a trained weight that no graph outputs, so it is read from the checkpoint)."""
-    from pipeline.checkpoint import load_model
-    from pipeline.evaluate import composition_logit_scale
+    itself for the torch backend, else an adapter over the exported correction graph;
+    lambda = ``loss_scale``^2, recorded by the export (no graph outputs it)."""
+    from pipeline.evaluate import DEFAULT_LOGIT_SCALE, composition_logit_scale
 
     if backend.name == "torch":
         return backend.model, composition_logit_scale(backend.model)
-    model, _, _ = load_model(checkpoint, device="cpu")
-    return _BackendCorrection(backend, device), composition_logit_scale(model)
+    scale = arts.get("loss_scale")
+    return (_BackendCorrection(backend, device),
+            DEFAULT_LOGIT_SCALE if scale is None else float(scale) ** 2)
 
 
 def _image_preprocess(arts: dict[str, Any]) -> ImagePreprocess:
