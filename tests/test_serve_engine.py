@@ -1,0 +1,156 @@
+"""QueryEngine over a real exported artifact directory: brute-force equality, backend
+parity (torch vs onnxruntime on the CPU), batching, input errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from serve_fixtures import limit_threads, serving_artifacts
+
+from pipeline.checkpoint import load_model
+from pipeline.images import ImagePreprocess, decode_image
+from serve.engine import (
+    ImageTooLargeError,
+    InvalidImageError,
+    Query,
+    QueryEngine,
+    QueryError,
+    UnknownReferenceError,
+)
+from serve.gallery import GalleryIndexError
+
+
+@pytest.fixture(scope="module")
+def art_dir(tmp_path_factory):
+    limit_threads()
+    return serving_artifacts(tmp_path_factory.getbasetemp())[0]
+
+
+@pytest.fixture(scope="module")
+def engine(art_dir):
+    engine = QueryEngine(art_dir, backend="torch", device="cpu")
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def ort_engine(art_dir):
+    engine = QueryEngine(art_dir, backend="onnxruntime", device="cpu",
+                         backend_options={"threads": 1})
+    yield engine
+    engine.close()
+
+
+def brute_force(art_dir, engine, text, k, image=None, ref_row=None):
+    """Independent answer: eager model on freshly decoded pixels, numpy dot products
+    over every gallery embedding, reference excluded, ties to the lower row."""
+    model, vocab, _ = load_model(art_dir / "checkpoint.pt")
+    size = engine.arts["preprocess"]["crop"]
+    data = image if image is not None else engine.index.image_bytes(ref_row)
+    pixels = ImagePreprocess(size)(decode_image(data)).unsqueeze(0)
+    tokens, lengths = vocab.encode([text], max_len=engine.max_text_len)
+    with torch.inference_mode():
+        query = model.compose(model.encode_image(pixels), model.encode_text(tokens, lengths))
+    gallery = np.load(art_dir / "index" / "embeddings.npy").astype(np.float32)
+    scores = gallery @ query[0].numpy()
+    order = [r for r in sorted(range(len(scores)), key=lambda r: (-scores[r], r)) if r != ref_row]
+    return [engine.index.ids[r] for r in order[:k]], scores[order[:k]]
+
+
+def test_engine_equals_brute_force(art_dir, engine):
+    upload = engine.index.image_bytes(7)
+    hits = engine.query("make it color3", image=upload, k=8)
+    want_ids, want_scores = brute_force(art_dir, engine, "make it color3", 8, image=upload)
+    assert [h.id for h in hits] == want_ids
+    np.testing.assert_allclose([h.score for h in hits], want_scores, atol=1e-5)
+    # a gallery reference uses the stored representation: same ranking, itself excluded
+    ref_id = engine.index.ids[7]
+    hits = engine.query("make it color3", ref_id=ref_id, k=8)
+    want_ids, want_scores = brute_force(art_dir, engine, "make it color3", 8, ref_row=7)
+    assert ref_id not in [h.id for h in hits]
+    assert [h.id for h in hits] == want_ids
+    np.testing.assert_allclose([h.score for h in hits], want_scores, atol=1e-3)  # fp16 repr
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+
+
+def test_torch_and_onnxruntime_backends_agree(engine, ort_engine):
+    queries = [Query("make it color1", ref_id=engine.index.ids[i]) for i in (0, 5, 11)]
+    queries += [Query("add shape2", image=engine.prepare_image(engine.index.image_bytes(i)))
+                for i in (3, 20)]
+    a = engine.search(queries, k=10).hits
+    b = ort_engine.search(queries, k=10).hits
+    for hits_a, hits_b in zip(a, b):
+        assert [h.id for h in hits_a] == [h.id for h in hits_b]
+        np.testing.assert_allclose([h.score for h in hits_a], [h.score for h in hits_b], atol=1e-4)
+
+
+def test_batch_answers_equal_single_answers(engine):
+    queries = [Query("make it color0", ref_id=engine.index.ids[2]),
+               Query("put shape4", image=engine.prepare_image(engine.index.image_bytes(9))),
+               Query("turn it color2", ref_id=engine.index.ids[30])]
+    batch = engine.search(queries, k=5)
+    assert set(batch.timing_ms) >= {"encode_ms", "search_ms", "engine_ms"}
+    for query, hits in zip(queries, batch.hits):
+        single = engine.search([query], k=5).hits[0]
+        assert [h.id for h in hits] == [h.id for h in single]
+        np.testing.assert_allclose([h.score for h in hits], [h.score for h in single], atol=1e-5)
+
+
+def test_chunked_search_over_the_memory_map_gives_the_same_answers(art_dir, engine):
+    chunked = QueryEngine(art_dir, backend="torch", device="cpu", chunk_rows=6,
+                          max_resident_bytes=0)
+    assert chunked.gallery.layout == "chunked-mmap-fp32"
+    for ref in (1, 17):
+        want = engine.query("make it color4", ref_id=engine.index.ids[ref], k=12)
+        got = chunked.query("make it color4", ref_id=engine.index.ids[ref], k=12)
+        assert [h.id for h in got] == [h.id for h in want]
+    chunked.close()
+
+
+def test_gallery_index_is_memory_mapped(engine):
+    assert isinstance(engine.index.embeddings, np.memmap)
+    assert all(isinstance(r, np.memmap) for r in engine.index.reprs.values())
+
+
+def test_bad_inputs_raise_query_errors(art_dir, engine):
+    with pytest.raises(UnknownReferenceError, match="not in the gallery index"):
+        engine.query("make it red", ref_id="../../etc/passwd")
+    with pytest.raises(InvalidImageError, match="not an image"):
+        engine.prepare_image(b"definitely not an image")
+    with pytest.raises(InvalidImageError, match="empty"):
+        engine.prepare_image(b"")
+    png = engine.index.image_bytes(0)
+    with pytest.raises(InvalidImageError):
+        engine.prepare_image(png[: len(png) // 2])  # truncated
+    buf = io.BytesIO()
+    Image.new("RGB", (300, 300)).save(buf, format="PNG")
+    small = QueryEngine(art_dir, backend="torch", device="cpu", max_image_pixels=50_000)
+    with pytest.raises(ImageTooLargeError, match="300x300"):
+        small.prepare_image(buf.getvalue())
+    small.close()
+    with pytest.raises(QueryError, match="exactly one reference"):
+        engine.search([Query("x")])
+    with pytest.raises(QueryError, match="k must be a positive int"):
+        engine.search([Query("x", ref_id=engine.index.ids[0])], k=0)
+    # other image formats decode through Pillow
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(buf, format="BMP")
+    assert engine.prepare_image(buf.getvalue()).shape == (3, 32, 32)
+
+
+def test_unfinished_or_mismatched_index_is_refused(art_dir, tmp_path):
+    index = tmp_path / "index"
+    shutil.copytree(art_dir / "index", index)
+    info = json.loads((index / "index.json").read_text())
+    (index / "index.json").write_text(json.dumps({**info, "complete": False}))
+    with pytest.raises(GalleryIndexError, match="has not finished"):
+        QueryEngine(art_dir, device="cpu", index_dir=index)
+    (index / "index.json").write_text(json.dumps({**info, "checkpoint_sha256": "0" * 64}))
+    with pytest.raises(GalleryIndexError, match="rebuild the index"):
+        QueryEngine(art_dir, device="cpu", index_dir=index)
