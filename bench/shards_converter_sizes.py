@@ -5,7 +5,8 @@ files included), redraws its images at ``--image-size`` pixels (smooth colour fi
 with mild noise, so JPEG/PNG sizes resemble photos more than noise does), converts it
 and reports: raw bytes used (images + annotation files), shard bytes, their ratio, the
 grouping's stored/unique image ratio, and the bytes per stored image that are not image
-data (tar headers and padding, JSON). Full-size datasets are not measured here.
+data (tar headers and padding, JSON), with and without each shard's fixed end-of-archive
+padding. Full-size datasets are not measured here.
 
     python bench/shards_converter_sizes.py --image-size 256 --out results/shards_sizes.json
 """
@@ -21,6 +22,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import tarfile  # noqa: E402
 import tempfile  # noqa: E402
 from contextlib import redirect_stdout  # noqa: E402
 from io import StringIO  # noqa: E402
@@ -75,6 +77,8 @@ def measure(name: str, image_size: int, workdir: Path) -> dict:
             stored_images += len(sample["images"])
             image_bytes += sum(len(d) for d in sample["images"].values())
     queries = sum((out / ev["queries"]).stat().st_size for ev in manifest["evals"].values())
+    tails = sum(tar_tail(out / shard) for info in manifest["splits"].values()
+                for shard in info["shards"])
     groups = manifest["extra"].get("groups", {})
     raw_bytes = manifest["extra"].get("raw_bytes")
     return {
@@ -83,9 +87,22 @@ def measure(name: str, image_size: int, workdir: Path) -> dict:
         "ratio": round(manifest["bytes"] / raw_bytes, 3) if raw_bytes else None,
         "train_stored_per_unique": groups.get("ratio"),
         "stored_images": stored_images, "image_bytes": image_bytes, "query_bytes": queries,
+        "shards": sum(len(info["shards"]) for info in manifest["splits"].values()),
+        "tar_tail_bytes": tails,
         "overhead_per_image": round((manifest["bytes"] - image_bytes - queries)
                                     / max(stored_images, 1)),
+        "overhead_per_image_without_tails": round(
+            (manifest["bytes"] - image_bytes - queries - tails) / max(stored_images, 1)),
     }
+
+
+def tar_tail(path: Path) -> int:
+    """Bytes after a tar's last member: end-of-archive blocks and record padding, a fixed
+    cost per shard (up to 10 KiB) that does not grow with the shard."""
+    with tarfile.open(path) as tar:
+        last = tar.getmembers()[-1]
+    end = last.offset_data + -(-last.size // 512) * 512
+    return path.stat().st_size - end
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -97,12 +114,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         rows = [measure(name, args.image_size, Path(tmp)) for name in args.datasets]
     header = (f"{'dataset':<12} {'raw KB':>8} {'shard KB':>9} {'ratio':>6} {'train dup':>9} "
-              f"{'images':>6} {'overhead B/img':>14}")
+              f"{'images':>6} {'shards':>6} {'overhead B/img':>14} {'w/o tar tails':>13}")
     print(header)
     for r in rows:
         print(f"{r['dataset']:<12} {r['raw_bytes'] / 1e3:8.1f} {r['shard_bytes'] / 1e3:9.1f} "
               f"{r['ratio']:6.2f} {r['train_stored_per_unique']:9.2f} {r['stored_images']:6d} "
-              f"{r['overhead_per_image']:14d}")
+              f"{r['shards']:6d} {r['overhead_per_image']:14d} "
+              f"{r['overhead_per_image_without_tails']:13d}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(rows, indent=1))

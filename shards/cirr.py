@@ -116,21 +116,21 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
                     "derive": None}, [images.image(m) for m in g.members])
                   for g in group_pairs(train_pairs, args.group_size)]
         writer.shard_sizes["train"] = group_shard_size(args.shard_size, groups)
-        write_groups(writer, "train", groups, workers=args.workers)
+        stored = write_groups(writer, "train", groups, workers=args.workers)
 
         evals = {}
         for name, split in EVAL_SPLITS.items():
             if split not in splits:
                 continue
             gallery = [n for n in split_names[split] if images.problem(n) is None]
-            write_gallery(writer, f"{name}-gallery", [({"id": n}, images.image(n)) for n in gallery],
-                          workers=args.workers, desc=f"writing {name} gallery")
+            stored += write_gallery(writer, f"{name}-gallery",
+                                    [({"id": n}, images.image(n)) for n in gallery],
+                                    workers=args.workers, desc=f"writing {name} gallery")
             queries = _queries(name, pairs[split], set(gallery), images, writer)
             writer.set_queries(f"{name}-queries.json", queries)
             evals[name] = {"gallery": f"{name}-gallery", "queries": f"{name}-queries.json",
                            "count": len(queries), "protocol": PROTOCOL}
 
-        stored = list(images.used.values())
         writer.image_ext = stored_ext(stored)
         annotations = [*caption_files.values(), *split_files.values()]
         return writer.finish(

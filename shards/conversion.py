@@ -74,7 +74,6 @@ class NamedImages:
                  missing_item: str = "{name}", missing_reason: str = "missing image file"):
         self.paths, self.table = paths, table
         self.missing_item, self.missing_reason = missing_item, missing_reason
-        self.used: dict[str, CheckedImage] = {}
 
     def check(self, names: Iterable[str], desc: str = "checking images") -> None:
         names = set(names)
@@ -83,11 +82,10 @@ class NamedImages:
         self.table.check((self.paths[n] for n in sorted(names) if n in self.paths), desc=desc)
 
     def image(self, name: str) -> CheckedImage:
-        """The checked image of a usable name (remembered for the raw size)."""
+        """The checked image of a usable name."""
         checked = self.table.get(self.paths[name])
         if checked is None:
             raise KeyError(f"image {name!r} is not usable")
-        self.used[name] = checked
         return checked
 
     def problem(self, name: str) -> str | None:
@@ -118,10 +116,12 @@ class NamedImages:
 
 
 def write_groups(writer: DatasetWriter, split: str, groups: list[tuple[dict[str, Any],
-                 list[ImageSource]]], *, workers: int, desc: str = "writing groups") -> None:
+                 list[ImageSource]]], *, workers: int,
+                 desc: str = "writing groups") -> list[ImageSource]:
     """Write ``(group json, member images)`` as ``g%07d`` samples of ``split``.
 
-    ``group json`` gets its ``"group"`` key set to the sample key.
+    ``group json`` gets its ``"group"`` key set to the sample key. Returns the images
+    written (one entry per stored copy).
     """
     flat = (image for _, images in groups for image in images)
     stream = read_images(flat, workers=workers)
@@ -130,17 +130,20 @@ def write_groups(writer: DatasetWriter, split: str, groups: list[tuple[dict[str,
         key = f"g{number:07d}"
         encoded = [next(stream) for _ in images]
         writer.add_group(split, key, {"group": key, **group}, [(e.data, e.ext) for e in encoded])
+    return [image for _, images in groups for image in images]
 
 
 def write_gallery(writer: DatasetWriter, split: str,
                   entries: list[tuple[dict[str, Any], ImageSource]], *, workers: int,
-                  desc: str = "writing gallery") -> None:
-    """Write ``(meta, image)`` catalogue entries as ``i%07d`` samples of ``split``."""
+                  desc: str = "writing gallery") -> list[ImageSource]:
+    """Write ``(meta, image)`` catalogue entries as ``i%07d`` samples of ``split``;
+    returns the images written."""
     stream = read_images((image for _, image in entries), workers=workers)
     bar = tqdm(zip(entries, stream), total=len(entries), desc=desc, unit="img", leave=False,
                disable=None)
     for number, ((meta, _), image) in enumerate(bar):
         writer.add_gallery(split, f"i{number:07d}", meta, image.data, image.ext)
+    return [image for _, image in entries]
 
 
 def group_shard_size(shard_size: int, groups: list[tuple[dict[str, Any], list]]) -> int:
@@ -158,6 +161,6 @@ def stored_ext(sources: Iterable[ImageSource]) -> str:
 
 
 def raw_bytes(sources: Iterable[ImageSource], annotation_files: Iterable[Path]) -> int:
-    """Bytes of the distinct source image files used plus the annotation files."""
+    """Bytes of the distinct source image files written plus the annotation files."""
     files = {s.path: s.nbytes for s in sources if isinstance(s, CheckedImage)}
     return sum(files.values()) + sum(Path(p).stat().st_size for p in set(annotation_files))

@@ -131,10 +131,10 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
                                     for r, t, texts in group.pairs]}
             groups.append((group_json, [images["train"][i] for i in group.members]))
         writer.shard_sizes["train"] = group_shard_size(args.shard_size, groups)
-        write_groups(writer, "train", groups, workers=args.workers)
+        stored = write_groups(writer, "train", groups, workers=args.workers)
 
         test_ids = sorted(images["test"])
-        write_gallery(writer, "gallery", [
+        stored += write_gallery(writer, "gallery", [
             ({"id": _image_id("test", i), "label": labels["test"][i],
               "attributes": scenes["test"][i]}, images["test"][i]) for i in test_ids
         ], workers=args.workers)
@@ -144,7 +144,6 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
                        _pairs(data["test"]["mods"], "test", images["test"], writer))]
         writer.set_queries("queries.json", queries)
 
-        stored = [images[s][i] for s in SPLITS for i in images[s]]
         writer.image_ext = stored_ext(stored)
         return writer.finish(
             {"test": {"gallery": "gallery", "queries": "queries.json", "count": len(queries),
@@ -179,7 +178,8 @@ def _images(scenes: dict[int, list[dict[str, Any]]], split: str, src: Path, tabl
     """Usable images of a split by index: checked PNG files, or scenes drawn in 2D."""
     images: dict[int, ImageSource] = {}
     if args.render_2d:
-        for i, objects in tqdm(scenes.items(), desc=f"rendering {split}", leave=False):
+        bar = tqdm(scenes.items(), desc=f"rendering {split}", leave=False, disable=None)
+        for i, objects in bar:
             try:
                 images[i] = EncodedImage(render_objects(objects, args.image_size, cells), "png")
             except (KeyError, TypeError, ValueError) as err:

@@ -62,9 +62,10 @@ def read_json_list(path: Path) -> list:
 
 
 def index_images(images_dir: Path) -> dict[str, Path]:
-    """``asin -> file`` for every file in ``images/`` (first extension in name order)."""
+    """``asin -> file`` for every file under ``images/`` (some copies keep one folder per
+    category); the first path in name order wins when a name repeats."""
     index: dict[str, Path] = {}
-    for path in sorted(images_dir.iterdir()):
+    for path in sorted(images_dir.rglob("*")):
         if path.is_file():
             index.setdefault(path.stem, path)
     return index
@@ -129,14 +130,14 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
                     "pairs": [{"ref": r, "tgt": t, "texts": x} for r, t, x in group.pairs],
                     "derive": None}, [checker.image(m) for m in group.members]))
         writer.shard_sizes["train"] = group_shard_size(args.shard_size, groups)
-        write_groups(writer, "train", groups, workers=args.workers)
+        stored = write_groups(writer, "train", groups, workers=args.workers)
 
         evals = {}
         for split, split_categories in (("val", categories), ("test", test_categories)):
             if not split_categories:
                 continue
             gallery = _gallery(split, split_categories, split_lists, checker, writer)
-            write_gallery(writer, f"{split}-gallery", [
+            stored += write_gallery(writer, f"{split}-gallery", [
                 ({"id": a, "category": c}, checker.image(a)) for a, c in gallery.items()
             ], workers=args.workers, desc=f"writing {split} gallery")
             queries = []
@@ -154,7 +155,6 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
                             "count": len(queries),
                             "protocol": {**PROTOCOL, "categories": list(split_categories)}}
 
-        stored = list(checker.used.values())
         writer.image_ext = stored_ext(stored)
         return writer.finish(
             evals, source=cli.source_info(src, files.values()),

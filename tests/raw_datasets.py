@@ -67,8 +67,8 @@ def make_css3d(root: Path, *, with_labels: bool = False) -> dict:
             allow_pickle=True)
     for split, count in (("train", 6), ("test", 6)):
         for i in range(count):
-            write_image(root / "images" / f"css_{split}_{i:06d}.png", i + (100 if split == "test" else 0),
-                        fmt="PNG", size=16)
+            seed = i + (100 if split == "test" else 0)
+            write_image(root / "images" / f"css_{split}_{i:06d}.png", seed, fmt="PNG", size=16)
     (root / "images" / "css_train_000005.png").unlink()
     truncate(root / "images" / "css_test_000004.png")
     return {"missing": ["images/css_train_000005.png"],
