@@ -115,7 +115,7 @@ def check_images(paths: Iterable[str | Path], *, workers: int | None = None,
     with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:
         outcomes = pool.map(_check_or_error, unique)
         for path, outcome in tqdm(zip(unique, outcomes), total=len(unique), desc=desc,
-                                  unit="img", leave=False):
+                                  unit="img", leave=False, disable=None):
             results[path] = outcome
     bad = sum(isinstance(r, ImageError) for r in results.values())
     log.info("%s: %d usable, %d unusable", desc, len(results) - bad, bad)
