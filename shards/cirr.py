@@ -53,7 +53,7 @@ PROTOCOL = {"name": "cirr", "ks": [1, 5, 10, 50], "subset_ks": [1, 2, 3], "hit":
 def read_json(path: Path, kind: type) -> Any:
     """A JSON file holding a ``kind`` (list or dict); anything else is a layout error."""
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise cli.LayoutError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(data, kind):

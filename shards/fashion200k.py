@@ -87,7 +87,7 @@ def read_label_files(src: Path, writer: DatasetWriter) -> dict[str, dict[str, di
     for path in files:
         match = LABEL_FILE.match(path.name)
         split, category = match["split"], match["category"]
-        for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
             where = f"labels/{path.name}:{number}"
             if not line.strip():
                 continue
@@ -187,7 +187,7 @@ def read_queries(path: Path, listed: dict[str, dict[str, str]],
                  writer: DatasetWriter) -> list[dict[str, Any]]:
     """Queries from TIRG's ``test_queries.txt``; unknown or unusable images are skipped."""
     queries = []
-    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
         where = f"{QUERIES_FILE}:{number}"
         fields = line.split()
         if not fields:

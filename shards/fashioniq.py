@@ -53,7 +53,7 @@ PROTOCOL = {"name": "fashioniq", "ks": [10, 50], "hit": "id", "exclude_reference
 def read_json_list(path: Path) -> list:
     """A JSON file that must hold a list (a wrong file is a layout error, not a crash)."""
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise cli.LayoutError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(data, list):
