@@ -33,6 +33,7 @@ from PIL import Image  # noqa: E402
 from shard_reading import read_split  # noqa: E402
 
 from shards import cirr, css3d, fashion200k, fashioniq, mitstates  # noqa: E402
+from shards.grouping import duplication, group_pairs  # noqa: E402
 
 DATASETS = {
     "css3d": (css3d, raw_datasets.make_css3d),
@@ -105,6 +106,21 @@ def tar_tail(path: Path) -> int:
     return path.stat().st_size - end
 
 
+def random_graph_duplication(images: int, degrees: list[int], group_sizes: list[int],
+                             seed: int = 0) -> list[dict]:
+    """Stored/unique images of ``group_pairs`` on random pair graphs (no locality: the
+    hard case, e.g. a dataset whose pairs link arbitrary images)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for degree in degrees:
+        ends = rng.integers(0, images, (images * degree // 2, 2))
+        pairs = [(f"i{a}", f"i{b}", ["t"]) for a, b in ends]
+        for size in group_sizes:
+            stats = duplication(g.members for g in group_pairs(pairs, size))
+            rows.append({"images": images, "mean_degree": degree, "group_size": size, **stats})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--image-size", type=int, default=256)
@@ -121,9 +137,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f"{r['ratio']:6.2f} {r['train_stored_per_unique']:9.2f} {r['stored_images']:6d} "
               f"{r['shards']:6d} {r['overhead_per_image']:14d} "
               f"{r['overhead_per_image_without_tails']:13d}")
+    graph_rows = random_graph_duplication(20000, [2, 6], [2, 8, 32])
+    print(f"\n{'random pair graph':<18} {'group size':>10} {'stored/unique':>13}")
+    for r in graph_rows:
+        print(f"{'mean degree ' + str(r['mean_degree']):<18} {r['group_size']:>10} "
+              f"{r['ratio']:>13.2f}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(rows, indent=1))
+        args.out.write_text(json.dumps({"fixtures": rows, "random_graphs": graph_rows},
+                                       indent=1))
     return rows
 
 
