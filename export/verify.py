@@ -50,7 +50,7 @@ class RuntimeModule(nn.Module):
         return tuple(torch.from_numpy(arrays[n]) for n in names)
 
     def _dict(self, tensors: tuple, names: tuple[str, ...]) -> dict[str, np.ndarray]:
-        return {n: t.detach().float().cpu().numpy() for n, t in zip(names, tensors)}
+        return {n: t.detach().cpu().numpy() for n, t in zip(names, tensors)}
 
     def encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = self.runtime.encode_image(images.detach().float().cpu().numpy())
