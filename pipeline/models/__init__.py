@@ -3,7 +3,7 @@
 Importing this package registers every model (the composer modules register on import).
 """
 
-from pipeline.models import composers  # noqa: F401  (registers the TIRG-family models)
+from pipeline.models import ccnet, composers  # noqa: F401  (importing registers the models)
 from pipeline.models.base import ComposedRetrievalModel
 from pipeline.models.registry import accepted_kwargs, create_model, list_models, register_model
 
