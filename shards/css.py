@@ -362,6 +362,8 @@ def generate_css(out_dir: str | Path, config: CssConfig, *, workers: int | None 
     """
     if config.mods_per_scene < 1 or config.train_scenes < 1 or config.test_scenes < 1:
         raise ValueError(f"scene and modification counts must be >= 1, got {config}")
+    if Path(out_dir).exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists; pass --overwrite to replace it")
     start = time.perf_counter()
     plans = {split: plan_split(split, config) for split in ("train", "test")}
     tasks = [(scene, config.image_size, f"css-{config.seed}-{split}-{i}")
