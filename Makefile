@@ -20,9 +20,13 @@ $(STAMP): pyproject.toml | $(PY)
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m shards.css --small --out $(DATA)
+	$(PY) -m shards.css --small --overwrite --out $(DATA)
 	$(PY) -m shards.verify $(DATA)
+	rm -rf $(RUN)  # a fresh run (the same command on an existing run dir would resume it)
 	$(PY) pipeline/train.py --config configs/css_tirg.yaml --data $(DATA) --out $(RUN) --set demo=true
+
+clean-demo:
+	rm -rf $(DATA) $(RUN)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

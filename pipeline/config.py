@@ -88,6 +88,7 @@ DEFAULTS: dict[str, Any] = {
         "eval_set": None,  # None = the manifest's first evaluation set
         "rerank_top": 50,  # CCNet: candidates re-ranked by the correction network
         "grid_png": None,  # path of a result-grid image, None = none
+        "at_end": True,  # evaluate after the last step (the bench turns it off)
     },
 }
 
