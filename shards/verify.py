@@ -154,9 +154,16 @@ def _samples(path: Path) -> Iterator[tuple[str, dict[str, bytes], str | None]]:
                     yield key, files, f"sample {key!r} has {suffix!r} twice"
                     return
                 files[suffix] = data
+            end = tar.offset
     except (tarfile.TarError, OSError, EOFError) as err:
         yield key or "", files, f"unreadable tar after sample {key!r}: {err}"
         return
+    # tarfile stops quietly at a header-aligned cut; a whole archive ends in two zero blocks
+    with path.open("rb") as stream:
+        stream.seek(end)
+        if stream.read(2 * tarfile.BLOCKSIZE) != bytes(2 * tarfile.BLOCKSIZE):
+            yield key or "", files, f"unreadable tar: truncated after sample {key!r} (no end marker)"
+            return
     if key is not None:
         yield key, files, None
 
