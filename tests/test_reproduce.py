@@ -1,0 +1,202 @@
+"""bench.reproduce: aggregation, outputs, resume, CLI errors, and one real tiny run."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bench import reproduce
+from bench.reproduce_report import (
+    PAPER_CSS_R1,
+    markdown_table,
+    mean_std,
+    plot_recalls,
+    summarize,
+    write_json,
+)
+from pipeline.config import dump_config
+
+
+def fake_run(model: str, seed: int, r1: float, steps: int = 100) -> dict:
+    return {"model": model, "seed": seed, "wall_s": 1.0,
+            "metrics": {"R@1": r1, "R@5": r1 + 10, "R@10": r1 + 20, "R@50": 99.0},
+            "config": {"train": {"steps": steps}}}
+
+
+def test_mean_std_is_sample_std():
+    mean, std = mean_std([1.0, 2.0, 6.0])
+    assert mean == pytest.approx(3.0)
+    assert std == pytest.approx(math.sqrt(((2 ** 2) + 1 + 3 ** 2) / 2))
+    assert mean_std([4.0]) == (4.0, 0.0)
+    with pytest.raises(ValueError):
+        mean_std([])
+
+
+def test_summarize_rows_in_paper_order_with_spread():
+    runs = [fake_run("text_only", 0, 0.5), fake_run("tirg", 0, 50.0), fake_run("tirg", 1, 60.0),
+            fake_run("ccnet", 0, 40.0, steps=200), fake_run("concat", 1, 30.0)]
+    rows = summarize(runs)
+    assert [r["model"] for r in rows] == ["tirg", "concat", "text_only", "ccnet"]
+    tirg = rows[0]
+    assert tirg["runs"] == 2 and tirg["seeds"] == [0, 1] and tirg["iterations"] == [100]
+    assert tirg["R@1"]["mean"] == pytest.approx(55.0)
+    assert tirg["R@1"]["std"] == pytest.approx(math.sqrt(50.0))
+    assert tirg["R@10"]["mean"] == pytest.approx(75.0)
+    assert tirg["paper_R@1"] == PAPER_CSS_R1["tirg"]
+    assert rows[-1]["paper_R@1"] is None and rows[-1]["iterations"] == [200]
+
+
+def test_summarize_names_run_missing_a_recall():
+    broken = fake_run("tirg", 3, 10.0)
+    del broken["metrics"]["R@5"]
+    with pytest.raises(KeyError, match="seeds \\[3\\].*R@5"):
+        summarize([fake_run("tirg", 0, 10.0), broken])
+
+
+def test_table_json_and_png(tmp_path):
+    runs = [fake_run("tirg", 0, 50.0), fake_run("tirg", 1, 60.0), fake_run("ccnet", 0, 40.0)]
+    rows = summarize(runs)
+    table = markdown_table(rows)
+    lines = table.strip().splitlines()
+    assert lines[0] == "| model | runs | iterations | R@1 | R@5 | R@10 | paper R@1 |"
+    assert lines[2] == "| tirg | 2 | 100 | 55.0 ± 7.1 | 65.0 ± 7.1 | 75.0 ± 7.1 | 73.7 |"
+    assert lines[3] == "| ccnet | 1 | 100 | 40.0 | 50.0 | 60.0 | – |"  # one run: no ± shown
+    write_json(tmp_path / "runs.json", runs, rows, {"seeds": 2})
+    payload = json.loads((tmp_path / "runs.json").read_text())
+    assert payload["settings"] == {"seeds": 2}
+    assert payload["summary"][0]["R@1"]["std"] == pytest.approx(math.sqrt(50.0))
+    assert [r["seed"] for r in payload["runs"]] == [0, 1, 0]
+    plot_recalls(tmp_path / "recalls.png", rows, "test")
+    assert (tmp_path / "recalls.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def fake_dataset(tmp_path) -> Path:
+    """Planning only reads the manifest's presence; training is faked in these tests."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "manifest.json").write_text("{}")
+    return data
+
+
+def fake_training(calls: list):
+    """Stands in for ``train_timed``: records the call and leaves what ``run`` leaves."""
+
+    def train(config):
+        calls.append((config["model"]["name"], config["train"]["seed"]))
+        out = Path(config["out"])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(dump_config(config))
+        metrics = {"R@1": 10.0 + config["train"]["seed"], "R@5": 20.0, "R@10": 30.0, "step": 3}
+        (out / "metrics.json").write_text(json.dumps(metrics))
+        return metrics, 0.5
+
+    return train
+
+
+def test_resume_skips_finished_runs(tmp_path, fake_dataset, monkeypatch):
+    argv = ["--dataset", str(fake_dataset), "--models", "tirg,concat", "--seeds", "2",
+            "--iterations", "3", "--in-process", "--cpu-scale", "--out", str(tmp_path / "out")]
+    _, args = reproduce.parse_args(argv)
+    runs = reproduce.plan_runs(args, ["tirg", "concat"])
+    assert [(r.model, r.seed) for r in runs] == [("tirg", 0), ("tirg", 1), ("concat", 0),
+                                                ("concat", 1)]
+    assert all(r.config["train"]["workers"] == 0 and r.config["train"]["steps"] == 3
+               and r.config["image"]["size"] == 32 for r in runs)
+    calls: list = []
+    monkeypatch.setattr(reproduce, "train_timed", fake_training(calls))
+    reproduce.train_timed(runs[1].config)  # a finished run from an earlier invocation
+    calls.clear()
+
+    results, failures = reproduce.run_all(runs, args)
+    assert failures == []
+    assert sorted(calls) == [("concat", 0), ("concat", 1), ("tirg", 0)]
+    reused = {(r["model"], r["seed"]): r["reused"] for r in results}
+    assert reused == {("tirg", 1): True, ("tirg", 0): False, ("concat", 0): False,
+                      ("concat", 1): False}
+
+    calls.clear()
+    results, _ = reproduce.run_all(runs, args)  # everything finished: nothing trains
+    assert calls == [] and all(r["reused"] for r in results)
+
+
+def test_finished_run_with_other_settings_is_an_error(tmp_path, fake_dataset, monkeypatch):
+    base = ["--dataset", str(fake_dataset), "--models", "tirg", "--seeds", "1", "--in-process",
+            "--out", str(tmp_path / "out")]
+    _, args = reproduce.parse_args([*base, "--iterations", "3"])
+    monkeypatch.setattr(reproduce, "train_timed", fake_training([]))
+    reproduce.run_all(reproduce.plan_runs(args, ["tirg"]), args)
+    _, longer = reproduce.parse_args([*base, "--iterations", "4"])
+    with pytest.raises(reproduce.ReproduceError, match="train.steps: 3 -> 4"):
+        reproduce.run_all(reproduce.plan_runs(longer, ["tirg"]), longer)
+
+
+def test_failed_run_is_reported_and_others_kept(tmp_path, fake_dataset, monkeypatch, capsys):
+    calls: list = []
+    ok = fake_training(calls)
+
+    def flaky(config):
+        if config["model"]["name"] == "concat":
+            raise FloatingPointError("loss is nan at step 2 on rank 0")
+        return ok(config)
+
+    monkeypatch.setattr(reproduce, "train_timed", flaky)
+    out = tmp_path / "out"
+    code = reproduce.main(["--dataset", str(fake_dataset), "--models", "tirg,concat",
+                           "--seeds", "2", "--iterations", "3", "--in-process", "--out", str(out)])
+    assert code == 1
+    assert "concat seed 0, concat seed 1" in capsys.readouterr().err
+    payload = json.loads((out / "runs.json").read_text())
+    assert [r["model"] for r in payload["runs"]] == ["tirg", "tirg"]
+    assert [f["model"] for f in payload["settings"]["failures"]] == ["concat", "concat"]
+    assert "FloatingPointError" in payload["settings"]["failures"][0]["error"]
+    table = (out / "table.md").read_text()
+    assert "| tirg | 2 | 3 | 10.5 ± 0.7 |" in table and "concat" not in table
+    assert (out / "recalls.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--models", "tirg,no_such_model"], "unknown model(s) ['no_such_model']"),
+    (["--seeds", "0"], "--seeds must be >= 1"),
+    (["--workers", "0"], "use --in-process"),
+    (["--paper-scale", "--cpu-scale"], "not allowed with argument"),
+    (["--iterations", "0"], "--iterations must be >= 1"),
+])
+def test_cli_argument_errors(tmp_path, fake_dataset, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        reproduce.main(["--dataset", str(fake_dataset), "--out", str(tmp_path / "o"), *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_dataset_is_an_error(tmp_path, capsys):
+    code = reproduce.main(["--dataset", str(tmp_path / "nowhere"), "--models", "tirg",
+                           "--in-process", "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert "no manifest.json" in capsys.readouterr().err
+
+
+def test_real_tiny_run_in_process(tmp_path):
+    """One model x one seed through pipeline.train on a tiny generated CSS dataset."""
+    from shards.css import CssConfig, generate_css
+
+    data = tmp_path / "css"
+    generate_css(data, CssConfig(train_scenes=6, test_scenes=3, mods_per_scene=2, mod_pool=40,
+                                 image_size=32, shard_size=20), workers=1)
+    out = tmp_path / "out"
+    argv = ["--dataset", str(data), "--models", "image_only", "--seeds", "1", "--iterations",
+            "2", "--in-process", "--cpu-scale", "--out", str(out), "--set", "train.batch_size=4",
+            "--set", "model.embed_dim=16", "--set", "train.threads=1"]
+    assert reproduce.main(argv) == 0
+    payload = json.loads((out / "runs.json").read_text())
+    (run,) = payload["runs"]
+    assert run["model"] == "image_only" and run["wall_s"] > 0 and not run["reused"]
+    assert 0.0 <= run["metrics"]["R@1"] <= 100.0 and run["metrics"]["step"] == 2
+    stored = yaml.safe_load((out / "runs" / "image_only" / "seed0" / "config.yaml").read_text())
+    assert stored["train"]["steps"] == 2 and stored["model"]["embed_dim"] == 16
+    assert reproduce.main(argv) == 0  # resumes: the finished run is reused
+    assert json.loads((out / "runs.json").read_text())["runs"][0]["reused"] is True
