@@ -11,6 +11,7 @@ from pathlib import Path
 from PIL import Image
 
 from shards.manifest import load_manifest, load_queries, shard_paths
+from shards.verify import verify_dataset
 
 
 def read_split(out: Path, split: str) -> list[dict]:
@@ -51,7 +52,7 @@ def check_dataset(out: Path) -> dict:
     """Checks every converted dataset must pass; returns the manifest.
 
     Every stored image decodes, every query's reference and targets are gallery ids of
-    its eval, and ``shards.verify`` (when present) finds no problem.
+    its eval, and ``shards.verify`` finds no problem.
     """
     manifest = load_manifest(out)
     for split in manifest["splits"]:
@@ -64,12 +65,7 @@ def check_dataset(out: Path) -> dict:
         for q in load_queries(out, manifest, name):
             assert q["ref_id"] in ids, (name, q)
             assert set(q["target_ids"]) <= ids, (name, q)
-    try:
-        from shards.verify import verify_dataset
-    except ImportError:  # written by another helper; checked once it exists
-        verify_dataset = None
-    if verify_dataset is not None:
-        assert verify_dataset(out) == []
+    assert verify_dataset(out) == []
     return manifest
 
 
