@@ -91,6 +91,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
         )
     kwargs = dict(payload["model_kwargs"])
     kwargs.pop("pretrained_path", None)  # weights come from the checkpoint itself
+    kwargs.pop("word_vectors_path", None)  # (CCNet word vectors too: the file may be gone)
     model = create_model(payload["model_name"], **kwargs)
     try:
         model.load_state_dict(payload["model"])
