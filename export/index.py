@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         info = build_index(args.artifacts, args.data, split=args.split, out=args.out,
                            dtype=args.dtype, batch_size=args.batch_size, backend=args.backend,
                            threads=args.threads, loader_workers=args.workers)
-    except (ArtifactError, ManifestError, CheckpointError, FileNotFoundError) as err:
+    except (ArtifactError, ManifestError, CheckpointError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     out = args.out or Path(args.artifacts) / INDEX_DIR

@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                                 max_text_len=args.max_text_len,
                                 verify_recall=args.verify_recall, eval_set=args.eval_set,
                                 threads=args.threads)
-    except (CheckpointError, ArtifactError, ManifestError, FileNotFoundError) as err:
+    except (CheckpointError, ArtifactError, ManifestError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except (ParityError, RecallMismatch) as err:
