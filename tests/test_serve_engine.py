@@ -102,6 +102,27 @@ def test_batch_answers_equal_single_answers(engine):
         np.testing.assert_allclose([h.score for h in hits], [h.score for h in single], atol=1e-5)
 
 
+def test_text_padding_leaves_the_query_unchanged(engine):
+    """The premise of the GPU path's text-length buckets: pad tokens after a text's end
+    do not change its query embedding."""
+    tokens, lengths = engine.vocab.encode(["make it color1", "add shape2 to it"])
+    image_repr = engine.backend.encode_image(
+        torch.stack([engine.prepare_image(engine.index.image_bytes(i)) for i in (0, 1)]))
+    query, _ = engine.backend.compose_query(image_repr, tokens, lengths)
+    padded = torch.nn.functional.pad(tokens, (0, 32 - tokens.shape[1]))
+    query_padded, _ = engine.backend.compose_query(image_repr, padded, lengths)
+    torch.testing.assert_close(query_padded, query, atol=1e-6, rtol=1e-5)
+
+
+def test_bucket_and_batch_padding_helpers():
+    from serve.backends import BATCH_BUCKETS, _pad_batch, bucket
+
+    assert [bucket(n, BATCH_BUCKETS) for n in (1, 3, 4, 33, 64, 65)] == [1, 4, 4, 64, 64, None]
+    x = torch.arange(6.0).view(3, 2)
+    padded = _pad_batch(x, 4)
+    assert padded.shape == (4, 2) and torch.equal(padded[3], x[0]) and torch.equal(padded[:3], x)
+
+
 def test_chunked_search_over_the_memory_map_gives_the_same_answers(art_dir, engine):
     chunked = QueryEngine(art_dir, backend="torch", device="cpu", chunk_rows=6,
                           max_resident_bytes=0)
