@@ -251,7 +251,9 @@ def train_loop(config: dict[str, Any], *, context: RunContext | None = None,
 
     while step < total:
         epoch, done_in_epoch = divmod(step, batches_per_epoch)
+        yielded = 0
         for index, batch in enumerate(batch_source(epoch)):
+            yielded = index + 1
             if index < done_in_epoch:
                 continue  # trained on before the restore
             if index >= batches_per_epoch or step >= total:
@@ -306,6 +308,9 @@ def train_loop(config: dict[str, Any], *, context: RunContext | None = None,
                 report(context, metrics, model, vocab, config, optimizer, scheduler,
                        with_checkpoint=do_checkpoint)
                 since_report.start = time.perf_counter()  # evaluation is not training time
+        if step < total and yielded < batches_per_epoch:
+            raise RuntimeError(f"epoch {epoch} yielded {yielded} batches on rank {rank}, "
+                               f"expected {batches_per_epoch} (every rank must get as many)")
     if writer is not None:
         writer.close()
     return metrics

@@ -79,9 +79,8 @@ def ray_worker(loop_config: dict[str, Any]) -> None:
     train_loop(loop_config["config"], context=RayContext(), vocab=loop_config["vocab"])
 
 
-def run_with_ray(config: dict[str, Any], vocab_dict: dict, *,
-                 callbacks: list | None = None) -> tuple[dict[str, Any], Path]:
-    """``TorchTrainer.fit``; returns (final metrics, local directory of the final checkpoint).
+def fit_with_ray(config: dict[str, Any], vocab_dict: dict, *, callbacks: list | None = None):
+    """``TorchTrainer(...).fit()`` over ``train.workers`` workers; returns Ray's ``Result``.
 
     ``callbacks``: Ray Train ``RunConfig`` callbacks (a Tune trial passes
     ``TuneReportCallback()`` so rank 0's reports reach Tune)."""
@@ -108,9 +107,15 @@ def run_with_ray(config: dict[str, Any], vocab_dict: dict, *,
             failure_config=FailureConfig(max_failures=train["max_failures"]),
             callbacks=callbacks),
     )
-    result = trainer.fit()
+    return trainer.fit()
+
+
+def run_with_ray(config: dict[str, Any], vocab_dict: dict, *,
+                 callbacks: list | None = None) -> tuple[dict[str, Any], Path]:
+    """Train under Ray; returns (final metrics, ``RUN_DIR/checkpoint`` copied from storage)."""
+    result = fit_with_ray(config, vocab_dict, callbacks=callbacks)
     if result.checkpoint is None:
-        raise RuntimeError(f"run {train['run_name']!r} finished without a checkpoint")
+        raise RuntimeError(f"run {config['train']['run_name']!r} finished without a checkpoint")
     final = Path(config["out"]) / "checkpoint"
     shutil.rmtree(final, ignore_errors=True)
     result.checkpoint.to_directory(str(final))
