@@ -58,3 +58,18 @@ def tiny_dataset(directory: Path, gallery_size: int = 12) -> Path:
     assert json.loads((path / "manifest.json").read_text())["splits"]["gallery"]["samples"] \
         == gallery_size
     return path
+
+
+def cached_export(tmp_path_factory, name: str, image_size: int | None = None) -> tuple[Path, Path]:
+    """``(ART_DIR, checkpoint dir)`` of a tiny ``name`` model, exported once per test session
+    (a finished ART_DIR under the session's base temp dir is reused). Tests that write into
+    ART_DIR copy it first."""
+    from export.onnx import export_artifacts
+
+    base = tmp_path_factory.getbasetemp() / "export-cache" / name
+    art, ckpt = base / "art", base / "ckpt"
+    if not (art / "artifacts.json").is_file():
+        tiny_checkpoint(ckpt, name)
+        export_artifacts(ckpt, art, image_size=image_size, threads=1,
+                         parity_batches=(1, 3), parity_lengths=(1, 5))
+    return art, ckpt

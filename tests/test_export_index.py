@@ -8,11 +8,10 @@ import shutil
 
 import numpy as np
 import pytest
-from export_fixtures import limit_threads, tiny_checkpoint, tiny_dataset
+from export_fixtures import cached_export, limit_threads, tiny_dataset
 
 from export import index as export_index
 from export.index import build_index
-from export.onnx import export_artifacts
 from export.runtime import OnnxRuntimeModel
 from pipeline.data import read_gallery_bytes
 
@@ -24,9 +23,7 @@ GALLERY = 12
 def setup(tmp_path_factory):
     base = tmp_path_factory.mktemp("index")
     data = tiny_dataset(base / "shards", gallery_size=GALLERY)
-    art = base / "art"
-    export_artifacts(tiny_checkpoint(base / "ckpt", "tirg"), art, threads=1,
-                     parity_batches=(2,), parity_lengths=(3,))
+    art, _ = cached_export(tmp_path_factory, "tirg")
     reference = build_index(art, data, out=base / "reference", dtype="float32", batch_size=5,
                             threads=1, show_progress=False)
     return art, data, base / "reference", reference

@@ -10,7 +10,13 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from export_fixtures import IMAGE_SIZE, limit_threads, tiny_checkpoint, tiny_dataset
+from export_fixtures import (
+    IMAGE_SIZE,
+    cached_export,
+    limit_threads,
+    tiny_checkpoint,
+    tiny_dataset,
+)
 
 from export import onnx as export_onnx
 from export.artifacts import ArtifactError, expected_graphs, load_artifacts
@@ -29,19 +35,8 @@ IMAGE_SIZES = {"relationship": 64}
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """name -> (ART_DIR, checkpoint dir), exported once per model."""
-    base = tmp_path_factory.mktemp("export")
-    cache = {}
-
-    def get(name: str):
-        if name not in cache:
-            ckpt = tiny_checkpoint(base / f"ckpt-{name}", name)
-            art = base / f"art-{name}"
-            export_onnx.export_artifacts(ckpt, art, image_size=IMAGE_SIZES.get(name), **FAST_PARITY)
-            cache[name] = (art, ckpt)
-        return cache[name]
-
-    return get
+    """name -> (ART_DIR, checkpoint dir), exported once per model and session."""
+    return lambda name: cached_export(tmp_path_factory, name, IMAGE_SIZES.get(name))
 
 
 @pytest.mark.parametrize("name", list_models())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import sys
 import types
 
@@ -16,12 +17,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from export_fixtures import limit_threads, tiny_checkpoint
+from export_fixtures import cached_export, limit_threads
 
 from export import trt as export_trt
 from export.artifacts import ArtifactError, load_artifacts
 from export.fp16 import convert_to_fp16
-from export.onnx import export_artifacts
 from export.parity import ParityError
 
 limit_threads()
@@ -159,10 +159,9 @@ class OrtEngine:
 
 @pytest.fixture(scope="module")
 def art_dir(tmp_path_factory):
-    base = tmp_path_factory.mktemp("trt")
-    art = base / "art"
-    export_artifacts(tiny_checkpoint(base / "ckpt", "tirg"), art, threads=1,
-                     parity_batches=(2,), parity_lengths=(3,))
+    src, _ = cached_export(tmp_path_factory, "tirg")
+    art = tmp_path_factory.mktemp("trt") / "art"  # engines/ are written into it
+    shutil.copytree(src, art, ignore=shutil.ignore_patterns("index"))
     return art
 
 
