@@ -1,0 +1,190 @@
+"""The export artifact directory (``ART_DIR``): its ``artifacts.json``, validation, and the
+atomic write that keeps a half-written export from ever looking finished.
+
+Layout (agreed with ``serve/``; the full text is in docs/export.md)::
+
+    ART_DIR/artifacts.json   model name, embedding size, graphs (files, named inputs and
+                             outputs with symbolic "batch"/"length" dims), preprocessing,
+                             tokenizer rules, source checkpoint hash, parity figures
+    ART_DIR/vocab.json       pipeline.vocab.Vocabulary.to_dict()
+    ART_DIR/checkpoint.pt    copy of the source checkpoint (torch backend, re-export)
+    ART_DIR/<graph>.onnx     image_encoder, text_encoder, composer, target_head, correction
+    ART_DIR/engines/         TensorRT engines (export.trt)
+    ART_DIR/index/           gallery index (export.index)
+
+Graph tensor names: image representations are ``repr_<name>``, text representations
+``text_<name>``; the correction graph takes ``ref_<name>``, ``cand_<name>``, ``text_<name>``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pipeline.vocab import Vocabulary
+
+ARTIFACTS_FORMAT = "composed-retrieval-artifacts/1"
+ARTIFACTS_FILE = "artifacts.json"
+VOCAB_FILE = "vocab.json"
+CHECKPOINT_COPY = "checkpoint.pt"
+OPSET = 17
+# Serving order; "text_encoder" is absent for image-only models, "correction" exists for
+# models with a correction network (CCNet).
+GRAPH_NAMES = ("image_encoder", "text_encoder", "composer", "target_head", "correction")
+SYMBOLIC_DIMS = ("batch", "length")
+
+
+class ArtifactError(ValueError):
+    """An artifact directory or file is missing, malformed, or disagrees with artifacts.json."""
+
+
+# -- tensor naming ---------------------------------------------------------------------------
+def image_repr_inputs(names: list[str] | tuple[str, ...], role: str = "repr") -> list[str]:
+    """Graph tensor names of an image representation: ``role_<name>`` per repr name."""
+    return [f"{role}_{name}" for name in names]
+
+
+def text_repr_inputs(names: list[str] | tuple[str, ...]) -> list[str]:
+    return [f"text_{name}" for name in names]
+
+
+# -- reading ---------------------------------------------------------------------------------
+def load_artifacts(art_dir: str | Path) -> dict[str, Any]:
+    """Read and validate ``ART_DIR/artifacts.json``; every graph file it names must exist.
+
+    Returns the dict with ``"dir"`` (absolute path of ART_DIR) added.
+    """
+    art_dir = Path(art_dir)
+    path = art_dir / ARTIFACTS_FILE
+    if not art_dir.is_dir():
+        raise ArtifactError(f"{art_dir}: artifact directory does not exist "
+                            "(expected the output of `python -m export.onnx`)")
+    if not path.is_file():
+        raise ArtifactError(f"{path}: missing (expected the artifacts.json written by export.onnx; "
+                            "an interrupted export leaves only ART_DIR.partial-*)")
+    try:
+        arts = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ArtifactError(f"{path}: not valid JSON ({err})") from err
+    validate_artifacts(arts, where=str(path))
+    for graph, info in arts["graphs"].items():
+        file = art_dir / info["file"]
+        if not file.is_file():
+            raise ArtifactError(f"{file}: missing (artifacts.json lists it for graph {graph!r})")
+    vocab_file = art_dir / arts["tokenizer"]["vocab_file"]
+    if not vocab_file.is_file():
+        raise ArtifactError(f"{vocab_file}: missing (artifacts.json names it as the vocabulary)")
+    arts["dir"] = str(art_dir.resolve())
+    return arts
+
+
+def validate_artifacts(arts: Any, where: str = ARTIFACTS_FILE) -> None:
+    """Check the structure of an artifacts.json dict (see the module docstring)."""
+    if not isinstance(arts, dict):
+        raise ArtifactError(f"{where}: expected a JSON object")
+    if arts.get("format") != ARTIFACTS_FORMAT:
+        raise ArtifactError(f"{where}: format {arts.get('format')!r}, expected {ARTIFACTS_FORMAT!r}")
+    for key in ("model_name", "embed_dim", "image_repr_names", "text_repr_names",
+                "has_correction", "opset", "graphs", "preprocess", "tokenizer", "checkpoint"):
+        if key not in arts:
+            raise ArtifactError(f"{where}: missing key {key!r}")
+    graphs = arts["graphs"]
+    wanted = expected_graphs(arts["text_repr_names"], arts["has_correction"])
+    for graph in wanted:
+        if graph not in graphs:
+            raise ArtifactError(f"{where}: graph {graph!r} missing (expected graphs {wanted})")
+    for graph, info in graphs.items():
+        if graph not in GRAPH_NAMES:
+            raise ArtifactError(f"{where}: unknown graph {graph!r}, expected one of {GRAPH_NAMES}")
+        for key in ("file", "inputs", "outputs", "dtypes"):
+            if key not in info:
+                raise ArtifactError(f"{where}: graph {graph!r} misses {key!r}")
+        for name, shape in {**info["inputs"], **info["outputs"]}.items():
+            if not isinstance(shape, list) or not all(
+                    isinstance(d, int) or d in SYMBOLIC_DIMS for d in shape):
+                raise ArtifactError(f"{where}: graph {graph!r} tensor {name!r} has shape {shape!r}, "
+                                    f"expected a list of ints and {SYMBOLIC_DIMS}")
+    for key in ("image_size", "resize", "crop", "mean", "std"):
+        if key not in arts["preprocess"]:
+            raise ArtifactError(f"{where}: preprocess misses {key!r}")
+    for key in ("vocab_file", "max_text_len", "pad_id", "unk_id"):
+        if key not in arts["tokenizer"]:
+            raise ArtifactError(f"{where}: tokenizer misses {key!r}")
+
+
+def expected_graphs(text_repr_names: list[str], has_correction: bool) -> list[str]:
+    """Graphs a model exports: no text encoder for a model that reads no text, a correction
+    graph only for models with a correction network."""
+    return [g for g in GRAPH_NAMES
+            if (g != "text_encoder" or text_repr_names) and (g != "correction" or has_correction)]
+
+
+def graph_file(arts: dict[str, Any], graph: str) -> Path:
+    """Absolute path of one graph's ONNX file."""
+    if graph not in arts["graphs"]:
+        raise ArtifactError(f"{arts['dir']}: model {arts['model_name']!r} has no {graph!r} graph "
+                            f"(it has {sorted(arts['graphs'])})")
+    return Path(arts["dir"]) / arts["graphs"][graph]["file"]
+
+
+def load_vocab(arts: dict[str, Any]) -> Vocabulary:
+    """The vocabulary that travels with the artifacts."""
+    path = Path(arts["dir"]) / arts["tokenizer"]["vocab_file"]
+    try:
+        return Vocabulary.load(path)
+    except (OSError, ValueError, KeyError) as err:
+        raise ArtifactError(f"{path}: not a vocabulary file ({err})") from err
+
+
+def preprocess_config(arts: dict[str, Any]) -> dict[str, Any]:
+    """Image preprocessing of the exported model: resize, crop, mean, std, interpolation."""
+    return dict(arts["preprocess"])
+
+
+def image_size(arts: dict[str, Any]) -> int:
+    """Side S of the (B, 3, S, S) image batches the image encoder takes."""
+    return int(arts["preprocess"]["crop"])
+
+
+def concrete_shape(shape: list, batch: int, length: int = 1) -> tuple[int, ...]:
+    """Replace the symbolic dims of an artifacts.json shape by sizes."""
+    sizes = {"batch": batch, "length": length}
+    return tuple(sizes[d] if isinstance(d, str) else int(d) for d in shape)
+
+
+# -- writing ---------------------------------------------------------------------------------
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """Write JSON to ``path`` via a temp file + rename (readers never see half a file)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def staging_dir(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield ``OUT.partial-<pid>``; on success it replaces ``OUT``, on error it is removed.
+
+    An existing ``OUT`` is refused unless ``overwrite`` (its engines/ and index/ were made
+    from the old graphs and would no longer match).
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise ArtifactError(f"{out_dir}: already exists (pass --overwrite to replace it)")
+    tmp = out_dir.parent / f"{out_dir.name}.partial-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
