@@ -96,6 +96,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
     parser.add_argument("--config-dir", default=str(REPO_ROOT / "configs"),
                         help="where css_<model>.yaml / css_base.yaml live")
     parser.add_argument("--out", default="results/reproduce", help="output directory")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: tabulate the finished runs, list the missing ones")
     parser.add_argument("--ray-address", help="join this Ray cluster instead of a local one")
     parser.add_argument("--ray-cpus", type=int, help="CPUs of the local Ray cluster")
     args = parser.parse_args(argv)
@@ -342,6 +344,13 @@ def run_all(runs: list[PlannedRun], args: argparse.Namespace) -> tuple[list[dict
                      run.seed, recall_text(stored["metrics"]))
     if not todo:
         return results, failures
+    if args.report_only:
+        for run in todo:
+            failures.append({"model": run.model, "seed": run.seed, "error": "not run",
+                             "run_dir": str(run.run_dir)})
+        log.info("--report-only: %d of %d runs not finished: %s", len(todo), len(runs),
+                 ", ".join(f"{run.model} seed {run.seed}" for run in todo))
+        return results, failures
     executor = RunExecutor(args)
     started, walls, queue = time.perf_counter(), [], list(todo)
     try:
@@ -408,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         "dataset": str(Path(args.dataset).resolve()), "models": models, "seeds": args.seeds,
         "iterations": iterations(args), "scale": scale_overrides(args),
         "overrides": args.overrides, "in_process": args.in_process, "workers": args.workers,
-        "parallel": args.parallel, "hardware": hardware(),
+        "parallel": args.parallel, "report_only": args.report_only, "hardware": hardware(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
         "wall_s": time.time() - started, "failures": failures,
     }
@@ -423,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     print(f"wrote {out / 'table.md'}, {out / 'runs.json'}, {out / 'recalls.png'}")
     if failures:
-        print(f"{len(failures)} run(s) failed: "
+        print(f"{len(failures)} run(s) failed or not run: "
               + ", ".join(f"{f['model']} seed {f['seed']}" for f in failures), file=sys.stderr)
         return 1
     return 0

@@ -14,9 +14,11 @@ gallery image with the target's object set) and the reference excluded:
   and the new attributes; remove: no object matches the description) -- the best any
   model that ignores the reference image can do.
 
-Ties are broken at random (``--draws`` draws, averaged). Per modification type too.
+Ties are broken at random (the expected recall is computed exactly). Per modification
+type too.
 
     python -m bench.reproduce_difficulty --dataset data/css-small
+    python -m bench.reproduce_difficulty --plan default   # shards.css defaults, unrendered
 """
 
 from __future__ import annotations
@@ -39,8 +41,16 @@ SLOTS = [(s, c, z, cell) for s, c, z in itertools.product(SHAPES, COLORS, SIZES)
 SLOT_INDEX = {slot: i for i, slot in enumerate(SLOTS)}
 
 
-def read_gallery(dataset: Path) -> tuple[list[str], np.ndarray]:
-    """Gallery ids and their object sets as a (N, slots) 0/1 matrix."""
+def object_row(objects: list[dict[str, Any]]) -> np.ndarray:
+    """A scene's objects as a (slots,) 0/1 vector."""
+    row = np.zeros(len(SLOTS), dtype=np.float32)
+    for obj in objects:
+        row[SLOT_INDEX[(obj["shape"], obj["color"], obj["size"], tuple(obj["pos"]))]] = 1
+    return row
+
+
+def read_dataset(dataset: Path) -> tuple[list[str], np.ndarray, list[dict[str, Any]]]:
+    """Gallery ids, their object sets as a (N, slots) 0/1 matrix, and the queries."""
     manifest = json.loads((dataset / "manifest.json").read_text())
     ids, rows = [], []
     for shard in manifest["splits"]["gallery"]["shards"]:
@@ -48,13 +58,28 @@ def read_gallery(dataset: Path) -> tuple[list[str], np.ndarray]:
             for member in tar.getmembers():
                 if member.name.endswith(".json"):
                     meta = json.loads(tar.extractfile(member).read())
-                    row = np.zeros(len(SLOTS), dtype=np.float32)
-                    for obj in meta["objects"]:
-                        row[SLOT_INDEX[(obj["shape"], obj["color"], obj["size"],
-                                        tuple(obj["pos"]))]] = 1
                     ids.append(meta["id"])
-                    rows.append(row)
-    return ids, np.stack(rows)
+                    rows.append(object_row(meta["objects"]))
+    queries = json.loads((dataset / "queries.json").read_text())
+    return ids, np.stack(rows), queries
+
+
+def plan_dataset(config) -> tuple[list[str], np.ndarray, list[dict[str, Any]]]:
+    """The same as ``read_dataset`` for the test split ``shards.css`` would write with
+    ``config`` (a ``CssConfig``), from its plan alone: no image is rendered."""
+    from shards.css import mod_dict, object_dict, plan_split
+
+    ids, rows, queries = [], [], []
+    for plan in plan_split("test", config):
+        scene_ids = []
+        for scene in (plan.scene, *plan.targets):
+            scene_ids.append(f"css_test_{len(ids):06d}")
+            ids.append(scene_ids[-1])
+            rows.append(object_row([object_dict(o) for o in scene]))
+        for i, mod in enumerate(plan.mods, start=1):
+            queries.append({"ref_id": scene_ids[0], "target_ids": [scene_ids[i]],
+                            "mod": mod_dict(mod)})
+    return ids, np.stack(rows), queries
 
 
 def slots_matching(attrs: dict[str, Any]) -> np.ndarray:
@@ -73,33 +98,45 @@ def text_consistent(mod: dict[str, Any], objects: np.ndarray) -> np.ndarray:
     return objects[:, slots_matching(after)].any(axis=1)
 
 
-def expected_recalls(scores: np.ndarray, hits: np.ndarray, ks: tuple[int, ...],
-                     rng: np.random.Generator, draws: int) -> dict[int, float]:
-    """Mean over random tie-breaks of "a hit is among the top k" (higher score first)."""
-    found = {k: 0.0 for k in ks}
-    for _ in range(draws):
-        order = np.lexsort((rng.random(scores.shape[0]), -scores))
-        first = int(np.argmax(hits[order])) if hits.any() else len(order)
-        for k in ks:
-            found[k] += first < k
-    return {k: found[k] / draws for k in ks}
+def expected_recalls(scores: np.ndarray, hits: np.ndarray,
+                     ks: tuple[int, ...]) -> dict[int, float]:
+    """Probability that a hit is among the top k when ties are broken at random.
+
+    With A non-hits scored above the best hit and, at the best hit's score, h hits and n
+    non-hits: P = 0 if A >= k, else 1 - C(n, j) / C(n + h, j) with j = k - A (the chance
+    that the first j places of the tied group are all non-hits).
+    """
+    if not hits.any():
+        return dict.fromkeys(ks, 0.0)
+    best = scores[hits].max()
+    above = int((scores[~hits] > best).sum())
+    h, n = int((scores[hits] == best).sum()), int((scores[~hits] == best).sum())
+    out = {}
+    for k in ks:
+        j = k - above
+        if j <= 0:
+            out[k] = 0.0
+            continue
+        all_misses = 1.0
+        for i in range(min(j, n + 1)):
+            all_misses *= max(n - i, 0) / (n + h - i)
+        out[k] = 1.0 - all_misses
+    return out
 
 
-def ceilings(dataset: Path, draws: int = 5, seed: int = 0,
+def ceilings(ids: list[str], objects: np.ndarray, queries: list[dict[str, Any]],
              ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, dict[str, dict[str, float]]]:
-    """{baseline: {mod type or "all": {"R@k": percent, "queries": n}}}."""
-    ids, objects = read_gallery(dataset)
+    """{baseline: {mod type or "all": {"R@k": percent, "queries": n}}} over ``queries``
+    (``ref_id``, ``target_ids``, ``mod``) on the gallery ``ids`` / ``objects`` (N, slots)."""
     position = {image_id: i for i, image_id in enumerate(ids)}
-    queries = json.loads((dataset / "queries.json").read_text())
-    rng = np.random.default_rng(seed)
     sizes = objects.sum(axis=1)
-    labels = [row.tobytes() for row in objects]
     sums: dict[str, dict[str, dict[int, float]]] = {}
     counts: dict[str, int] = {}
     for query in queries:
         ref = position[query["ref_id"]]
-        target_labels = {labels[position[t]] for t in query["target_ids"]}
-        hits = np.array([label in target_labels for label in labels])
+        hits = np.zeros(len(ids), dtype=bool)
+        for target in query["target_ids"]:  # a hit: any image with the target's object set
+            hits |= (objects == objects[position[target]]).all(axis=1)
         keep = np.ones(len(ids), dtype=bool)
         keep[ref] = False  # the protocol excludes the reference
         overlap = objects @ objects[ref]
@@ -112,7 +149,7 @@ def ceilings(dataset: Path, draws: int = 5, seed: int = 0,
         for group in (kind, "all"):
             counts[group] = counts.get(group, 0) + 1
         for name, score in scores.items():
-            found = expected_recalls(score[keep], hits[keep], ks, rng, draws)
+            found = expected_recalls(score[keep], hits[keep], ks)
             for group in (kind, "all"):
                 slot = sums.setdefault(name, {}).setdefault(group, dict.fromkeys(ks, 0.0))
                 for k in ks:
@@ -125,14 +162,26 @@ def ceilings(dataset: Path, draws: int = 5, seed: int = 0,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.reproduce_difficulty",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", required=True, help="CSS-style shard dataset")
-    parser.add_argument("--draws", type=int, default=5, help="random tie-breaks per query")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--dataset", help="CSS-style shard dataset (python -m shards.css)")
+    source.add_argument("--plan", choices=("default", "small"),
+                        help="plan shards.css's default or --small test split (seed --seed) "
+                             "without rendering it")
+    parser.add_argument("--seed", type=int, default=0, help="generator seed for --plan")
     parser.add_argument("--json", help="also write the numbers here")
     args = parser.parse_args(argv)
-    dataset = Path(args.dataset)
-    if not (dataset / "queries.json").is_file():
-        parser.error(f"--dataset {dataset}: no queries.json (expected python -m shards.css output)")
-    result = ceilings(dataset, draws=args.draws)
+    if args.plan:
+        from shards.css import SMALL, CssConfig
+
+        settings = SMALL if args.plan == "small" else {}
+        ids, objects, queries = plan_dataset(CssConfig(seed=args.seed, **settings))
+    else:
+        dataset = Path(args.dataset)
+        if not (dataset / "queries.json").is_file():
+            parser.error(f"--dataset {dataset}: no queries.json "
+                         "(expected python -m shards.css output)")
+        ids, objects, queries = read_dataset(dataset)
+    result = ceilings(ids, objects, queries)
     groups = sorted(next(iter(result.values())), key=lambda g: (g != "all", g))
     print("| baseline | " + " | ".join(f"{g} R@1 / R@10" for g in groups) + " |")
     print("|---|" + "---:|" * len(groups))

@@ -124,6 +124,22 @@ def test_resume_skips_finished_runs(tmp_path, fake_dataset, monkeypatch):
     assert calls == [] and all(r["reused"] for r in results)
 
 
+def test_report_only_trains_nothing(tmp_path, fake_dataset, monkeypatch):
+    argv = ["--dataset", str(fake_dataset), "--models", "tirg", "--seeds", "2", "--in-process",
+            "--iterations", "3", "--out", str(tmp_path / "out")]
+    _, args = reproduce.parse_args(argv)
+    runs = reproduce.plan_runs(args, ["tirg"])
+    calls: list = []
+    monkeypatch.setattr(reproduce, "train_timed", fake_training(calls))
+    reproduce.train_timed(runs[0].config)
+    calls.clear()
+    _, report = reproduce.parse_args([*argv, "--report-only"])
+    results, missing = reproduce.run_all(runs, report)
+    assert calls == []
+    assert [(r["model"], r["seed"], r["reused"]) for r in results] == [("tirg", 0, True)]
+    assert [(m["model"], m["seed"], m["error"]) for m in missing] == [("tirg", 1, "not run")]
+
+
 def test_finished_run_with_other_settings_is_an_error(tmp_path, fake_dataset, monkeypatch):
     base = ["--dataset", str(fake_dataset), "--models", "tirg", "--seeds", "1", "--in-process",
             "--out", str(tmp_path / "out")]
