@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -216,3 +217,37 @@ def test_real_tiny_run_in_process(tmp_path):
     assert stored["train"]["steps"] == 2 and stored["model"]["embed_dim"] == 16
     assert reproduce.main(argv) == 0  # resumes: the finished run is reused
     assert json.loads((out / "runs.json").read_text())["runs"][0]["reused"] is True
+
+
+def test_expected_recall_with_random_ties_is_exact():
+    from bench.reproduce_difficulty import expected_recalls
+
+    scores = np.array([2.0, 1.0, 1.0, 1.0, 0.0])
+    hits = np.array([False, False, True, False, True])
+    got = expected_recalls(scores, hits, (1, 2, 3, 4))
+    # one non-hit above the best hit; the hit ties with two non-hits
+    assert got == pytest.approx({1: 0.0, 2: 1 / 3, 3: 2 / 3, 4: 1.0})
+    assert expected_recalls(scores, np.zeros(5, dtype=bool), (1,)) == {1: 0.0}
+
+
+def test_oracle_ceilings_on_a_hand_made_gallery():
+    from bench.reproduce_difficulty import ceilings, object_row
+
+    def obj(shape, color, size, row, col):
+        return {"shape": shape, "color": color, "size": size, "pos": [row, col]}
+
+    ref = [obj("circle", "red", "small", 0, 0)]
+    target = [*ref, obj("triangle", "blue", "large", 1, 1)]
+    other = [obj("triangle", "blue", "large", 1, 1), obj("rectangle", "gray", "small", 2, 2)]
+    far = [obj("rectangle", "green", "large", 0, 2)]
+    scenes = {"ref": ref, "tgt": target, "other": other, "far": far}
+    ids = list(scenes)
+    objects = np.stack([object_row(s) for s in scenes.values()])
+    add = {"type": "add", "object": {"shape": "triangle", "color": "blue", "size": "large",
+                                     "pos": [1, 1]}}
+    result = ceilings(ids, objects, [{"ref_id": "ref", "target_ids": ["tgt"], "mod": add}],
+                      ks=(1, 2))
+    assert result["image oracle"]["all"]["R@1"] == pytest.approx(100.0)  # 1 object differs
+    assert result["text oracle"]["add"]["R@1"] == pytest.approx(50.0)  # tgt and other fit
+    assert result["text oracle"]["add"]["R@2"] == pytest.approx(100.0)
+    assert result["chance"]["all"]["R@1"] == pytest.approx(100 / 3)
