@@ -72,8 +72,10 @@ def trial_table(result_grid, space: dict[str, ParamSpec], *, metric: str, mode: 
 def sort_table(table: pd.DataFrame, metric: str, mode: str) -> pd.DataFrame:
     if table.empty:
         return table
-    ordered = table.sort_values(metric, ascending=mode == "min", na_position="last",
-                                kind="stable")
+    # trial id breaks ties, so the best row (and best.yaml) does not depend on the order
+    # in which Tune lists the trials
+    ordered = table.sort_values([metric, "trial_id"], ascending=[mode == "min", True],
+                                na_position="last", kind="stable")
     return ordered.reset_index(drop=True)
 
 
@@ -106,13 +108,15 @@ def best_config(base: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
 
     ``base`` is the search's config before per-trial paths; the run paths are cleared so
     ``train.py`` picks fresh ones, and ``demo`` is switched off because its settings are
-    already merged in (merging them again would undo the searched values).
+    already merged in (merging them again would undo the searched values), as is
+    ``fault_injection`` (a test of the search's fault tolerance, not a setting to keep).
     """
     config = apply_params(base, params)
     config = copy.deepcopy(config)
     config[SPACE_SECTION] = None
     config["demo"] = False
     config["demo_settings"] = {}
+    config["fault_injection"] = None
     config["name"] = f"{base['name']}_best"
     config["out"] = None
     config["train"]["run_name"] = None

@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cpus-per-trial", type=float, default=0.2,
                         help="CPU of a trial's driver process when it launches Train workers")
     parser.add_argument("--seed", type=int, default=0, help="seed of the search algorithm")
+    parser.add_argument("--address", help="Ray cluster to join (default RAY_ADDRESS, as set by "
+                        "ray job submit; without either a local Ray instance is started)")
+    parser.add_argument("--num-cpus", type=float, help="CPUs of a local Ray instance")
     return parser.parse_args(argv)
 
 
@@ -167,12 +171,12 @@ def make_scheduler(name: str, config: dict[str, Any], args: argparse.Namespace):
                          reduction_factor=args.reduction_factor)
 
 
-def make_searcher(name: str, metric: str, seed: int):
+def make_searcher(name: str, metric: str, seed: int, max_concurrent: int):
     """Random search (Tune's variant generator), or Optuna's TPE when it is installed."""
-    if name == "random":
+    if name == "random":  # a SearchAlgorithm, not a Searcher: it limits concurrency itself
         from ray.tune.search import BasicVariantGenerator
 
-        return BasicVariantGenerator(random_state=seed)
+        return BasicVariantGenerator(random_state=seed, max_concurrent=max_concurrent)
     try:
         from ray.tune.search.optuna import OptunaSearch
     except ImportError as err:
@@ -188,6 +192,37 @@ def make_searcher(name: str, metric: str, seed: int):
                 super().on_trial_result(trial_id, result)
 
     return EvaluatedResultsOptunaSearch(seed=seed)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def connect_ray(address: str | None, num_cpus: float | None, *, dashboard: bool) -> None:
+    """Join ``address`` / ``RAY_ADDRESS``, else start a local Ray instance.
+
+    A stopped trial's Train workers are released by Train V2's PlacementGroupCleaner,
+    which asks the dashboard's state API whether the trial's controller is alive. On a
+    cluster it finds the head's dashboard; a local start (``dashboard``) runs one and
+    gives every worker its address, since with several Ray instances on one machine the
+    cleaner cannot tell which is its own and the workers of stopped trials stay reserved.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+        return
+    if not dashboard:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+        return
+    port = free_port()
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_port=port,
+             runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
 
 
 def trial_dirname(trial) -> str:
@@ -224,8 +259,7 @@ def run_search(args: argparse.Namespace) -> dict[str, Any]:
     workers = int(args.workers_per_trial)
     if workers < 0:
         raise SearchSetupError(f"--workers-per-trial must be >= 0, got {workers}")
-    if not ray.is_initialized():
-        ray.init()  # RAY_ADDRESS / running cluster, else a local one
+    connect_ray(args.address, args.num_cpus, dashboard=workers > 0)
     gpu = use_gpu(config)
     config["train"]["use_gpu"] = gpu
     cluster = {r: float(v) for r, v in ray.cluster_resources().items()}
@@ -233,7 +267,7 @@ def run_search(args: argparse.Namespace) -> dict[str, Any]:
     max_concurrent = concurrency(args.max_concurrent, fitting_trials(cluster, need), need,
                                  cluster)
     scheduler = make_scheduler(args.scheduler, config, args)
-    searcher = make_searcher(args.search, metric, args.seed)
+    searcher = make_searcher(args.search, metric, args.seed, max_concurrent)
 
     out = Path(config["out"])
     out.mkdir(parents=True, exist_ok=True)
@@ -255,8 +289,13 @@ def run_search(args: argparse.Namespace) -> dict[str, Any]:
             param_space={key: spec.domain() for key, spec in space.items()},
             tune_config=ray_tune.TuneConfig(
                 metric=metric, mode=args.mode, scheduler=scheduler, search_alg=searcher,
-                num_samples=args.num_samples, max_concurrent_trials=max_concurrent,
-                trial_dirname_creator=trial_dirname),
+                num_samples=args.num_samples,
+                # the variant generator takes the limit itself (Tune ignores this for it)
+                max_concurrent_trials=None if args.search == "random" else max_concurrent,
+                trial_dirname_creator=trial_dirname,
+                # a finished or stopped trial's process takes the next trial: no new
+                # process importing torch per trial
+                reuse_actors=True),
             run_config=ray_tune.RunConfig(
                 name=EXPERIMENT_NAME, storage_path=str(out),
                 failure_config=ray_tune.FailureConfig(max_failures=0),

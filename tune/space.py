@@ -68,7 +68,7 @@ class ParamSpec:
             return list(self.values)
         if self.type == "randint":
             return [self.low, self.high - 1]
-        return [self.low, self.high]
+        return [float(self.low), float(self.high)]  # sampled as floats, even from int bounds
 
     def describe(self) -> str:
         if self.type in LIST_TYPES:
