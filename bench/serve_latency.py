@@ -250,8 +250,10 @@ def main(argv: list[str] | None = None) -> int:
         notes += why
     if not args.skip_network:
         with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
+            threads = torch.get_num_threads()
             art_dir = Path(args.artifacts) if args.artifacts else random_artifacts(
                 Path(tmp), args.model, args.dim, args.image_size)
+            torch.set_num_threads(threads)  # the export's parity check may change it
             found, why = bench_query_network(art_dir, device, args.backends, args.batches,
                                              args.seconds, args.min_reps, args.threads)
             rows += found

@@ -139,7 +139,10 @@ class QueryEngine:
                 image_format = probe.format
         except Image.DecompressionBombError as err:
             raise ImageTooLargeError(f"the image has too many pixels: {err}") from err
-        except (UnidentifiedImageError, OSError, ValueError) as err:
+        except UnidentifiedImageError as err:
+            raise InvalidImageError(f"the upload ({len(data)} bytes) is not an image in a known "
+                                    "format (JPEG, PNG, WebP, GIF, BMP, TIFF, ...)") from err
+        except (OSError, ValueError) as err:
             raise InvalidImageError(f"the upload ({len(data)} bytes) is not an image that can be "
                                     f"decoded: {err}") from err
         if width * height > self.max_image_pixels:
