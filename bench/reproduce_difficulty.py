@@ -83,9 +83,10 @@ def plan_dataset(config) -> tuple[list[str], np.ndarray, list[dict[str, Any]]]:
 
 
 def slots_matching(attrs: dict[str, Any]) -> np.ndarray:
-    """Boolean mask over slots of objects with these attributes (``pos`` optional)."""
-    return np.array([all(dict(zip((*ATTRS, "pos"), slot))[k] == (tuple(v) if k == "pos" else v)
-                         for k, v in attrs.items()) for slot in SLOTS])
+    """Indices of the slots of objects with these attributes (``pos`` optional)."""
+    want = {k: tuple(v) if k == "pos" else v for k, v in attrs.items()}
+    return np.array([i for i, slot in enumerate(SLOTS)
+                     if all(dict(zip((*ATTRS, "pos"), slot))[k] == v for k, v in want.items())])
 
 
 def text_consistent(mod: dict[str, Any], objects: np.ndarray) -> np.ndarray:
@@ -130,16 +131,20 @@ def ceilings(ids: list[str], objects: np.ndarray, queries: list[dict[str, Any]],
     (``ref_id``, ``target_ids``, ``mod``) on the gallery ``ids`` / ``objects`` (N, slots)."""
     position = {image_id: i for i, image_id in enumerate(ids)}
     sizes = objects.sum(axis=1)
+    objects = objects.astype(bool)
+    same_scene: dict[bytes, list[int]] = {}  # object set -> gallery rows (the hit rule)
+    for row, vector in enumerate(objects):
+        same_scene.setdefault(vector.tobytes(), []).append(row)
     sums: dict[str, dict[str, dict[int, float]]] = {}
     counts: dict[str, int] = {}
     for query in queries:
         ref = position[query["ref_id"]]
         hits = np.zeros(len(ids), dtype=bool)
-        for target in query["target_ids"]:  # a hit: any image with the target's object set
-            hits |= (objects == objects[position[target]]).all(axis=1)
+        for target in query["target_ids"]:
+            hits[same_scene[objects[position[target]].tobytes()]] = True
         keep = np.ones(len(ids), dtype=bool)
         keep[ref] = False  # the protocol excludes the reference
-        overlap = objects @ objects[ref]
+        overlap = objects[:, np.flatnonzero(objects[ref])].sum(axis=1)
         scores = {
             "chance": np.zeros(len(ids)),
             "image oracle": -(sizes + sizes[ref] - 2 * overlap),
