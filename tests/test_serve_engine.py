@@ -175,3 +175,40 @@ def test_unfinished_or_mismatched_index_is_refused(art_dir, tmp_path):
     (index / "index.json").write_text(json.dumps({**info, "checkpoint_sha256": "0" * 64}))
     with pytest.raises(GalleryIndexError, match="rebuild the index"):
         QueryEngine(art_dir, device="cpu", index_dir=index)
+
+
+def test_ccnet_reranks_like_the_evaluation(tmp_path_factory):
+    """CCNet: the engine's re-rank over gathered candidates equals evaluation's
+    rerank_with_correction over the whole stored gallery, on both backends."""
+    from pipeline.evaluate import composition_logit_scale, rerank_with_correction
+
+    art_dir = serving_artifacts(tmp_path_factory.getbasetemp(), "ccnet")[0]
+    torch_engine = QueryEngine(art_dir, backend="torch", device="cpu", rerank_top=10)
+    ort_engine = QueryEngine(art_dir, backend="onnxruntime", device="cpu", rerank_top=10,
+                             backend_options={"threads": 1})
+    assert torch_engine.has_correction and torch_engine.rerank_top == 10
+    model = torch_engine.backend.model
+    names = torch_engine.arts["image_repr_names"]
+    gallery_repr = tuple(torch.from_numpy(np.asarray(torch_engine.index.reprs[n], np.float32))
+                         for n in names)
+    targets = torch.from_numpy(np.asarray(torch_engine.index.embeddings, np.float32))
+    ref_rows = [2, 13, 31]
+    texts = ["make it color1", "add shape3", "turn it color4"]
+    tokens, lengths = torch_engine.vocab.encode(texts)
+    with torch.inference_mode():
+        ref_repr = tuple(r[ref_rows] for r in gallery_repr)
+        text_repr = model.encode_text(tokens, lengths)
+        scores = model.compose(ref_repr, text_repr) @ targets.T
+        scores[torch.arange(3), torch.tensor(ref_rows)] = -torch.inf  # reference excluded
+        top_scores, top_rows = torch.topk(scores, 10, dim=1)
+    want_rows, want_scores = rerank_with_correction(
+        model, ref_repr=ref_repr, text_repr=text_repr, gallery_repr=gallery_repr,
+        candidates=top_rows, candidate_scores=top_scores, logit_scale=composition_logit_scale(model))
+    queries = [Query(t, ref_id=torch_engine.index.ids[r]) for t, r in zip(texts, ref_rows)]
+    for engine in (torch_engine, ort_engine):
+        hits = engine.search(queries, k=6).hits
+        for b in range(3):
+            assert [h.id for h in hits[b]] == [engine.index.ids[r] for r in want_rows[b, :6]]
+            np.testing.assert_allclose([h.score for h in hits[b]], want_scores[b, :6].numpy(),
+                                       atol=1e-4)
+        engine.close()
