@@ -104,6 +104,14 @@ def test_default_space_without_tirg_weights():
     assert set(default_space(config)) == {"optim.lr", "optim.weight_decay"}
 
 
+def test_default_space_of_ccnet_is_lr_hidden_size_dropout():
+    config = load_config("configs/fashioniq_ccnet.yaml")
+    space = search_space(config)
+    assert set(space) == {"optim.lr", "model.embed_dim", "model.dropout"}
+    assert space["model.embed_dim"].values == (512, 1024, 2048)
+    assert space["optim.lr"].low == pytest.approx(1e-5)
+
+
 def test_apply_params_sets_nested_keys_as_plain_values():
     import numpy as np
 
@@ -161,13 +169,15 @@ def test_trial_rows_status_and_last_evaluated_metric():
     assert trial_row("c", {"optim.lr": 1.0}, None, RuntimeError("x"), **kw)["status"] == "error"
     assert trial_row("d", {"optim.lr": 1.0}, history([2], [5.0], False), None,
                      **kw)["status"] == "unfinished"
-    table = sort_table(pd.DataFrame([done, stopped, trial_row("c", {"optim.lr": 1.0}, None,
-                                                             RuntimeError("x"), **kw)]),
-                       "R@1", "max")
-    assert list(table["trial_id"]) == ["b", "a", "c"]
-    assert best_params(table, {"optim.lr": None}, "R@1") == {"optim.lr": 9.0}
+    stopped_lower = trial_row("e", {"optim.lr": 5.0}, history([2, 3], [25.0, math.nan], True),
+                              None, **kw)
+    errored = trial_row("c", {"optim.lr": 1.0}, None, RuntimeError("x"), **kw)
+    table = sort_table(pd.DataFrame([stopped_lower, done, stopped, errored]), "R@1", "max")
+    # the trial ASHA let finish ranks above higher values that stopped trials had earlier
+    assert list(table["trial_id"]) == ["a", "b", "e", "c"]
+    assert best_params(table, {"optim.lr": None}, "R@1") == {"optim.lr": 0.1}
     lines = markdown_table(table).splitlines()
-    assert lines[0].startswith("| trial_id | optim.lr | R@1 |") and len(lines) == 5
+    assert lines[0].startswith("| trial_id | optim.lr | R@1 |") and len(lines) == 6
 
 
 def test_best_config_loads_back_with_the_searched_values(tmp_path):

@@ -5,7 +5,9 @@ searched values, the metric at the trial's last evaluation (reports between
 evaluations carry only ``step``/``loss``), the best value it reached, the last step,
 the number of reports (Tune's ``training_iteration``) and a status: ``completed``
 (reached ``train.steps``), ``stopped`` (the scheduler stopped it early), ``error`` or
-``unfinished`` (an interrupted search; ``--resume`` continues it).
+``unfinished`` (an interrupted search; ``--resume`` continues it). Rows are ordered
+best first: the trials that trained furthest, then by the metric at their last
+evaluation; the first row with a metric gives ``best.yaml``.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ def trial_row(trial_id: str, params: dict[str, Any], history: pd.DataFrame | Non
 
 def trial_table(result_grid, space: dict[str, ParamSpec], *, metric: str, mode: str,
                 max_steps: int) -> pd.DataFrame:
-    """One row per trial of a ``ray.tune.ResultGrid``, best first (NaN metrics last)."""
+    """One row per trial of a ``ray.tune.ResultGrid``, best first (``sort_table``)."""
     rows = []
     for result in result_grid:
         config = result.config or {}
@@ -70,11 +72,15 @@ def trial_table(result_grid, space: dict[str, ParamSpec], *, metric: str, mode: 
 
 
 def sort_table(table: pd.DataFrame, metric: str, mode: str) -> pd.DataFrame:
+    """Best first: furthest step, then the metric at the last evaluation (NaN last)."""
     if table.empty:
         return table
-    # trial id breaks ties, so the best row (and best.yaml) does not depend on the order
-    # in which Tune lists the trials
-    ordered = table.sort_values([metric, "trial_id"], ascending=[mode == "min", True],
+    # Trials that trained furthest come first: ASHA let them continue because they beat
+    # the others at the rungs both reached, so a value a stopped trial had at an early step
+    # does not outrank them. The trial id breaks ties, so the best row (and best.yaml)
+    # does not depend on the order in which Tune lists the trials.
+    ordered = table.sort_values(["step", metric, "trial_id"],
+                                ascending=[False, mode == "min", True],
                                 na_position="last", kind="stable")
     return ordered.reset_index(drop=True)
 
@@ -133,10 +139,14 @@ def plot_search(table: pd.DataFrame, space: dict[str, ParamSpec], metric: str,
     import matplotlib.pyplot as plt
 
     keys = list(space)
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.2), squeeze=False)
+    cols = min(3, len(keys))
+    rows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.0 * cols, 3.2 * rows), squeeze=False)
+    for ax in axes.flat[len(keys):]:
+        ax.set_visible(False)
     markers = {"completed": ("o", "tab:blue"), "stopped": ("x", "tab:red"),
                "error": ("s", "black"), "unfinished": ("^", "tab:gray")}
-    for ax, key in zip(axes[0], keys):
+    for ax, key in zip(axes.flat, keys):
         spec = space[key]
         categorical = spec.type in ("choice", "grid")
         if categorical:
@@ -152,7 +162,7 @@ def plot_search(table: pd.DataFrame, space: dict[str, ParamSpec], metric: str,
         if spec.type == "loguniform":
             ax.set_xscale("log")
         ax.set_xlabel(key)
-        ax.set_ylabel(metric)
+        ax.set_ylabel(f"{metric} (last evaluation)")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize="small")
     fig.tight_layout()

@@ -14,8 +14,9 @@ A key must name a key of the resolved run config, a keyword argument of the conf
 model's constructor (``model.*``) or of the loss (``loss.*``). When the section is
 absent the model's default space is searched (``default_space``): for the TIRG family
 the initial gate/residual weights ``w_g``/``w_r`` (log-uniform around the code's 1 and
-10), whether they are learned, lr and weight decay; for CCNet lr, hidden size and
-dropout; for other models lr and weight decay.
+10), whether they are learned, lr and weight decay; for CCNet lr, hidden size (its
+expert dimension ``model.embed_dim``: half, same, double) and dropout; for other models
+lr and weight decay. The lr range is a decade either side of the config's lr.
 """
 
 from __future__ import annotations
@@ -195,10 +196,10 @@ def default_space(config: dict[str, Any]) -> dict[str, ParamSpec]:
         space["model.w_r_init"] = ParamSpec("model.w_r_init", "loguniform", low=1.0, high=100.0)
         space["model.learn_weights"] = ParamSpec("model.learn_weights", "choice",
                                                  values=(True, False))
-    hidden = next((k for k in ("hidden_dim", "hidden_size") if k in accepted), None)
-    if hidden is not None and "dropout" in accepted:  # CCNet
-        size = int(config["model"].get(hidden) or 512)
-        space[f"model.{hidden}"] = ParamSpec(f"model.{hidden}", "choice",
+    if model == "ccnet":
+        # CCNet's hidden size is its expert dimension D (model.embed_dim; the query is 7 D)
+        size = int(config["model"]["embed_dim"])
+        space["model.embed_dim"] = ParamSpec("model.embed_dim", "choice",
                                              values=(size // 2, size, size * 2))
         space["model.dropout"] = ParamSpec("model.dropout", "uniform", low=0.0, high=0.5)
     else:
