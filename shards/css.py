@@ -255,7 +255,12 @@ def plan_split(split: str, config: CssConfig) -> list[SourcePlan]:
     quota["change"] = config.mods_per_scene - quota["add"] - quota["remove"]
     plans: list[SourcePlan] = []
     seen_sources: set[Scene] = set()
+    attempts = 0
     while len(plans) < n_scenes:
+        attempts += 1
+        if attempts > 100 * n_scenes + 1000:
+            raise ValueError(f"{split}: found only {len(plans)} of {n_scenes} source scenes with "
+                             f"an applicable modification; raise mod_pool ({config.mod_pool})")
         scene = sample_scene(rng, split)
         if scene in seen_sources:
             continue
@@ -279,6 +284,8 @@ def plan_split(split: str, config: CssConfig) -> list[SourcePlan]:
             leftovers += ranked
         if deficit:
             _take(plan, sorted(leftovers), deficit, split)
+        if not plan.mods:
+            continue  # a group without pairs teaches nothing
         usage.update(plan.mods)
         plans.append(plan)
     return plans
@@ -360,8 +367,10 @@ def generate_css(out_dir: str | Path, config: CssConfig, *, workers: int | None 
     The bytes of every shard and of ``queries.json`` depend on ``config`` only, not on
     ``workers`` (images are rendered in order, each with its own jitter seed).
     """
-    if config.mods_per_scene < 1 or config.train_scenes < 1 or config.test_scenes < 1:
-        raise ValueError(f"scene and modification counts must be >= 1, got {config}")
+    if min(config.mods_per_scene, config.train_scenes, config.test_scenes, config.mod_pool) < 1:
+        raise ValueError(f"scene, modification and pool counts must be >= 1, got {config}")
+    if config.image_size < 8:
+        raise ValueError(f"image_size must be >= 8 pixels, got {config.image_size}")
     if Path(out_dir).exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists; pass --overwrite to replace it")
     start = time.perf_counter()

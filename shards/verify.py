@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import re
 import sys
 import tarfile
 from collections import Counter
@@ -77,7 +78,7 @@ def _check_files(root: Path, manifest: dict[str, Any]) -> list[str]:
     listed_bytes = 0
     for split, info in manifest["splits"].items():
         listed = set(info["shards"])
-        present = {p.name for p in root.glob(f"{split}-*.tar")}
+        present = {p.name for p in root.glob("*.tar") if _shard_of(split, p.name)}
         for name in sorted(listed - present):
             problems.append(f"split {split!r}: shard {name} is listed but missing")
         for name in sorted(present - listed):
@@ -86,7 +87,7 @@ def _check_files(root: Path, manifest: dict[str, Any]) -> list[str]:
     other = {p.name for p in root.glob("*.tar")} - {
         n for info in manifest["splits"].values() for n in info["shards"]}
     for name in sorted(other):
-        if not any(name.startswith(f"{split}-") for split in manifest["splits"]):
+        if not any(_shard_of(split, name) for split in manifest["splits"]):
             problems.append(f"shard {name} belongs to no split of the manifest")
     for name, ev in manifest["evals"].items():
         path = root / ev["queries"]
@@ -98,6 +99,12 @@ def _check_files(root: Path, manifest: dict[str, Any]) -> list[str]:
         problems.append(f"manifest says {manifest['bytes']} bytes of shards and queries, "
                         f"the files hold {listed_bytes}")
     return problems
+
+
+def _shard_of(split: str, name: str) -> bool:
+    """Whether ``name`` is named like a shard of ``split`` (``val-000000.tar`` is one of
+    ``val``, ``val-gallery-000000.tar`` is not)."""
+    return re.fullmatch(rf"{re.escape(split)}-\d+\.tar", name) is not None
 
 
 def _read_split(root: Path, split: str, info: dict[str, Any], need_label: bool,
