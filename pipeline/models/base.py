@@ -15,9 +15,12 @@ Shapes: B batch, T text length, D embedding size.
 * ``forward(ref_images, tokens, lengths, target_images) -> dict`` with ``query``
   (B, D), ``target`` (B, D) and, for models with a correction network,
   ``correction_logits`` (B, B): entry [i, j] scores candidate j for query i
-  (the diagonal holds the true targets).
+  (the diagonal holds the true targets). Models also return ``loss_scale`` (a scalar
+  parameter: the learned scale s of ``pipeline.losses``, logits ``s^2 * cos``).
 
-Scores are dot products of unit vectors; the loss owns the temperature.
+Scores are dot products of unit vectors; the loss owns the temperature (kept in the model
+as ``loss_scale`` so optimisers and checkpoints see it). ``text_repr_names`` may be empty
+(``image_only`` reads no text; ``encode_text`` then returns ``()``).
 """
 
 from __future__ import annotations
