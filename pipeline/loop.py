@@ -98,6 +98,8 @@ def build_model(config: dict[str, Any], vocab: Vocabulary) -> nn.Module:
     from pipeline.models import create_model
 
     kwargs = {k: v for k, v in config["model"].items() if k != "name"}
+    if kwargs.get("word_vectors_path"):  # CCNet: pretrained vectors are looked up by word
+        kwargs["vocab_words"] = list(vocab.words)
     return create_model(config["model"]["name"], vocab_size=len(vocab), **kwargs)
 
 

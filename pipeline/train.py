@@ -70,12 +70,23 @@ def use_gpu(config: dict[str, Any]) -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
+def configure_logging() -> None:
+    """Progress lines of ``pipeline.*`` (step, loss, samples/s, lr) at INFO on stderr."""
+    logger = logging.getLogger("pipeline")
+    logger.setLevel(logging.INFO)
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
 def ray_worker(loop_config: dict[str, Any]) -> None:
     """Body of each Ray Train worker: the one training loop with a Ray context."""
     from pipeline.distributed import RayContext
     from pipeline.loop import train_loop
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    configure_logging()
     train_loop(loop_config["config"], context=RayContext(), vocab=loop_config["vocab"])
 
 
@@ -165,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_flags(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    configure_logging()
     try:
         config = config_from_args(args)
     except ConfigError as err:

@@ -111,3 +111,21 @@ def test_shipped_configs_load(path):
     config = load_config(path)
     assert config["model"]["name"] and config["loss"]["name"]
     load_config(path, ["demo=true"])
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_build_their_model(path):
+    from pipeline.loop import build_model
+    from pipeline.vocab import Vocabulary
+
+    config = load_config(path, ["model.embed_dim=16", "model.image_backbone=resnet18",
+                                "model.pretrained_path=null"])
+    model = build_model(config, Vocabulary(["red", "blue"]))
+    assert model.model_name == config["model"]["name"]
+
+
+def test_every_registered_model_has_a_css_config():
+    from pipeline.models import list_models
+
+    missing = [m for m in list_models() if not (CONFIG_DIR / f"css_{m}.yaml").is_file()]
+    assert not missing, f"add configs/css_<model>.yaml for {missing}"
