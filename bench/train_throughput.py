@@ -78,8 +78,16 @@ class GpuSampler(threading.Thread):
         except Exception:  # no pynvml: ask nvidia-smi
             try:
                 out = subprocess.run(
-                    ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
-                     f"--id={self.device.index or 0}"], capture_output=True, text=True, timeout=5)
+                    [
+                        "nvidia-smi",
+                        "--query-gpu=utilization.gpu",
+                        "--format=csv,noheader,nounits",
+                        f"--id={self.device.index or 0}",
+                    ],
+                    capture_output=True,
+                    text=True,
+                    timeout=5,
+                )
                 return float(out.stdout.strip().splitlines()[0])
             except (OSError, ValueError, IndexError, subprocess.SubprocessError):
                 return None
@@ -98,8 +106,9 @@ def synthetic_vocab(size: int = 1000) -> Vocabulary:
     return Vocabulary(f"w{i}" for i in range(size - 2))
 
 
-def synthetic_batches(config: dict[str, Any], vocab: Vocabulary, device: torch.device,
-                      pool: int = 4):
+def synthetic_batches(
+    config: dict[str, Any], vocab: Vocabulary, device: torch.device, pool: int = 4
+):
     """A source of ``pool`` fixed random batches on the device, cycled (no input cost)."""
     train, size = config["train"], config["image"]["size"]
     b, t = train["batch_size"], min(int(train["max_text_len"]), 12)
@@ -109,10 +118,14 @@ def synthetic_batches(config: dict[str, Any], vocab: Vocabulary, device: torch.d
         lengths = torch.randint(3, t + 1, (b,), generator=generator)
         tokens = torch.randint(2, len(vocab), (b, t), generator=generator)
         tokens[torch.arange(t)[None, :] >= lengths[:, None]] = 0
-        batches.append({
-            "ref_images": torch.randn(b, 3, size, size, generator=generator).to(device),
-            "target_images": torch.randn(b, 3, size, size, generator=generator).to(device),
-            "tokens": tokens.to(device), "lengths": lengths.to(device)})
+        batches.append(
+            {
+                "ref_images": torch.randn(b, 3, size, size, generator=generator).to(device),
+                "target_images": torch.randn(b, 3, size, size, generator=generator).to(device),
+                "tokens": tokens.to(device),
+                "lengths": lengths.to(device),
+            }
+        )
 
     def epoch_batches(epoch: int):
         for i in range(train["batches_per_epoch"]):
@@ -123,9 +136,14 @@ def synthetic_batches(config: dict[str, Any], vocab: Vocabulary, device: torch.d
 
 def bench_config(args: argparse.Namespace, mode: str, scratch: Path) -> dict[str, Any]:
     overrides = list(args.overrides) + [
-        f"train.steps={args.steps}", "train.workers=0", "train.eval_every=0",
-        "train.checkpoint_every=0", "eval.at_end=false", f"out={scratch / mode}",
-        f"train.log_every={max(args.steps // 5, 1)}"]
+        f"train.steps={args.steps}",
+        "train.workers=0",
+        "train.eval_every=0",
+        "train.checkpoint_every=0",
+        "eval.at_end=false",
+        f"out={scratch / mode}",
+        f"train.log_every={max(args.steps // 5, 1)}",
+    ]
     if args.batch_size:
         overrides.append(f"train.batch_size={args.batch_size}")
     if args.data:
@@ -151,7 +169,8 @@ def run_mode(args: argparse.Namespace, mode: str, scratch: Path) -> dict[str, An
 
         vocab = build_vocabulary(config["data"])
         per_epoch = config["train"]["batches_per_epoch"] or default_batches_per_epoch(
-            config["data"], config["train"]["batch_size"], 1)
+            config["data"], config["train"]["batch_size"], 1
+        )
         source = shard_batches(config, vocab, context, per_epoch)
 
     def timed(epoch: int):
@@ -176,11 +195,17 @@ def run_mode(args: argparse.Namespace, mode: str, scratch: Path) -> dict[str, An
         sampler.stop.set()
         sampler.join()
     batch = config["train"]["batch_size"]
-    result = {"mode": mode, "steps": args.steps, "batch_size": batch,
-              "image_size": config["image"]["size"], "model": config["model"]["name"],
-              "backbone": config["model"].get("image_backbone"), "wall_s": round(wall, 2),
-              "samples_per_s": round(clock.samples_per_s(args.warmup, batch), 2),
-              "step_ms": round(1000 * batch / clock.samples_per_s(args.warmup, batch), 1)}
+    result = {
+        "mode": mode,
+        "steps": args.steps,
+        "batch_size": batch,
+        "image_size": config["image"]["size"],
+        "model": config["model"]["name"],
+        "backbone": config["model"].get("image_backbone"),
+        "wall_s": round(wall, 2),
+        "samples_per_s": round(clock.samples_per_s(args.warmup, batch), 2),
+        "step_ms": round(1000 * batch / clock.samples_per_s(args.warmup, batch), 1),
+    }
     if sampler:
         result["gpu_util_mean_pct"] = sampler.mean()
         result["gpu_peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
@@ -188,9 +213,13 @@ def run_mode(args: argparse.Namespace, mode: str, scratch: Path) -> dict[str, An
 
 
 def environment() -> dict[str, Any]:
-    info = {"torch": torch.__version__, "python": platform.python_version(),
-            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-            "cuda": torch.cuda.is_available()}
+    info = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
@@ -205,8 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=5, help="steps left out of the timing")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--threads", type=int, help="torch.set_num_threads")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", default="results/train_throughput.json")
     args = parser.parse_args(argv)
     if args.warmup >= args.steps:
@@ -221,15 +249,23 @@ def main(argv: list[str] | None = None) -> int:
         results = [run_mode(args, mode, scratch) for mode in args.modes]
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    report = {"config": args.config, "overrides": args.overrides, "environment": environment(),
-              "results": results}
-    print(f"{'mode':<10} {'model':<14} {'batch':>5} {'size':>5} {'samples/s':>10} "
-          f"{'ms/step':>8} {'GPU util':>8}")
+    report = {
+        "config": args.config,
+        "overrides": args.overrides,
+        "environment": environment(),
+        "results": results,
+    }
+    print(
+        f"{'mode':<10} {'model':<14} {'batch':>5} {'size':>5} {'samples/s':>10} "
+        f"{'ms/step':>8} {'GPU util':>8}"
+    )
     for r in results:
         util = r.get("gpu_util_mean_pct")
-        print(f"{r['mode']:<10} {r['model']:<14} {r['batch_size']:>5} {r['image_size']:>5} "
-              f"{r['samples_per_s']:>10.1f} {r['step_ms']:>8.1f} "
-              f"{'-' if util is None else f'{util:.0f}%':>8}")
+        print(
+            f"{r['mode']:<10} {r['model']:<14} {r['batch_size']:>5} {r['image_size']:>5} "
+            f"{r['samples_per_s']:>10.1f} {r['step_ms']:>8.1f} "
+            f"{'-' if util is None else f'{util:.0f}%':>8}"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))

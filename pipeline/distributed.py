@@ -76,8 +76,9 @@ class RunContext:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             # static_graph: baselines leave some parameters unused (e.g. image_only's text
             # encoder); DDP then needs to know the used set does not change between steps.
-            return nn.parallel.DistributedDataParallel(model, device_ids=device_ids,
-                                                       static_graph=True)
+            return nn.parallel.DistributedDataParallel(
+                model, device_ids=device_ids, static_graph=True
+            )
         return model
 
     def mean_over_ranks(self, value: float) -> float:
@@ -92,8 +93,14 @@ class RunContext:
 class LocalContext(RunContext):
     """One process, checkpoints kept under ``<storage_path>/<run_name>`` (a local path)."""
 
-    def __init__(self, storage_path: str | Path, run_name: str, *, use_gpu: str | bool = "auto",
-                 num_to_keep: int = 2):
+    def __init__(
+        self,
+        storage_path: str | Path,
+        run_name: str,
+        *,
+        use_gpu: str | bool = "auto",
+        num_to_keep: int = 2,
+    ):
         if "://" in str(storage_path):
             raise ValueError(
                 f"the in-process loop (--workers 0) keeps checkpoints on local disk; "
@@ -109,8 +116,9 @@ class LocalContext(RunContext):
         """Finished checkpoint directories of this run, oldest first."""
         if not self.run_dir.is_dir():
             return []
-        found = [p for p in self.run_dir.glob(f"{CHECKPOINT_PREFIX}*")
-                 if (p / CHECKPOINT_FILE).is_file()]
+        found = [
+            p for p in self.run_dir.glob(f"{CHECKPOINT_PREFIX}*") if (p / CHECKPOINT_FILE).is_file()
+        ]
         return sorted(found, key=lambda p: p.name)
 
     @contextmanager
@@ -160,8 +168,11 @@ class RayContext(RunContext):
             self._train.report(metrics)
             return
         checkpoint = self._train.Checkpoint.from_directory(str(checkpoint_dir))
-        self._train.report(metrics, checkpoint=checkpoint,
-                           checkpoint_dir_name=checkpoint_dir_name(int(metrics["step"])))
+        self._train.report(
+            metrics,
+            checkpoint=checkpoint,
+            checkpoint_dir_name=checkpoint_dir_name(int(metrics["step"])),
+        )
 
 
 @contextmanager

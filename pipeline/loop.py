@@ -40,8 +40,12 @@ BatchSource = Callable[[int], Iterable[dict[str, Any]]]
 def local_context(config: dict[str, Any]) -> LocalContext:
     """The in-process context for a resolved config (``pipeline.config.resolve_run_paths``)."""
     train = config["train"]
-    return LocalContext(train["storage_path"], train["run_name"], use_gpu=train["use_gpu"],
-                        num_to_keep=train["num_to_keep"])
+    return LocalContext(
+        train["storage_path"],
+        train["run_name"],
+        use_gpu=train["use_gpu"],
+        num_to_keep=train["num_to_keep"],
+    )
 
 
 def is_backbone_parameter(name: str) -> bool:
@@ -62,8 +66,9 @@ def build_optimizer(model: nn.Module, optim: dict[str, Any]) -> torch.optim.Opti
         groups.append({"params": trunk, "lr": lr * float(optim["backbone_lr_mult"])})
     weight_decay = float(optim["weight_decay"])
     if optim["name"] == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=float(optim["momentum"]),
-                               weight_decay=weight_decay)
+        return torch.optim.SGD(
+            groups, lr=lr, momentum=float(optim["momentum"]), weight_decay=weight_decay
+        )
     betas = tuple(float(b) for b in optim["betas"])
     cls = torch.optim.AdamW if optim["name"] == "adamw" else torch.optim.Adam
     return cls(groups, lr=lr, betas=betas, weight_decay=weight_decay)
@@ -86,12 +91,14 @@ def lr_factor(step: int, optim: dict[str, Any], decay_steps: int) -> float:
     return factor
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, optim: dict[str, Any],
-                    batches_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, optim: dict[str, Any], batches_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     decay = optim["decay_steps"]
     decay_steps = batches_per_epoch if decay == "epoch" else int(decay)
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, optim, decay_steps))
+        optimizer, lambda step: lr_factor(step, optim, decay_steps)
+    )
 
 
 def build_model(config: dict[str, Any], vocab: Vocabulary) -> nn.Module:
@@ -155,8 +162,9 @@ class TrainState:
         return self.samples / max(time.perf_counter() - self.start, 1e-9)
 
 
-def evaluate(model: nn.Module, vocab: Vocabulary, config: dict[str, Any],
-             device: torch.device) -> dict[str, float]:
+def evaluate(
+    model: nn.Module, vocab: Vocabulary, config: dict[str, Any], device: torch.device
+) -> dict[str, float]:
     """The dataset's evaluation protocol (rank 0 only); the model is back in train mode after."""
     from pipeline.evaluate import evaluate_model
 
@@ -165,16 +173,26 @@ def evaluate(model: nn.Module, vocab: Vocabulary, config: dict[str, Any],
     model.eval()
     try:
         metrics = evaluate_model(
-            model, vocab, config["data"], eval_name=ev["eval_set"], image_size=image["size"],
-            mean=image["mean"], std=image["std"], batch_size=ev["batch_size"], device=device,
-            rerank_top=ev["rerank_top"], grid_png=ev["grid_png"])
+            model,
+            vocab,
+            config["data"],
+            eval_name=ev["eval_set"],
+            image_size=image["size"],
+            mean=image["mean"],
+            std=image["std"],
+            batch_size=ev["batch_size"],
+            device=device,
+            rerank_top=ev["rerank_top"],
+            grid_png=ev["grid_png"],
+        )
     finally:
         model.train(was_training)
     return {k: float(v) if isinstance(v, (int, float)) else v for k, v in metrics.items()}
 
 
-def shard_batches(config: dict[str, Any], vocab: Vocabulary, context: RunContext,
-                  batches_per_epoch: int) -> BatchSource:
+def shard_batches(
+    config: dict[str, Any], vocab: Vocabulary, context: RunContext, batches_per_epoch: int
+) -> BatchSource:
     """This rank's training batches of one epoch, streamed from the shards."""
     from pipeline.data import triplet_loader
 
@@ -182,19 +200,34 @@ def shard_batches(config: dict[str, Any], vocab: Vocabulary, context: RunContext
 
     def epoch_batches(epoch: int) -> Iterable[dict[str, Any]]:
         return triplet_loader(
-            config["data"], vocab, batch_size=train["batch_size"], image_size=image["size"],
-            rank=context.rank, world_size=context.world_size, seed=int(train["seed"]),
-            epoch=epoch, loader_workers=train["loader_workers"],
-            shuffle_buffer=train["shuffle_buffer"], batches_per_epoch=batches_per_epoch,
-            mean=image["mean"], std=image["std"], augment=image["augment"],
-            device=context.device, max_text_len=train["max_text_len"])
+            config["data"],
+            vocab,
+            batch_size=train["batch_size"],
+            image_size=image["size"],
+            rank=context.rank,
+            world_size=context.world_size,
+            seed=int(train["seed"]),
+            epoch=epoch,
+            loader_workers=train["loader_workers"],
+            shuffle_buffer=train["shuffle_buffer"],
+            batches_per_epoch=batches_per_epoch,
+            mean=image["mean"],
+            std=image["std"],
+            augment=image["augment"],
+            device=context.device,
+            max_text_len=train["max_text_len"],
+        )
 
     return epoch_batches
 
 
-def train_loop(config: dict[str, Any], *, context: RunContext | None = None,
-               vocab: Vocabulary | dict | None = None,
-               batch_source: BatchSource | None = None) -> dict[str, Any]:
+def train_loop(
+    config: dict[str, Any],
+    *,
+    context: RunContext | None = None,
+    vocab: Vocabulary | dict | None = None,
+    batch_source: BatchSource | None = None,
+) -> dict[str, Any]:
     """Train ``config`` (resolved: ``pipeline.config.resolve_run_paths``) to
     ``train.steps`` steps; returns the last reported metrics (``step``, ``loss``, R@K).
 
@@ -224,7 +257,8 @@ def train_loop(config: dict[str, Any], *, context: RunContext | None = None,
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, optim)
     batches_per_epoch = train["batches_per_epoch"] or default_batches_per_epoch(
-        config["data"], train["batch_size"], world)
+        config["data"], train["batch_size"], world
+    )
     scheduler = build_scheduler(optimizer, optim, batches_per_epoch)
     batch_source = batch_source or shard_batches(config, vocab, context, batches_per_epoch)
 
@@ -244,7 +278,7 @@ def train_loop(config: dict[str, Any], *, context: RunContext | None = None,
     ddp_model = context.wrap_model(model)
     model.train()
     use_amp = bool(train["amp"]) and device.type == "cuda"
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext())
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext()
     writer = tensorboard_writer(config) if context.is_main else None
     loss_cfg = {k: v for k, v in config["loss"].items() if k != "name"}
     log_every, eval_every = int(train["log_every"]), int(train["eval_every"])
@@ -284,8 +318,14 @@ def train_loop(config: dict[str, Any], *, context: RunContext | None = None,
             since_report.add(value, ref.shape[0])
             lr = optimizer.param_groups[0]["lr"]
             if context.is_main and log_every and (step % log_every == 0 or step == total):
-                log.info("step %d/%d  loss %.4f  %.1f samples/s/worker  lr %.3g",
-                         step, total, interval.loss, interval.samples_per_s, lr)
+                log.info(
+                    "step %d/%d  loss %.4f  %.1f samples/s/worker  lr %.3g",
+                    step,
+                    total,
+                    interval.loss,
+                    interval.samples_per_s,
+                    lr,
+                )
                 writer.add_scalar("train/loss", interval.loss, step)
                 writer.add_scalar("train/samples_per_s", interval.samples_per_s * world, step)
                 writer.add_scalar("train/lr", lr, step)
@@ -297,9 +337,13 @@ def train_loop(config: dict[str, Any], *, context: RunContext | None = None,
             do_eval = (last and config["eval"]["at_end"]) or (eval_every and step % eval_every == 0)
             do_checkpoint = last or (checkpoint_every and step % checkpoint_every == 0)
             if do_eval or do_checkpoint:
-                metrics = {"step": step, "epoch": epoch, "lr": lr,
-                           "loss": context.mean_over_ranks(since_report.loss),
-                           "samples_per_s": since_report.samples_per_s * world}
+                metrics = {
+                    "step": step,
+                    "epoch": epoch,
+                    "lr": lr,
+                    "loss": context.mean_over_ranks(since_report.loss),
+                    "samples_per_s": since_report.samples_per_s * world,
+                }
                 since_report.reset()
                 if do_eval and context.is_main:
                     recalls = evaluate(model, vocab, config, device)
@@ -307,26 +351,53 @@ def train_loop(config: dict[str, Any], *, context: RunContext | None = None,
                     for key, val in recalls.items():
                         if isinstance(val, float):
                             writer.add_scalar(f"eval/{key}", val, step)
-                report(context, metrics, model, vocab, config, optimizer, scheduler,
-                       with_checkpoint=do_checkpoint)
+                report(
+                    context,
+                    metrics,
+                    model,
+                    vocab,
+                    config,
+                    optimizer,
+                    scheduler,
+                    with_checkpoint=do_checkpoint,
+                )
                 since_report.start = time.perf_counter()  # evaluation is not training time
         if step < total and yielded < batches_per_epoch:
-            raise RuntimeError(f"epoch {epoch} yielded {yielded} batches on rank {rank}, "
-                               f"expected {batches_per_epoch} (every rank must get as many)")
+            raise RuntimeError(
+                f"epoch {epoch} yielded {yielded} batches on rank {rank}, "
+                f"expected {batches_per_epoch} (every rank must get as many)"
+            )
     if writer is not None:
         writer.close()
     return metrics
 
 
-def report(context: RunContext, metrics: dict[str, Any], model: nn.Module, vocab: Vocabulary,
-           config: dict[str, Any], optimizer, scheduler, *, with_checkpoint: bool) -> None:
+def report(
+    context: RunContext,
+    metrics: dict[str, Any],
+    model: nn.Module,
+    vocab: Vocabulary,
+    config: dict[str, Any],
+    optimizer,
+    scheduler,
+    *,
+    with_checkpoint: bool,
+) -> None:
     """Report on every rank; rank 0 attaches a checkpoint when one is due."""
     if not (with_checkpoint and context.is_main):
         context.report(metrics)
         return
     with scratch_dir() as directory:
-        save_checkpoint(directory, model, vocab, config, optimizer=optimizer, scheduler=scheduler,
-                        step=int(metrics["step"]), metrics=metrics)
+        save_checkpoint(
+            directory,
+            model,
+            vocab,
+            config,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            step=int(metrics["step"]),
+            metrics=metrics,
+        )
         context.report(metrics, checkpoint_dir=directory)
 
 

@@ -38,13 +38,22 @@ log = logging.getLogger("pipeline.train")
 def add_common_flags(parser: argparse.ArgumentParser) -> None:
     """Flags shared by every entry point that runs the training loop."""
     parser.add_argument("--config", required=True, help="YAML run config (configs/*.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE", help="override a config key, e.g. optim.lr=0.1")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. optim.lr=0.1",
+    )
     parser.add_argument("--data", help="shard dataset directory (sets 'data')")
     parser.add_argument("--model", help="model name from the registry (sets model.name)")
     parser.add_argument("--steps", type=int, help="training steps (sets train.steps)")
-    parser.add_argument("--workers", type=int,
-                        help="Ray Train workers; 0 = in-process without Ray (sets train.workers)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        help="Ray Train workers; 0 = in-process without Ray (sets train.workers)",
+    )
     parser.add_argument("--batch-size", type=int, help="per-worker batch (sets train.batch_size)")
     parser.add_argument("--seed", type=int, help="random seed (sets train.seed)")
     parser.add_argument("--out", help="run directory (sets 'out'; default runs/<name>)")
@@ -52,9 +61,15 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """Load the config file, apply ``--set`` and the flag overrides, resolve run paths."""
-    flags = {"data": args.data, "model.name": args.model, "train.steps": args.steps,
-             "train.workers": args.workers, "train.batch_size": args.batch_size,
-             "train.seed": args.seed, "out": args.out}
+    flags = {
+        "data": args.data,
+        "model.name": args.model,
+        "train.steps": args.steps,
+        "train.workers": args.workers,
+        "train.batch_size": args.batch_size,
+        "train.seed": args.seed,
+        "out": args.out,
+    }
     overrides = list(args.overrides)
     overrides += [f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None]
     return resolve_run_paths(load_config(args.config, overrides))
@@ -110,19 +125,23 @@ def fit_with_ray(config: dict[str, Any], vocab_dict: dict, *, callbacks: list | 
     trainer = TorchTrainer(
         ray_worker,
         train_loop_config={"config": config, "vocab": vocab_dict},
-        scaling_config=ScalingConfig(num_workers=train["workers"], use_gpu=gpu,
-                                     resources_per_worker=resources),
+        scaling_config=ScalingConfig(
+            num_workers=train["workers"], use_gpu=gpu, resources_per_worker=resources
+        ),
         run_config=RunConfig(
-            name=train["run_name"], storage_path=train["storage_path"],
+            name=train["run_name"],
+            storage_path=train["storage_path"],
             checkpoint_config=CheckpointConfig(num_to_keep=train["num_to_keep"]),
             failure_config=FailureConfig(max_failures=train["max_failures"]),
-            callbacks=callbacks),
+            callbacks=callbacks,
+        ),
     )
     return trainer.fit()
 
 
-def run_with_ray(config: dict[str, Any], vocab_dict: dict, *,
-                 callbacks: list | None = None) -> tuple[dict[str, Any], Path]:
+def run_with_ray(
+    config: dict[str, Any], vocab_dict: dict, *, callbacks: list | None = None
+) -> tuple[dict[str, Any], Path]:
     """Train under Ray; returns (final metrics, ``RUN_DIR/checkpoint`` copied from storage)."""
     result = fit_with_ray(config, vocab_dict, callbacks=callbacks)
     if result.checkpoint is None:
@@ -182,8 +201,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         parser.error(str(err))
     metrics = run(config)
-    print(f"run {config['train']['run_name']}: {config['model']['name']} on {config['data']}, "
-          f"{metrics.get('step')} steps -> {config['out']}")
+    print(
+        f"run {config['train']['run_name']}: {config['model']['name']} on {config['data']}, "
+        f"{metrics.get('step')} steps -> {config['out']}"
+    )
     print(recall_table(metrics))
     return 0
 

@@ -24,10 +24,11 @@ def write(path: Path, data: dict) -> Path:
 
 
 def test_inheritance_chain_merges_sections(tmp_path):
-    write(tmp_path / "root.yaml", {"optim": {"lr": 0.5, "momentum": 0.8},
-                                   "train": {"steps": 10}})
-    write(tmp_path / "mid.yaml", {"base": "root.yaml", "optim": {"lr": 0.1},
-                                  "model": {"name": "concat"}})
+    write(tmp_path / "root.yaml", {"optim": {"lr": 0.5, "momentum": 0.8}, "train": {"steps": 10}})
+    write(
+        tmp_path / "mid.yaml",
+        {"base": "root.yaml", "optim": {"lr": 0.1}, "model": {"name": "concat"}},
+    )
     leaf = write(tmp_path / "leaf.yaml", {"base": "mid.yaml", "name": "leaf"})
     config = load_config(leaf)
     assert config["name"] == "leaf"
@@ -41,9 +42,18 @@ def test_inheritance_chain_merges_sections(tmp_path):
 
 def test_set_overrides_parse_yaml_values(tmp_path):
     path = write(tmp_path / "c.yaml", {"model": {"name": "tirg"}})
-    config = load_config(path, ["optim.lr=1e-3", "train.use_gpu=false", "image.mean=[0, 0, 0]",
-                                "model.name=concat", "model.dropout=0.2", "train.steps=7",
-                                "train.steps=9"])
+    config = load_config(
+        path,
+        [
+            "optim.lr=1e-3",
+            "train.use_gpu=false",
+            "image.mean=[0, 0, 0]",
+            "model.name=concat",
+            "model.dropout=0.2",
+            "train.steps=7",
+            "train.steps=9",
+        ],
+    )
     assert config["optim"]["lr"] == pytest.approx(1e-3)
     assert config["train"]["use_gpu"] is False
     assert config["image"]["mean"] == [0, 0, 0]
@@ -52,24 +62,29 @@ def test_set_overrides_parse_yaml_values(tmp_path):
 
 
 def test_demo_settings_apply_under_overrides(tmp_path):
-    path = write(tmp_path / "c.yaml", {"demo_settings": {"train": {"steps": 5, "workers": 2},
-                                                          "image": {"size": 32}}})
+    path = write(
+        tmp_path / "c.yaml",
+        {"demo_settings": {"train": {"steps": 5, "workers": 2}, "image": {"size": 32}}},
+    )
     assert load_config(path)["train"]["steps"] == DEFAULTS["train"]["steps"]
     config = load_config(path, ["demo=true", "train.workers=1"])
     assert config["train"]["steps"] == 5 and config["image"]["size"] == 32
     assert config["train"]["workers"] == 1  # an explicit override beats the demo setting
 
 
-@pytest.mark.parametrize("override, message", [
-    ("optim.lrr=0.1", "did you mean 'lr'"),
-    ("trian.steps=3", "'trian' is not a section"),
-    ("optim.name=rmsprop", "optim.name 'rmsprop'"),
-    ("train.steps=0", "train.steps must be a positive int"),
-    ("image.size=16", "image.size must be an int >= 32"),
-    ("train.use_gpu=maybe", "train.use_gpu must be auto"),
-    ("optim.decay_steps=soon", "optim.decay_steps"),
-    ("lr", "not of the form key.sub=value"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lrr=0.1", "did you mean 'lr'"),
+        ("trian.steps=3", "'trian' is not a section"),
+        ("optim.name=rmsprop", "optim.name 'rmsprop'"),
+        ("train.steps=0", "train.steps must be a positive int"),
+        ("image.size=16", "image.size must be an int >= 32"),
+        ("train.use_gpu=maybe", "train.use_gpu must be auto"),
+        ("optim.decay_steps=soon", "optim.decay_steps"),
+        ("lr", "not of the form key.sub=value"),
+    ],
+)
 def test_bad_overrides_name_the_key(tmp_path, override, message):
     path = write(tmp_path / "c.yaml", {})
     with pytest.raises(ConfigError, match=message):
@@ -78,7 +93,9 @@ def test_bad_overrides_name_the_key(tmp_path, override, message):
 
 def test_unknown_key_in_file_is_an_error(tmp_path):
     path = write(tmp_path / "c.yaml", {"train": {"stepz": 3}})
-    with pytest.raises(ConfigError, match=r"unknown config key 'train.stepz'; did you mean 'steps'"):
+    with pytest.raises(
+        ConfigError, match=r"unknown config key 'train.stepz'; did you mean 'steps'"
+    ):
         load_config(path)
 
 
@@ -118,8 +135,9 @@ def test_shipped_configs_build_their_model(path):
     from pipeline.loop import build_model
     from pipeline.vocab import Vocabulary
 
-    config = load_config(path, ["model.embed_dim=16", "model.image_backbone=resnet18",
-                                "model.pretrained_path=null"])
+    config = load_config(
+        path, ["model.embed_dim=16", "model.image_backbone=resnet18", "model.pretrained_path=null"]
+    )
     model = build_model(config, Vocabulary(["red", "blue"]))
     assert model.model_name == config["model"]["name"]
 

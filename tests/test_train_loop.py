@@ -27,15 +27,21 @@ def test_lr_factor_step_exponential_warmup():
     optim = {"schedule": "step", "gamma": 0.1, "warmup_steps": 0}
     assert [lr_factor(s, optim, 10) for s in (0, 9, 10, 25)] == pytest.approx([1, 1, 0.1, 0.01])
     optim = {"schedule": "exponential", "gamma": 0.5, "warmup_steps": 0}
-    assert lr_factor(5, optim, 10) == pytest.approx(0.5 ** 0.5)
+    assert lr_factor(5, optim, 10) == pytest.approx(0.5**0.5)
     optim = {"schedule": "constant", "gamma": 0.5, "warmup_steps": 4}
     assert [lr_factor(s, optim, 10) for s in (0, 1, 3, 100)] == pytest.approx([0.25, 0.5, 1, 1])
 
 
 def test_backbone_gets_its_lr_multiplier():
     model = create_model("tirg", vocab_size=20, embed_dim=16)
-    optim = {"name": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-6,
-             "backbone_lr_mult": 0.1, "betas": [0.9, 0.999]}
+    optim = {
+        "name": "sgd",
+        "lr": 0.01,
+        "momentum": 0.9,
+        "weight_decay": 1e-6,
+        "backbone_lr_mult": 0.1,
+        "betas": [0.9, 0.999],
+    }
     optimizer = build_optimizer(model, optim)
     rest, trunk = optimizer.param_groups
     assert rest["lr"] == pytest.approx(0.01) and trunk["lr"] == pytest.approx(0.001)
@@ -46,10 +52,12 @@ def test_backbone_gets_its_lr_multiplier():
 
 
 def test_loss_falls_and_checkpoints_are_kept(dataset, tmp_path):
-    config = tiny_config(dataset, tmp_path / "run", "train.steps=10", "train.num_to_keep=2",
-                         "eval.at_end=false")
-    context = LocalContext(config["train"]["storage_path"], config["train"]["run_name"],
-                           use_gpu=False, num_to_keep=2)
+    config = tiny_config(
+        dataset, tmp_path / "run", "train.steps=10", "train.num_to_keep=2", "eval.at_end=false"
+    )
+    context = LocalContext(
+        config["train"]["storage_path"], config["train"]["run_name"], use_gpu=False, num_to_keep=2
+    )
     metrics = train_loop(config, context=context)
     steps = [r["step"] for r in context.reports]
     assert steps == [2, 4, 6, 8, 10] and metrics["step"] == 10
@@ -65,33 +73,69 @@ def test_resume_continues_the_step_count(dataset, tmp_path):
     first = tiny_config(dataset, tmp_path / "run", "train.steps=4", "eval.at_end=false")
     train_loop(first)
     again = tiny_config(dataset, tmp_path / "run", "train.steps=7", "eval.at_end=false")
-    context = LocalContext(again["train"]["storage_path"], again["train"]["run_name"],
-                           use_gpu=False)
+    context = LocalContext(
+        again["train"]["storage_path"], again["train"]["run_name"], use_gpu=False
+    )
     train_loop(again, context=context)
     # restored at 4, not from scratch: only steps 5..7 were trained and reported
     assert [r["step"] for r in context.reports] == [6, 7]
     assert load_checkpoint(context.checkpoints()[-1])["step"] == 7
     # the same command after the run finished does nothing and keeps the metrics
-    finished = LocalContext(again["train"]["storage_path"], again["train"]["run_name"],
-                            use_gpu=False)
+    finished = LocalContext(
+        again["train"]["storage_path"], again["train"]["run_name"], use_gpu=False
+    )
     assert train_loop(again, context=finished)["step"] == 7 and finished.reports == []
 
 
 def test_train_script_in_process_writes_run_dir(dataset, tmp_path):
     out = tmp_path / "run"
-    command = [sys.executable, str(ROOT / "pipeline" / "train.py"),
-               "--config", str(ROOT / "configs" / "css_concat.yaml"), "--data", str(dataset),
-               "--out", str(out), "--workers", "0", "--steps", "4", "--batch-size", "8",
-               "--seed", "3", "--set", "model.embed_dim=32", "--set", "image.size=32",
-               "--set", "train.threads=1", "--set", "train.loader_workers=0",
-               "--set", "train.batches_per_epoch=3", "--set", "train.use_gpu=false",
-               "--set", "train.channels_last=false", "--set", "eval.batch_size=16"]
+    command = [
+        sys.executable,
+        str(ROOT / "pipeline" / "train.py"),
+        "--config",
+        str(ROOT / "configs" / "css_concat.yaml"),
+        "--data",
+        str(dataset),
+        "--out",
+        str(out),
+        "--workers",
+        "0",
+        "--steps",
+        "4",
+        "--batch-size",
+        "8",
+        "--seed",
+        "3",
+        "--set",
+        "model.embed_dim=32",
+        "--set",
+        "image.size=32",
+        "--set",
+        "train.threads=1",
+        "--set",
+        "train.loader_workers=0",
+        "--set",
+        "train.batches_per_epoch=3",
+        "--set",
+        "train.use_gpu=false",
+        "--set",
+        "train.channels_last=false",
+        "--set",
+        "eval.batch_size=16",
+    ]
     # ``-X importtime``-free check that Ray stays out of the in-process path
-    env_check = "import sys; sys.argv = sys.argv[1:]; sys.path.insert(0, 'pipeline'); " \
-                "import runpy; runpy.run_path(sys.argv[0], run_name='__main__'); " \
-                "assert 'ray' not in sys.modules, 'ray was imported'"
-    done = subprocess.run([sys.executable, "-c", env_check, *command[1:]], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    env_check = (
+        "import sys; sys.argv = sys.argv[1:]; sys.path.insert(0, 'pipeline'); "
+        "import runpy; runpy.run_path(sys.argv[0], run_name='__main__'); "
+        "assert 'ray' not in sys.modules, 'ray was imported'"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", env_check, *command[1:]],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "R@1" in done.stdout
     metrics = json.loads((out / "metrics.json").read_text())

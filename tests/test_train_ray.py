@@ -21,6 +21,7 @@ from pipeline.loop import train_loop
 from pipeline.train import fit_with_ray, run
 
 ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.slow  # a local Ray cluster and five TorchTrainer runs
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +68,15 @@ def test_two_workers_train_evaluate_and_rerun_resumes(ray_cluster, dataset, tmp_
 def test_worker_killed_mid_epoch_finishes_all_steps(ray_cluster, dataset, tmp_path):
     # rank 1 dies (os._exit) after step 7, inside the second 5-batch epoch; the last
     # checkpoint is step 6, so both workers restart there and skip one batch of epoch 1
-    config = tiny_config(dataset, tmp_path / "run", "train.workers=2", "train.steps=10",
-                         "train.max_failures=1", "eval.at_end=false",
-                         "fault_injection={step: 7, rank: 1}")
+    config = tiny_config(
+        dataset,
+        tmp_path / "run",
+        "train.workers=2",
+        "train.steps=10",
+        "train.max_failures=1",
+        "eval.at_end=false",
+        "fault_injection={step: 7, rank: 1}",
+    )
     result = fit_with_ray(config, build_vocabulary(dataset).to_dict())
     assert (tmp_path / "run" / "fault-injected-rank1-step7").is_file()
     assert result.metrics["step"] == 10
@@ -79,13 +86,21 @@ def test_worker_killed_mid_epoch_finishes_all_steps(ray_cluster, dataset, tmp_pa
 
 def test_one_ray_worker_matches_the_in_process_loop(ray_cluster, dataset, tmp_path):
     vocab = build_vocabulary(dataset).to_dict()
-    local = tiny_config(dataset, tmp_path / "local", "train.steps=4", "eval.at_end=false",
-                        "train.seed=5")
-    context = LocalContext(local["train"]["storage_path"], local["train"]["run_name"],
-                           use_gpu=False)
+    local = tiny_config(
+        dataset, tmp_path / "local", "train.steps=4", "eval.at_end=false", "train.seed=5"
+    )
+    context = LocalContext(
+        local["train"]["storage_path"], local["train"]["run_name"], use_gpu=False
+    )
     local_metrics = train_loop(local, context=context, vocab=vocab)
-    remote = tiny_config(dataset, tmp_path / "ray", "train.steps=4", "eval.at_end=false",
-                         "train.seed=5", "train.workers=1")
+    remote = tiny_config(
+        dataset,
+        tmp_path / "ray",
+        "train.steps=4",
+        "eval.at_end=false",
+        "train.seed=5",
+        "train.workers=1",
+    )
     result = fit_with_ray(remote, vocab)
     assert result.metrics["loss"] == pytest.approx(local_metrics["loss"], rel=1e-4)
     ours = load_checkpoint(context.checkpoints()[-1])["model"]

@@ -11,11 +11,31 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def tiny_config(data: Path, out: Path, *overrides: str, model: str = "tirg") -> dict:
     """``configs/css_<model>.yaml`` shrunk to seconds of CPU work per run."""
-    return resolve_run_paths(load_config(ROOT / "configs" / f"css_{model}.yaml", [
-        f"data={data}", f"out={out}", "model.embed_dim=32", "image.size=32",
-        "train.batch_size=8", "train.batches_per_epoch=5", "train.steps=8",
-        "train.threads=1", "train.loader_workers=0", "train.shuffle_buffer=20",
-        "train.channels_last=false", "train.amp=false", "train.use_gpu=false",
-        "train.log_every=2", "train.checkpoint_every=2", "train.num_to_keep=10",
-        "train.cpus_per_worker=0.9", "optim.name=adam", "optim.lr=1e-3",
-        "eval.batch_size=16", *overrides]))
+    return resolve_run_paths(
+        load_config(
+            ROOT / "configs" / f"css_{model}.yaml",
+            [
+                f"data={data}",
+                f"out={out}",
+                "model.embed_dim=32",
+                "image.size=32",
+                "train.batch_size=8",
+                "train.batches_per_epoch=5",
+                "train.steps=8",
+                "train.threads=1",
+                "train.loader_workers=0",
+                "train.shuffle_buffer=20",
+                "train.channels_last=false",
+                "train.amp=false",
+                "train.use_gpu=false",
+                "train.log_every=2",
+                "train.checkpoint_every=2",
+                "train.num_to_keep=10",
+                "train.cpus_per_worker=0.9",
+                "optim.name=adam",
+                "optim.lr=1e-3",
+                "eval.batch_size=16",
+                *overrides,
+            ],
+        )
+    )
