@@ -1,9 +1,9 @@
 """End-to-end searches on tiny CSS shards with a 2-CPU Ray instance.
 
 An in-process search (3 trials, ASHA) writes its table, plot and best config, which
-then trains with ``pipeline/train.py``. A search whose trial runs a Ray Train
-``TorchTrainer`` (reports reach Tune through ``TuneReportCallback``) fails on an
-injected worker fault and resumes with ``--resume``.
+then trains with ``pipeline/train.py``. A trial runs a Ray Train ``TorchTrainer`` whose
+reports reach Tune through ``TuneReportCallback``. A search whose trial dies (injected
+fault) resumes with ``--resume``.
 """
 
 from __future__ import annotations
@@ -102,19 +102,14 @@ def test_asha_search_writes_results_and_best_config_trains(ray_session, css_data
     assert trained["optim"]["lr"] == best["optim"]["lr"]
 
 
-def test_torch_trainer_trial_fails_then_resumes(ray_session, css_data, tiny_config, tmp_path):
+def test_trial_runs_a_torch_trainer_reporting_to_tune(ray_session, css_data, tiny_config,
+                                                      tmp_path):
     from tune.search import main
 
     out = tmp_path / "search"
-    args = search_args(tiny_config, css_data, out, "--num-samples", "1",
-                       "--workers-per-trial", "1", "--scheduler", "fifo", "--steps", "1",
-                       "--set", "train.cpus_per_worker=0.9",
-                       # the Train worker dies at step 1, once (a marker in the trial's run dir)
-                       "--set", "fault_injection={step: 1, rank: 0}")
-    assert main(args) == 1  # the trial errored: no R@1, no best.yaml
-    assert list(pd.read_csv(out / "results.csv")["status"]) == ["error"]
-
-    assert main([*args, "--resume"]) == 0
+    assert main(search_args(tiny_config, css_data, out, "--num-samples", "1",
+                            "--workers-per-trial", "1", "--scheduler", "fifo", "--steps", "1",
+                            "--set", "train.cpus_per_worker=0.9")) == 0
     table = pd.read_csv(out / "results.csv")
     assert list(table["status"]) == ["completed"] and table["R@1"].notna().all()
     trial_id = table["trial_id"][0]
@@ -122,3 +117,22 @@ def test_torch_trainer_trial_fails_then_resumes(ray_session, css_data, tiny_conf
     # checkpoint in its own storage, named after the trial
     assert list((out / "train" / f"tiny-{trial_id}").glob("checkpoint_*"))
     assert (out / "trials" / trial_id / "checkpoint" / "checkpoint.pt").is_file()
+
+
+def test_errored_search_resumes(ray_session, css_data, tiny_config, tmp_path):
+    from tune.search import main
+
+    out = tmp_path / "search"
+    args = search_args(tiny_config, css_data, out, "--num-samples", "1",
+                       "--workers-per-trial", "0", "--scheduler", "fifo", "--steps", "1",
+                       # the trial's process dies at step 1, once (a marker in its run dir)
+                       "--set", "fault_injection={step: 1, rank: 0}")
+    assert main(args) == 1  # the trial errored: no R@1, no best.yaml
+    first = pd.read_csv(out / "results.csv")
+    assert list(first["status"]) == ["error"] and not (out / "best.yaml").exists()
+
+    assert main([*args, "--resume"]) == 0
+    table = pd.read_csv(out / "results.csv")
+    assert list(table["trial_id"]) == list(first["trial_id"])  # the same trial, resumed
+    assert list(table["status"]) == ["completed"] and table["R@1"].notna().all()
+    assert yaml.safe_load((out / "best.yaml").read_text())["fault_injection"] is None

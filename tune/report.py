@@ -65,7 +65,7 @@ def trial_table(result_grid, space: dict[str, ParamSpec], *, metric: str, mode: 
     for result in result_grid:
         config = result.config or {}
         params = {key: config.get(key) for key in space}
-        trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
+        trial_id = Path(result.path).name  # the trial directory is named after its id
         rows.append(trial_row(trial_id, params, result.metrics_dataframe, result.error,
                               metric=metric, mode=mode, max_steps=max_steps))
     return sort_table(pd.DataFrame(rows), metric, mode)

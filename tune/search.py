@@ -293,9 +293,10 @@ def run_search(args: argparse.Namespace) -> dict[str, Any]:
                 # the variant generator takes the limit itself (Tune ignores this for it)
                 max_concurrent_trials=None if args.search == "random" else max_concurrent,
                 trial_dirname_creator=trial_dirname,
-                # a finished or stopped trial's process takes the next trial: no new
-                # process importing torch per trial
-                reuse_actors=True),
+                # in-process trials: a finished or stopped trial's process takes the next
+                # trial (no new process importing torch). A stopped Train-driving trial's
+                # thread stays blocked in TorchTrainer.fit, so its process cannot be reset.
+                reuse_actors=workers == 0),
             run_config=ray_tune.RunConfig(
                 name=EXPERIMENT_NAME, storage_path=str(out),
                 failure_config=ray_tune.FailureConfig(max_failures=0),
