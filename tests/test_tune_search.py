@@ -22,13 +22,27 @@ TINY = {
     "name": "tiny",
     "model": {"embed_dim": 32},
     "image": {"size": 32, "augment": False},
-    "train": {"steps": 2, "batch_size": 4, "workers": 0, "use_gpu": False,
-              "cpus_per_worker": 1.0, "threads": 1, "loader_workers": 0, "shuffle_buffer": 8,
-              "amp": False, "channels_last": False, "log_every": 1, "eval_every": 1,
-              "checkpoint_every": 1, "max_failures": 0},
+    "train": {
+        "steps": 2,
+        "batch_size": 4,
+        "workers": 0,
+        "use_gpu": False,
+        "cpus_per_worker": 1.0,
+        "threads": 1,
+        "loader_workers": 0,
+        "shuffle_buffer": 8,
+        "amp": False,
+        "channels_last": False,
+        "log_every": 1,
+        "eval_every": 1,
+        "checkpoint_every": 1,
+        "max_failures": 0,
+    },
     "eval": {"batch_size": 64},
-    "tune": {"optim.lr": {"type": "loguniform", "low": 1e-3, "high": 0.1},
-             "model.learn_weights": {"type": "choice", "values": [True, False]}},
+    "tune": {
+        "optim.lr": {"type": "loguniform", "low": 1e-3, "high": 0.1},
+        "model.learn_weights": {"type": "choice", "values": [True, False]},
+    },
 }
 
 
@@ -36,8 +50,7 @@ TINY = {
 def ray_session(tmp_path_factory):
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False,
-             _temp_dir=str(tmp_path_factory.mktemp("ray")))
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(tmp_path_factory.mktemp("ray")))
     yield
     ray.shutdown()
 
@@ -47,9 +60,30 @@ def css_data(tmp_path_factory):
     from shards.css import main as css_main
 
     out = tmp_path_factory.mktemp("css") / "css"
-    assert css_main(["--small", "--out", str(out), "--train-scenes", "12", "--test-scenes", "6",
-                     "--mods-per-scene", "2", "--mod-pool", "24", "--image-size", "32",
-                     "--shard-size", "16", "--workers", "1"]) == 0
+    assert (
+        css_main(
+            [
+                "--small",
+                "--out",
+                str(out),
+                "--train-scenes",
+                "12",
+                "--test-scenes",
+                "6",
+                "--mods-per-scene",
+                "2",
+                "--mod-pool",
+                "24",
+                "--image-size",
+                "32",
+                "--shard-size",
+                "16",
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -64,15 +98,28 @@ def search_args(config, data, out, *extra):
     return ["--config", str(config), "--data", str(data), "--out", str(out), *extra]
 
 
-def test_asha_search_writes_results_and_best_config_trains(ray_session, css_data, tiny_config,
-                                                           tmp_path, capsys):
+def test_asha_search_writes_results_and_best_config_trains(
+    ray_session, css_data, tiny_config, tmp_path, capsys
+):
     from pipeline.train import main as train_main
     from tune.search import main
 
     out = tmp_path / "search"
-    args = search_args(tiny_config, css_data, out, "--num-samples", "3",
-                       "--workers-per-trial", "0", "--grace-period", "1",
-                       "--reduction-factor", "2", "--max-t", "1")
+    args = search_args(
+        tiny_config,
+        css_data,
+        out,
+        "--num-samples",
+        "3",
+        "--workers-per-trial",
+        "0",
+        "--grace-period",
+        "1",
+        "--reduction-factor",
+        "2",
+        "--max-t",
+        "1",
+    )
     assert main(args) == 0
     table = pd.read_csv(out / "results.csv")
     assert len(table) == 3
@@ -94,22 +141,51 @@ def test_asha_search_writes_results_and_best_config_trains(ray_session, css_data
     assert best["optim"]["lr"] == pytest.approx(table["optim.lr"][0])
     assert best["model"]["learn_weights"] == bool(table["model.learn_weights"][0])
     run = tmp_path / "best-run"
-    assert train_main(["--config", str(out / "best.yaml"), "--workers", "0", "--steps", "1",
-                       "--out", str(run)]) == 0
+    assert (
+        train_main(
+            [
+                "--config",
+                str(out / "best.yaml"),
+                "--workers",
+                "0",
+                "--steps",
+                "1",
+                "--out",
+                str(run),
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["step"] == 1 and "R@1" in metrics
     trained = yaml.safe_load((run / "config.yaml").read_text())
     assert trained["optim"]["lr"] == best["optim"]["lr"]
 
 
-def test_trial_runs_a_torch_trainer_reporting_to_tune(ray_session, css_data, tiny_config,
-                                                      tmp_path):
+def test_trial_runs_a_torch_trainer_reporting_to_tune(ray_session, css_data, tiny_config, tmp_path):
     from tune.search import main
 
     out = tmp_path / "search"
-    assert main(search_args(tiny_config, css_data, out, "--num-samples", "1",
-                            "--workers-per-trial", "1", "--scheduler", "fifo", "--steps", "1",
-                            "--set", "train.cpus_per_worker=0.9")) == 0
+    assert (
+        main(
+            search_args(
+                tiny_config,
+                css_data,
+                out,
+                "--num-samples",
+                "1",
+                "--workers-per-trial",
+                "1",
+                "--scheduler",
+                "fifo",
+                "--steps",
+                "1",
+                "--set",
+                "train.cpus_per_worker=0.9",
+            )
+        )
+        == 0
+    )
     table = pd.read_csv(out / "results.csv")
     assert list(table["status"]) == ["completed"] and table["R@1"].notna().all()
     trial_id = table["trial_id"][0]
@@ -123,10 +199,22 @@ def test_errored_search_resumes(ray_session, css_data, tiny_config, tmp_path):
     from tune.search import main
 
     out = tmp_path / "search"
-    args = search_args(tiny_config, css_data, out, "--num-samples", "1",
-                       "--workers-per-trial", "0", "--scheduler", "fifo", "--steps", "1",
-                       # the trial's process dies at step 1, once (a marker in its run dir)
-                       "--set", "fault_injection={step: 1, rank: 0}")
+    args = search_args(
+        tiny_config,
+        css_data,
+        out,
+        "--num-samples",
+        "1",
+        "--workers-per-trial",
+        "0",
+        "--scheduler",
+        "fifo",
+        "--steps",
+        "1",
+        # the trial's process dies at step 1, once (a marker in its run dir)
+        "--set",
+        "fault_injection={step: 1, rank: 0}",
+    )
     assert main(args) == 1  # the trial errored: no R@1, no best.yaml
     first = pd.read_csv(out / "results.csv")
     assert list(first["status"]) == ["error"] and not (out / "best.yaml").exists()

@@ -30,15 +30,22 @@ def tirg_config(**tune_section) -> dict:
 
 
 def test_section_parses_every_type_flat_and_nested():
-    space = parse_space({
-        "optim.lr": {"type": "loguniform", "low": 1e-3, "high": 0.1},
-        "model": {"dropout": {"type": "uniform", "low": 0.0, "high": 0.5}},
-        "train.batch_size": {"type": "randint", "low": 8, "high": 33},
-        "model.learn_weights": {"type": "choice", "values": [True, False]},
-        "optim.name": {"type": "grid", "values": ["sgd", "adam"]},
-    })
-    assert list(space) == ["optim.lr", "model.dropout", "train.batch_size",
-                           "model.learn_weights", "optim.name"]
+    space = parse_space(
+        {
+            "optim.lr": {"type": "loguniform", "low": 1e-3, "high": 0.1},
+            "model": {"dropout": {"type": "uniform", "low": 0.0, "high": 0.5}},
+            "train.batch_size": {"type": "randint", "low": 8, "high": 33},
+            "model.learn_weights": {"type": "choice", "values": [True, False]},
+            "optim.name": {"type": "grid", "values": ["sgd", "adam"]},
+        }
+    )
+    assert list(space) == [
+        "optim.lr",
+        "model.dropout",
+        "train.batch_size",
+        "model.learn_weights",
+        "optim.name",
+    ]
     assert space["model.dropout"] == ParamSpec("model.dropout", "uniform", low=0.0, high=0.5)
     assert space["train.batch_size"].probe_values() == [8, 32]
     assert space["optim.name"].domain() == {"grid_search": ["sgd", "adam"]}
@@ -46,17 +53,23 @@ def test_section_parses_every_type_flat_and_nested():
     assert 1e-3 <= lr < 0.1
 
 
-@pytest.mark.parametrize("section, message", [
-    ({"optim.lr": {"type": "logarithmic", "low": 1, "high": 2}}, "unknown type 'logarithmic'"),
-    ({"optim.lr": {"type": "uniform", "low": 0.1, "high": 0.1}}, "low (0.1) must be < high"),
-    ({"optim.lr": {"type": "loguniform", "low": 0.0, "high": 1.0}}, "loguniform needs low > 0"),
-    ({"optim.lr": {"type": "uniform", "low": 0.1}}, "needs 'low' and 'high'"),
-    ({"optim.lr": {"type": "uniform", "low": "a", "high": 1}}, "'low' must be a finite number"),
-    ({"train.steps": {"type": "randint", "low": 1.5, "high": 4}}, "'low' must be an int"),
-    ({"optim.name": {"type": "choice", "values": []}}, "non-empty list 'values'"),
-    ({"optim.lr": {"type": "uniform", "low": 0, "high": 1, "q": 2}}, "unexpected field(s) ['q']"),
-    ({"optim.lr": 0.1}, "expected a mapping"),
-])
+@pytest.mark.parametrize(
+    "section, message",
+    [
+        ({"optim.lr": {"type": "logarithmic", "low": 1, "high": 2}}, "unknown type 'logarithmic'"),
+        ({"optim.lr": {"type": "uniform", "low": 0.1, "high": 0.1}}, "low (0.1) must be < high"),
+        ({"optim.lr": {"type": "loguniform", "low": 0.0, "high": 1.0}}, "loguniform needs low > 0"),
+        ({"optim.lr": {"type": "uniform", "low": 0.1}}, "needs 'low' and 'high'"),
+        ({"optim.lr": {"type": "uniform", "low": "a", "high": 1}}, "'low' must be a finite number"),
+        ({"train.steps": {"type": "randint", "low": 1.5, "high": 4}}, "'low' must be an int"),
+        ({"optim.name": {"type": "choice", "values": []}}, "non-empty list 'values'"),
+        (
+            {"optim.lr": {"type": "uniform", "low": 0, "high": 1, "q": 2}},
+            "unexpected field(s) ['q']",
+        ),
+        ({"optim.lr": 0.1}, "expected a mapping"),
+    ],
+)
 def test_bad_entries_are_clear_errors(section, message):
     with pytest.raises(SearchSpaceError) as err:
         parse_space(section)
@@ -64,8 +77,9 @@ def test_bad_entries_are_clear_errors(section, message):
     assert "tune.optim" in str(err.value) or "tune.train" in str(err.value)
 
 
-@pytest.mark.parametrize("key", ["optim.learning_rate", "model.w_x_init", "trian.steps",
-                                 "optim.lr.value", "loss.margin"])
+@pytest.mark.parametrize(
+    "key", ["optim.learning_rate", "model.w_x_init", "trian.steps", "optim.lr.value", "loss.margin"]
+)
 def test_unknown_config_key_is_an_error(key):
     config = tirg_config(**{key: {"type": "uniform", "low": 0.1, "high": 1.0}})
     with pytest.raises(SearchSpaceError, match=f"unknown config key '{key}'"):
@@ -73,8 +87,12 @@ def test_unknown_config_key_is_an_error(key):
 
 
 def test_model_and_loss_keywords_are_known_keys():
-    config = tirg_config(**{"model.w_g_init": {"type": "loguniform", "low": 0.1, "high": 10},
-                            "loss.negatives_per_anchor": {"type": "choice", "values": [3, 8]}})
+    config = tirg_config(
+        **{
+            "model.w_g_init": {"type": "loguniform", "low": 0.1, "high": 10},
+            "loss.negatives_per_anchor": {"type": "choice", "values": [3, 8]},
+        }
+    )
     assert list(search_space(config)) == ["model.w_g_init", "loss.negatives_per_anchor"]
 
 
@@ -91,8 +109,13 @@ def test_default_space_of_tirg_centres_lr_on_the_config():
     config = tirg_config()
     config["optim"]["lr"] = 0.02
     space = default_space(config)
-    assert set(space) == {"optim.lr", "optim.weight_decay", "model.w_g_init", "model.w_r_init",
-                          "model.learn_weights"}
+    assert set(space) == {
+        "optim.lr",
+        "optim.weight_decay",
+        "model.w_g_init",
+        "model.w_r_init",
+        "model.learn_weights",
+    }
     assert (space["optim.lr"].low, space["optim.lr"].high) == pytest.approx((0.002, 0.2))
     w_g, w_r = space["model.w_g_init"], space["model.w_r_init"]
     assert w_g.low < 1 < w_g.high and w_r.low < 10 < w_r.high  # the code's 1 and 10
@@ -115,9 +138,14 @@ def test_default_space_of_ccnet_is_lr_hidden_size_dropout():
 def test_apply_params_sets_nested_keys_as_plain_values():
     import numpy as np
 
-    config = apply_params(tirg_config(), {"optim.lr": np.float64(0.5),
-                                          "model.learn_weights": np.bool_(False),
-                                          "train.batch_size": np.int64(8)})
+    config = apply_params(
+        tirg_config(),
+        {
+            "optim.lr": np.float64(0.5),
+            "model.learn_weights": np.bool_(False),
+            "train.batch_size": np.int64(8),
+        },
+    )
     assert config["optim"]["lr"] == 0.5 and type(config["optim"]["lr"]) is float
     assert config["model"]["learn_weights"] is False
     assert type(config["train"]["batch_size"]) is int
@@ -132,8 +160,10 @@ def test_shipped_configs_have_valid_default_spaces():
 
 def test_resources_in_process_and_with_train_workers():
     train = {"cpus_per_worker": 0.9, "gpus_per_worker": 1.0}
-    assert trial_resources(train, 0, False, 0.2) == ({"CPU": 0.9, "GPU": 0.0},
-                                                     {"CPU": 0.9, "GPU": 0.0})
+    assert trial_resources(train, 0, False, 0.2) == (
+        {"CPU": 0.9, "GPU": 0.0},
+        {"CPU": 0.9, "GPU": 0.0},
+    )
     trial, need = trial_resources(train, 2, True, 0.2)
     assert trial == {"CPU": 0.2, "GPU": 0.0}
     assert need == pytest.approx({"CPU": 2.0, "GPU": 2.0})
@@ -154,23 +184,35 @@ def test_concurrency_is_bounded_by_what_fits():
 
 
 def history(steps, recalls, done):
-    return pd.DataFrame({"step": steps, "R@1": recalls, "done": [False] * (len(steps) - 1) + [done]})
+    return pd.DataFrame(
+        {"step": steps, "R@1": recalls, "done": [False] * (len(steps) - 1) + [done]}
+    )
 
 
 def test_trial_rows_status_and_last_evaluated_metric():
     kw = {"metric": "R@1", "mode": "max", "max_steps": 4}
-    done = trial_row("a", {"optim.lr": 0.1}, history([2, 3, 4], [10.0, math.nan, 20.0], True),
-                     None, **kw)
-    assert done == {"trial_id": "a", "optim.lr": 0.1, "R@1": 20.0, "best_R@1": 20.0,
-                    "step": 4, "iterations": 3, "status": "completed"}
-    stopped = trial_row("b", {"optim.lr": 9.0}, history([2, 3], [30.0, math.nan], True), None,
-                        **kw)
+    done = trial_row(
+        "a", {"optim.lr": 0.1}, history([2, 3, 4], [10.0, math.nan, 20.0], True), None, **kw
+    )
+    assert done == {
+        "trial_id": "a",
+        "optim.lr": 0.1,
+        "R@1": 20.0,
+        "best_R@1": 20.0,
+        "step": 4,
+        "iterations": 3,
+        "status": "completed",
+    }
+    stopped = trial_row("b", {"optim.lr": 9.0}, history([2, 3], [30.0, math.nan], True), None, **kw)
     assert (stopped["R@1"], stopped["step"], stopped["status"]) == (30.0, 3, "stopped")
     assert trial_row("c", {"optim.lr": 1.0}, None, RuntimeError("x"), **kw)["status"] == "error"
-    assert trial_row("d", {"optim.lr": 1.0}, history([2], [5.0], False), None,
-                     **kw)["status"] == "unfinished"
-    stopped_lower = trial_row("e", {"optim.lr": 5.0}, history([2, 3], [25.0, math.nan], True),
-                              None, **kw)
+    assert (
+        trial_row("d", {"optim.lr": 1.0}, history([2], [5.0], False), None, **kw)["status"]
+        == "unfinished"
+    )
+    stopped_lower = trial_row(
+        "e", {"optim.lr": 5.0}, history([2, 3], [25.0, math.nan], True), None, **kw
+    )
     errored = trial_row("c", {"optim.lr": 1.0}, None, RuntimeError("x"), **kw)
     table = sort_table(pd.DataFrame([stopped_lower, done, stopped, errored]), "R@1", "max")
     # the trial ASHA let finish ranks above higher values that stopped trials had earlier
@@ -181,8 +223,9 @@ def test_trial_rows_status_and_last_evaluated_metric():
 
 
 def test_best_config_loads_back_with_the_searched_values(tmp_path):
-    base = load_config("configs/css_tirg.yaml", ["demo=true", "data=/data/css", "out=/x/y",
-                                                 "train.run_name=r"])
+    base = load_config(
+        "configs/css_tirg.yaml", ["demo=true", "data=/data/css", "out=/x/y", "train.run_name=r"]
+    )
     config = best_config(base, {"optim.lr": 0.123, "model.learn_weights": False})
     path = tmp_path / "best.yaml"
     path.write_text(yaml.safe_dump(config))

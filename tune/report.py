@@ -35,13 +35,24 @@ def metric_history(history: pd.DataFrame | None, metric: str) -> pd.Series:
     return pd.to_numeric(history[metric], errors="coerce").dropna()
 
 
-def trial_row(trial_id: str, params: dict[str, Any], history: pd.DataFrame | None,
-              error: Any, *, metric: str, mode: str, max_steps: int) -> dict[str, Any]:
+def trial_row(
+    trial_id: str,
+    params: dict[str, Any],
+    history: pd.DataFrame | None,
+    error: Any,
+    *,
+    metric: str,
+    mode: str,
+    max_steps: int,
+) -> dict[str, Any]:
     """One table row from a trial's report history (``Result.metrics_dataframe``)."""
     values = metric_history(history, metric)
     has_history = history is not None and len(history) > 0
-    steps = pd.to_numeric(history["step"], errors="coerce") if has_history and \
-        "step" in history else pd.Series(dtype=float)
+    steps = (
+        pd.to_numeric(history["step"], errors="coerce")
+        if has_history and "step" in history
+        else pd.Series(dtype=float)
+    )
     step = int(steps.max()) if len(steps.dropna()) else 0
     if error is not None:
         status = "error"
@@ -52,22 +63,37 @@ def trial_row(trial_id: str, params: dict[str, Any], history: pd.DataFrame | Non
     else:
         status = "unfinished"
     best = (values.max() if mode == "max" else values.min()) if len(values) else math.nan
-    return {"trial_id": trial_id, **params,
-            metric: float(values.iloc[-1]) if len(values) else math.nan,
-            f"best_{metric}": float(best), "step": step,
-            "iterations": len(history) if has_history else 0, "status": status}
+    return {
+        "trial_id": trial_id,
+        **params,
+        metric: float(values.iloc[-1]) if len(values) else math.nan,
+        f"best_{metric}": float(best),
+        "step": step,
+        "iterations": len(history) if has_history else 0,
+        "status": status,
+    }
 
 
-def trial_table(result_grid, space: dict[str, ParamSpec], *, metric: str, mode: str,
-                max_steps: int) -> pd.DataFrame:
+def trial_table(
+    result_grid, space: dict[str, ParamSpec], *, metric: str, mode: str, max_steps: int
+) -> pd.DataFrame:
     """One row per trial of a ``ray.tune.ResultGrid``, best first (``sort_table``)."""
     rows = []
     for result in result_grid:
         config = result.config or {}
         params = {key: config.get(key) for key in space}
         trial_id = Path(result.path).name  # the trial directory is named after its id
-        rows.append(trial_row(trial_id, params, result.metrics_dataframe, result.error,
-                              metric=metric, mode=mode, max_steps=max_steps))
+        rows.append(
+            trial_row(
+                trial_id,
+                params,
+                result.metrics_dataframe,
+                result.error,
+                metric=metric,
+                mode=mode,
+                max_steps=max_steps,
+            )
+        )
     return sort_table(pd.DataFrame(rows), metric, mode)
 
 
@@ -79,9 +105,12 @@ def sort_table(table: pd.DataFrame, metric: str, mode: str) -> pd.DataFrame:
     # the others at the rungs both reached, so a value a stopped trial had at an early step
     # does not outrank them. The trial id breaks ties, so the best row (and best.yaml)
     # does not depend on the order in which Tune lists the trials.
-    ordered = table.sort_values(["step", metric, "trial_id"],
-                                ascending=[False, mode == "min", True],
-                                na_position="last", kind="stable")
+    ordered = table.sort_values(
+        ["step", metric, "trial_id"],
+        ascending=[False, mode == "min", True],
+        na_position="last",
+        kind="stable",
+    )
     return ordered.reset_index(drop=True)
 
 
@@ -95,8 +124,10 @@ def markdown_table(table: pd.DataFrame) -> str:
     """A GitHub-flavoured Markdown table (no extra dependency)."""
     header = "| " + " | ".join(str(c) for c in table.columns) + " |"
     rule = "|" + "|".join("---" for _ in table.columns) + "|"
-    body = ["| " + " | ".join(format_value(v) for v in row) + " |"
-            for row in table.itertuples(index=False)]
+    body = [
+        "| " + " | ".join(format_value(v) for v in row) + " |"
+        for row in table.itertuples(index=False)
+    ]
     return "\n".join([header, rule, *body]) + "\n"
 
 
@@ -130,8 +161,9 @@ def best_config(base: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
-def plot_search(table: pd.DataFrame, space: dict[str, ParamSpec], metric: str,
-                path: str | Path) -> Path:
+def plot_search(
+    table: pd.DataFrame, space: dict[str, ParamSpec], metric: str, path: str | Path
+) -> Path:
     """One panel per searched key: the metric of every trial against its value."""
     import matplotlib
 
@@ -142,10 +174,14 @@ def plot_search(table: pd.DataFrame, space: dict[str, ParamSpec], metric: str,
     cols = min(3, len(keys))
     rows = math.ceil(len(keys) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.0 * cols, 3.2 * rows), squeeze=False)
-    for ax in axes.flat[len(keys):]:
+    for ax in axes.flat[len(keys) :]:
         ax.set_visible(False)
-    markers = {"completed": ("o", "tab:blue"), "stopped": ("x", "tab:red"),
-               "error": ("s", "black"), "unfinished": ("^", "tab:gray")}
+    markers = {
+        "completed": ("o", "tab:blue"),
+        "stopped": ("x", "tab:red"),
+        "error": ("s", "black"),
+        "unfinished": ("^", "tab:gray"),
+    }
     for ax, key in zip(axes.flat, keys):
         spec = space[key]
         categorical = spec.type in ("choice", "grid")
@@ -172,8 +208,13 @@ def plot_search(table: pd.DataFrame, space: dict[str, ParamSpec], metric: str,
     return path
 
 
-def write_outputs(table: pd.DataFrame, base: dict[str, Any], space: dict[str, ParamSpec],
-                  metric: str, out_dir: str | Path) -> dict[str, Path]:
+def write_outputs(
+    table: pd.DataFrame,
+    base: dict[str, Any],
+    space: dict[str, ParamSpec],
+    metric: str,
+    out_dir: str | Path,
+) -> dict[str, Path]:
     """results.csv, results.md, search.png and (when a trial has a metric) best.yaml."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -52,38 +52,75 @@ class SearchSetupError(ValueError):
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m tune.search",
-                                     description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m tune.search", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--config", required=True, help="YAML run config (configs/*.yaml)")
-    parser.add_argument("--num-samples", type=int, required=True,
-                        help="trials to sample (each grid value is run this many times)")
-    parser.add_argument("--max-concurrent", type=int,
-                        help="at most K trials at once (default and upper bound: what fits)")
-    parser.add_argument("--workers-per-trial", type=int, default=1,
-                        help="Ray Train workers per trial; 0 = the loop in the trial's process")
+    parser.add_argument(
+        "--num-samples",
+        type=int,
+        required=True,
+        help="trials to sample (each grid value is run this many times)",
+    )
+    parser.add_argument(
+        "--max-concurrent",
+        type=int,
+        help="at most K trials at once (default and upper bound: what fits)",
+    )
+    parser.add_argument(
+        "--workers-per-trial",
+        type=int,
+        default=1,
+        help="Ray Train workers per trial; 0 = the loop in the trial's process",
+    )
     parser.add_argument("--out", help="search directory (default runs/<name>-tune)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE", help="override a config key, e.g. train.steps=2000")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. train.steps=2000",
+    )
     parser.add_argument("--data", help="shard dataset directory (sets 'data')")
     parser.add_argument("--steps", type=int, help="training steps per trial (sets train.steps)")
     parser.add_argument("--scheduler", choices=SCHEDULERS, default="asha")
-    parser.add_argument("--search", choices=SEARCHERS, default="random",
-                        help="optuna needs the optuna package")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue DIR/tune (also done when it exists), errored trials too")
+    parser.add_argument(
+        "--search", choices=SEARCHERS, default="random", help="optuna needs the optuna package"
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue DIR/tune (also done when it exists), errored trials too",
+    )
     parser.add_argument("--metric", help="reported metric to optimise (default R@<first K>)")
     parser.add_argument("--mode", choices=("max", "min"), default="max")
-    parser.add_argument("--grace-period", type=int,
-                        help="ASHA: steps before a trial can be stopped (default train.eval_every)")
-    parser.add_argument("--reduction-factor", type=float, default=3.0,
-                        help="ASHA: keep the top 1/factor at each rung")
-    parser.add_argument("--max-t", type=int, help="ASHA: stop every trial at this step "
-                        "(default train.steps)")
-    parser.add_argument("--cpus-per-trial", type=float, default=0.2,
-                        help="CPU of a trial's driver process when it launches Train workers")
+    parser.add_argument(
+        "--grace-period",
+        type=int,
+        help="ASHA: steps before a trial can be stopped (default train.eval_every)",
+    )
+    parser.add_argument(
+        "--reduction-factor",
+        type=float,
+        default=3.0,
+        help="ASHA: keep the top 1/factor at each rung",
+    )
+    parser.add_argument(
+        "--max-t", type=int, help="ASHA: stop every trial at this step (default train.steps)"
+    )
+    parser.add_argument(
+        "--cpus-per-trial",
+        type=float,
+        default=0.2,
+        help="CPU of a trial's driver process when it launches Train workers",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the search algorithm")
-    parser.add_argument("--address", help="Ray cluster to join (default RAY_ADDRESS, as set by "
-                        "ray job submit; without either a local Ray instance is started)")
+    parser.add_argument(
+        "--address",
+        help="Ray cluster to join (default RAY_ADDRESS, as set by "
+        "ray job submit; without either a local Ray instance is started)",
+    )
     parser.add_argument("--num-cpus", type=float, help="CPUs of a local Ray instance")
     return parser.parse_args(argv)
 
@@ -111,20 +148,24 @@ def default_metric(config: dict[str, Any]) -> str:
     evals = load_manifest(config["data"])["evals"]
     name = config["eval"]["eval_set"] or next(iter(evals))
     if name not in evals:
-        raise SearchSetupError(f"eval.eval_set {name!r} is not in the dataset's evals "
-                               f"({', '.join(evals)})")
+        raise SearchSetupError(
+            f"eval.eval_set {name!r} is not in the dataset's evals ({', '.join(evals)})"
+        )
     ks = evals[name]["protocol"].get("ks") or [1]
     return f"R@{ks[0]}"
 
 
-def trial_resources(train: dict[str, Any], workers: int, gpu: bool,
-                    cpus_per_trial: float) -> tuple[dict[str, float], dict[str, float]]:
+def trial_resources(
+    train: dict[str, Any], workers: int, gpu: bool, cpus_per_trial: float
+) -> tuple[dict[str, float], dict[str, float]]:
     """(what Tune reserves for a trial's process, what the trial needs in all).
 
     In-process trials train in the trial process: it gets a worker's CPU/GPU. Otherwise
     the trial process only drives a ``TorchTrainer`` whose workers Train reserves."""
-    worker = {"CPU": float(train["cpus_per_worker"]),
-              "GPU": float(train["gpus_per_worker"]) if gpu else 0.0}
+    worker = {
+        "CPU": float(train["cpus_per_worker"]),
+        "GPU": float(train["gpus_per_worker"]) if gpu else 0.0,
+    }
     if workers == 0:
         return worker, dict(worker)
     trial = {"CPU": float(cpus_per_trial), "GPU": 0.0}
@@ -133,22 +174,32 @@ def trial_resources(train: dict[str, Any], workers: int, gpu: bool,
 
 def fitting_trials(cluster: dict[str, float], need: dict[str, float]) -> int:
     """How many trials (with their workers) the cluster holds at once."""
-    counts = [math.floor(cluster.get(r, 0.0) / amount + 1e-9)
-              for r, amount in need.items() if amount > 0]
+    counts = [
+        math.floor(cluster.get(r, 0.0) / amount + 1e-9) for r, amount in need.items() if amount > 0
+    ]
     return min(counts) if counts else 0
 
 
-def concurrency(requested: int | None, fits: int, need: dict[str, float],
-                cluster: dict[str, float]) -> int:
+def concurrency(
+    requested: int | None, fits: int, need: dict[str, float], cluster: dict[str, float]
+) -> int:
     if fits < 1:
         have = {r: cluster.get(r, 0.0) for r in need}
-        raise SearchSetupError(f"one trial needs {need} but the cluster has {have}; lower "
-                               f"train.cpus_per_worker / --cpus-per-trial / --workers-per-trial")
+        raise SearchSetupError(
+            f"one trial needs {need} but the cluster has {have}; lower "
+            f"train.cpus_per_worker / --cpus-per-trial / --workers-per-trial"
+        )
     if requested is not None and requested < 1:
         raise SearchSetupError(f"--max-concurrent must be >= 1, got {requested}")
     if requested is not None and requested > fits:
-        log.warning("--max-concurrent %d: only %d trial(s) of %s fit in %s; using %d",
-                    requested, fits, need, cluster, fits)
+        log.warning(
+            "--max-concurrent %d: only %d trial(s) of %s fit in %s; using %d",
+            requested,
+            fits,
+            need,
+            cluster,
+            fits,
+        )
     return min(requested or fits, fits)
 
 
@@ -159,16 +210,19 @@ def make_scheduler(name: str, config: dict[str, Any], args: argparse.Namespace):
         return FIFOScheduler()
     eval_every, steps = int(config["train"]["eval_every"]), int(config["train"]["steps"])
     if eval_every <= 0 and args.grace_period is None:
-        raise SearchSetupError("ASHA needs evaluations during training: set train.eval_every "
-                               "> 0 (e.g. --set train.eval_every=500) or use --scheduler fifo")
+        raise SearchSetupError(
+            "ASHA needs evaluations during training: set train.eval_every "
+            "> 0 (e.g. --set train.eval_every=500) or use --scheduler fifo"
+        )
     max_t = args.max_t or steps
     grace = args.grace_period or eval_every
     if not 0 < grace <= max_t:
         raise SearchSetupError(f"ASHA: grace period {grace} must be in [1, max_t={max_t}]")
     if args.reduction_factor <= 1:
         raise SearchSetupError(f"--reduction-factor must be > 1, got {args.reduction_factor}")
-    return ASHAScheduler(time_attr="step", max_t=max_t, grace_period=grace,
-                         reduction_factor=args.reduction_factor)
+    return ASHAScheduler(
+        time_attr="step", max_t=max_t, grace_period=grace, reduction_factor=args.reduction_factor
+    )
 
 
 def make_searcher(name: str, metric: str, seed: int, max_concurrent: int):
@@ -180,8 +234,9 @@ def make_searcher(name: str, metric: str, seed: int, max_concurrent: int):
     try:
         from ray.tune.search.optuna import OptunaSearch
     except ImportError as err:
-        raise SearchSetupError("--search optuna needs the optuna package "
-                               "(pip install optuna)") from err
+        raise SearchSetupError(
+            "--search optuna needs the optuna package (pip install optuna)"
+        ) from err
 
     class EvaluatedResultsOptunaSearch(OptunaSearch):
         """Optuna sees only reports that hold the metric (the loop also reports
@@ -221,25 +276,33 @@ def connect_ray(address: str | None, num_cpus: float | None, *, dashboard: bool)
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
         return
     port = free_port()
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_port=port,
-             runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=True,
+        dashboard_port=port,
+        runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
+    )
 
 
 def trial_dirname(trial) -> str:
     return trial.trial_id
 
 
-def build_trainable(config: dict[str, Any], vocab: dict, workers: int,
-                    resources: dict[str, float]):
+def build_trainable(config: dict[str, Any], vocab: dict, workers: int, resources: dict[str, float]):
     from ray import tune as ray_tune
 
     from tune.trial import run_trial
 
     trainable = ray_tune.with_parameters(
-        run_trial, base_config=config, vocab=vocab, out_dir=config["out"],
-        train_storage=config["train"]["storage_path"], workers=workers)
-    return ray_tune.with_resources(trainable, {"cpu": resources["CPU"],
-                                               "gpu": resources["GPU"]})
+        run_trial,
+        base_config=config,
+        vocab=vocab,
+        out_dir=config["out"],
+        train_storage=config["train"]["storage_path"],
+        workers=workers,
+    )
+    return ray_tune.with_resources(trainable, {"cpu": resources["CPU"], "gpu": resources["GPU"]})
 
 
 def run_search(args: argparse.Namespace) -> dict[str, Any]:
@@ -264,31 +327,40 @@ def run_search(args: argparse.Namespace) -> dict[str, Any]:
     config["train"]["use_gpu"] = gpu
     cluster = {r: float(v) for r, v in ray.cluster_resources().items()}
     resources, need = trial_resources(config["train"], workers, gpu, args.cpus_per_trial)
-    max_concurrent = concurrency(args.max_concurrent, fitting_trials(cluster, need), need,
-                                 cluster)
+    max_concurrent = concurrency(args.max_concurrent, fitting_trials(cluster, need), need, cluster)
     scheduler = make_scheduler(args.scheduler, config, args)
     searcher = make_searcher(args.search, metric, args.seed, max_concurrent)
 
     out = Path(config["out"])
     out.mkdir(parents=True, exist_ok=True)
-    (out / "search.yaml").write_text(dump_config({
-        **config, SPACE_SECTION: {k: vars_of(s) for k, s in space.items()}}))
+    (out / "search.yaml").write_text(
+        dump_config({**config, SPACE_SECTION: {k: vars_of(s) for k, s in space.items()}})
+    )
     vocab = build_vocabulary(config["data"]).to_dict()
     trainable = build_trainable(config, vocab, workers, resources)
     experiment = out / EXPERIMENT_NAME
-    log.info("search %s: %d sample(s), %d at once, %s per trial (%s reserved by Tune), "
-             "metric %s (%s)", experiment, args.num_samples, max_concurrent, need, resources,
-             metric, args.mode)
+    log.info(
+        "search %s: %d sample(s), %d at once, %s per trial (%s reserved by Tune), metric %s (%s)",
+        experiment,
+        args.num_samples,
+        max_concurrent,
+        need,
+        resources,
+        metric,
+        args.mode,
+    )
     if args.resume or ray_tune.Tuner.can_restore(str(experiment)):
         log.info("resuming the search in %s", experiment)
-        tuner = ray_tune.Tuner.restore(str(experiment), trainable=trainable,
-                                       resume_errored=True)
+        tuner = ray_tune.Tuner.restore(str(experiment), trainable=trainable, resume_errored=True)
     else:
         tuner = ray_tune.Tuner(
             trainable,
             param_space={key: spec.domain() for key, spec in space.items()},
             tune_config=ray_tune.TuneConfig(
-                metric=metric, mode=args.mode, scheduler=scheduler, search_alg=searcher,
+                metric=metric,
+                mode=args.mode,
+                scheduler=scheduler,
+                search_alg=searcher,
                 num_samples=args.num_samples,
                 # the variant generator takes the limit itself (Tune ignores this for it)
                 max_concurrent_trials=None if args.search == "random" else max_concurrent,
@@ -296,20 +368,30 @@ def run_search(args: argparse.Namespace) -> dict[str, Any]:
                 # in-process trials: a finished or stopped trial's process takes the next
                 # trial (no new process importing torch). A stopped Train-driving trial's
                 # thread stays blocked in TorchTrainer.fit, so its process cannot be reset.
-                reuse_actors=workers == 0),
+                reuse_actors=workers == 0,
+            ),
             run_config=ray_tune.RunConfig(
-                name=EXPERIMENT_NAME, storage_path=str(out),
+                name=EXPERIMENT_NAME,
+                storage_path=str(out),
                 failure_config=ray_tune.FailureConfig(max_failures=0),
                 checkpoint_config=ray_tune.CheckpointConfig(
-                    num_to_keep=int(config["train"]["num_to_keep"])),
-                verbose=1),
+                    num_to_keep=int(config["train"]["num_to_keep"])
+                ),
+                verbose=1,
+            ),
         )
     grid = tuner.fit()
-    table = trial_table(grid, space, metric=metric, mode=args.mode,
-                        max_steps=int(config["train"]["steps"]))
+    table = trial_table(
+        grid, space, metric=metric, mode=args.mode, max_steps=int(config["train"]["steps"])
+    )
     written = write_outputs(table, config, space, metric, out)
-    return {"table": table, "written": written, "metric": metric,
-            "max_concurrent": max_concurrent, "experiment": str(experiment)}
+    return {
+        "table": table,
+        "written": written,
+        "metric": metric,
+        "max_concurrent": max_concurrent,
+        "experiment": str(experiment),
+    }
 
 
 def vars_of(spec: ParamSpec) -> dict[str, Any]:

@@ -84,8 +84,10 @@ def flatten_section(section: dict[str, Any], prefix: str = "") -> dict[str, Any]
         dotted = f"{prefix}{key}"
         if isinstance(value, dict) and "type" not in value:
             if not value:
-                raise SearchSpaceError(f"{SPACE_SECTION}.{dotted}: empty mapping, expected "
-                                       f"{{type: ..., ...}} or nested config keys")
+                raise SearchSpaceError(
+                    f"{SPACE_SECTION}.{dotted}: empty mapping, expected "
+                    f"{{type: ..., ...}} or nested config keys"
+                )
             flat.update(flatten_section(value, prefix=f"{dotted}."))
         else:
             flat[dotted] = value
@@ -104,21 +106,25 @@ def parse_param(key: str, spec: Any) -> ParamSpec:
     """Validate one entry; errors name the key and what was expected."""
     where = f"{SPACE_SECTION}.{key}"
     if not isinstance(spec, dict):
-        raise SearchSpaceError(f"{where}: expected a mapping like {{type: loguniform, low: ..., "
-                               f"high: ...}}, got {spec!r}")
+        raise SearchSpaceError(
+            f"{where}: expected a mapping like {{type: loguniform, low: ..., "
+            f"high: ...}}, got {spec!r}"
+        )
     kind = spec.get("type")
     if kind not in PARAM_TYPES:
         raise SearchSpaceError(f"{where}: unknown type {kind!r}, expected one of {PARAM_TYPES}")
     allowed = {"type", "values"} if kind in LIST_TYPES else {"type", "low", "high"}
     extra = sorted(set(spec) - allowed)
     if extra:
-        raise SearchSpaceError(f"{where}: unexpected field(s) {extra} for type {kind!r}; "
-                               f"expected {sorted(allowed)}")
+        raise SearchSpaceError(
+            f"{where}: unexpected field(s) {extra} for type {kind!r}; expected {sorted(allowed)}"
+        )
     if kind in LIST_TYPES:
         values = spec.get("values")
         if not isinstance(values, list) or not values:
-            raise SearchSpaceError(f"{where}: type {kind!r} needs a non-empty list 'values', "
-                                   f"got {values!r}")
+            raise SearchSpaceError(
+                f"{where}: type {kind!r} needs a non-empty list 'values', got {values!r}"
+            )
         return ParamSpec(key, kind, values=tuple(values))
     for name in ("low", "high"):
         if name not in spec:
@@ -135,8 +141,10 @@ def parse_param(key: str, spec: Any) -> ParamSpec:
 def parse_space(section: dict[str, Any]) -> dict[str, ParamSpec]:
     """A ``tune:`` section -> ``{dotted key: ParamSpec}`` (not yet checked against a config)."""
     if not isinstance(section, dict) or not section:
-        raise SearchSpaceError(f"'{SPACE_SECTION}' must be a non-empty mapping of config keys to "
-                               f"distributions, got {section!r}")
+        raise SearchSpaceError(
+            f"'{SPACE_SECTION}' must be a non-empty mapping of config keys to "
+            f"distributions, got {section!r}"
+        )
     return {key: parse_param(key, spec) for key, spec in flatten_section(section).items()}
 
 
@@ -173,13 +181,16 @@ def check_space(space: dict[str, ParamSpec], config: dict[str, Any]) -> None:
         if not known_key(config, key):
             raise SearchSpaceError(
                 f"{SPACE_SECTION}.{key}: unknown config key {key!r} (not in the run config, "
-                f"and not a keyword of model {config['model']['name']!r} or of the loss)")
+                f"and not a keyword of model {config['model']['name']!r} or of the loss)"
+            )
         for value in spec.probe_values():
             try:
                 apply_params(config, {key: value})
             except ConfigError as err:
-                raise SearchSpaceError(f"{SPACE_SECTION}.{key} = {value!r} (from "
-                                       f"{spec.describe()}) is not a valid value: {err}") from err
+                raise SearchSpaceError(
+                    f"{SPACE_SECTION}.{key} = {value!r} (from "
+                    f"{spec.describe()}) is not a valid value: {err}"
+                ) from err
 
 
 def default_space(config: dict[str, Any]) -> dict[str, ParamSpec]:
@@ -194,17 +205,20 @@ def default_space(config: dict[str, Any]) -> dict[str, ParamSpec]:
         # TIRG Eq. 1: w_g, w_r start at 1 and 10 in the authors' code
         space["model.w_g_init"] = ParamSpec("model.w_g_init", "loguniform", low=0.1, high=10.0)
         space["model.w_r_init"] = ParamSpec("model.w_r_init", "loguniform", low=1.0, high=100.0)
-        space["model.learn_weights"] = ParamSpec("model.learn_weights", "choice",
-                                                 values=(True, False))
+        space["model.learn_weights"] = ParamSpec(
+            "model.learn_weights", "choice", values=(True, False)
+        )
     if model == "ccnet":
         # CCNet's hidden size is its expert dimension D (model.embed_dim; the query is 7 D)
         size = int(config["model"]["embed_dim"])
-        space["model.embed_dim"] = ParamSpec("model.embed_dim", "choice",
-                                             values=(size // 2, size, size * 2))
+        space["model.embed_dim"] = ParamSpec(
+            "model.embed_dim", "choice", values=(size // 2, size, size * 2)
+        )
         space["model.dropout"] = ParamSpec("model.dropout", "uniform", low=0.0, high=0.5)
     else:
-        space["optim.weight_decay"] = ParamSpec("optim.weight_decay", "loguniform",
-                                                low=1e-7, high=1e-4)
+        space["optim.weight_decay"] = ParamSpec(
+            "optim.weight_decay", "loguniform", low=1e-7, high=1e-4
+        )
     return space
 
 

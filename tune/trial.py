@@ -50,13 +50,21 @@ class TuneContext(RunContext):
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None) -> None:
         from ray import tune
 
-        checkpoint = None if checkpoint_dir is None else tune.Checkpoint.from_directory(
-            str(checkpoint_dir))
+        checkpoint = (
+            None if checkpoint_dir is None else tune.Checkpoint.from_directory(str(checkpoint_dir))
+        )
         tune.report(dict(metrics), checkpoint=checkpoint)  # persisted before it returns
 
 
-def trial_config(base: dict[str, Any], params: dict[str, Any], *, trial_id: str,
-                 out_dir: str, train_storage: str, workers: int) -> dict[str, Any]:
+def trial_config(
+    base: dict[str, Any],
+    params: dict[str, Any],
+    *,
+    trial_id: str,
+    out_dir: str,
+    train_storage: str,
+    workers: int,
+) -> dict[str, Any]:
     """The resolved run config of one trial: ``base`` (resolved) with ``params`` set, its
     own run directory ``out_dir/trials/<trial_id>`` and Train run name."""
     config = apply_params(base, params)
@@ -67,14 +75,27 @@ def trial_config(base: dict[str, Any], params: dict[str, Any], *, trial_id: str,
     return config
 
 
-def run_trial(params: dict[str, Any], *, base_config: dict[str, Any], vocab: dict,
-              out_dir: str, train_storage: str, workers: int) -> None:
+def run_trial(
+    params: dict[str, Any],
+    *,
+    base_config: dict[str, Any],
+    vocab: dict,
+    out_dir: str,
+    train_storage: str,
+    workers: int,
+) -> None:
     """Tune's trainable: the body of one trial (``params``: ``{dotted key: value}``)."""
     from ray import tune
 
     trial_id = tune.get_context().get_trial_id()
-    config = trial_config(base_config, params, trial_id=trial_id, out_dir=out_dir,
-                          train_storage=train_storage, workers=workers)
+    config = trial_config(
+        base_config,
+        params,
+        trial_id=trial_id,
+        out_dir=out_dir,
+        train_storage=train_storage,
+        workers=workers,
+    )
     out = Path(config["out"])
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(dump_config(config))
