@@ -10,7 +10,14 @@ import yaml
 
 from pipeline.config import DEFAULTS, deep_merge, load_config, validate_config
 from tune.report import best_config, best_params, markdown_table, sort_table, trial_row
-from tune.search import concurrency, fitting_trials, trial_resources
+from tune.search import (
+    SearchSetupError,
+    concurrency,
+    default_metric,
+    fitting_trials,
+    make_searcher,
+    trial_resources,
+)
 from tune.space import (
     ParamSpec,
     SearchSpaceError,
@@ -234,3 +241,26 @@ def test_best_config_loads_back_with_the_searched_values(tmp_path):
     assert loaded["optim"]["lr"] == 0.123 and loaded["model"]["learn_weights"] is False
     assert loaded["out"] is None and loaded["train"]["run_name"] is None
     assert loaded["train"]["steps"] == base["train"]["steps"] and loaded["tune"] is None
+
+
+@pytest.mark.parametrize(
+    "protocol, metric",
+    [
+        ({"name": "css", "ks": [1, 5, 10, 50], "hit": "label", "exclude_reference": True}, "R@1"),
+        ({"name": "fashioniq", "ks": [50, 10], "hit": "id", "exclude_reference": True}, "avg/R@10"),
+    ],
+)
+def test_default_metric_is_the_protocols_first_recall(tmp_path, protocol, metric):
+    from shard_fixtures import write_dataset
+
+    data = write_dataset(
+        tmp_path / "ds", explicit_groups=1, derived_groups=False, protocol=protocol
+    )
+    config = deep_merge(DEFAULTS, {"data": str(data)})
+    assert default_metric(config) == metric
+
+
+def test_optuna_refuses_grid_entries():
+    space = parse_space({"optim.name": {"type": "grid", "values": ["sgd", "adam"]}})
+    with pytest.raises(SearchSetupError, match="does not take grid entries"):
+        make_searcher("optuna", "R@1", 0, 1, space)

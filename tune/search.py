@@ -11,11 +11,11 @@ loop (``tune.trial``): as a Ray Train ``TorchTrainer`` with W workers, or with
 the protocol's recall (default the first K of the evaluation protocol, e.g. ``R@1``,
 mode max) at the loop's evaluations (``time_attr`` = ``step``).
 
-``ray.init()`` joins ``RAY_ADDRESS`` / a running cluster or starts a local one, so the
-same command runs under ``ray job submit``. Trials run concurrently only as far as the
-cluster's resources hold all of them with their workers (``ray.cluster_resources()``):
-Train V2 reserves the workers itself, outside Tune's view, so an unbounded Tune would
-start trials whose workers can never be placed.
+Ray: ``--address`` or ``RAY_ADDRESS`` (set by ``ray job submit``) joins that cluster,
+otherwise a local Ray instance is started (``connect_ray``). Trials run concurrently
+only as far as the cluster's resources hold all of them with their workers
+(``ray.cluster_resources()``): Train V2 reserves the workers itself, outside Tune's
+view, so an unbounded Tune would start trials whose workers can never be placed.
 
 ``DIR`` (``--out``, default ``runs/<name>-tune``) receives ``results.csv``,
 ``results.md``, ``best.yaml`` (for ``pipeline/train.py --config``), ``search.png``,
@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import ConfigError, dump_config, load_config, resolve_run_paths
+from shards.manifest import ManifestError
 from tune.report import markdown_table, trial_table, write_outputs
 from tune.space import SPACE_SECTION, ParamSpec, SearchSpaceError, search_space
 
@@ -142,7 +143,10 @@ def load_search_config(args: argparse.Namespace) -> tuple[dict[str, Any], dict[s
 
 
 def default_metric(config: dict[str, Any]) -> str:
-    """``R@<first K>`` of the evaluation set the loop evaluates (``eval.eval_set``)."""
+    """The first recall of the evaluation set the loop evaluates (``eval.eval_set``):
+    ``R@<first K>``, or ``avg/R@<first K>`` for Fashion-IQ, which reports recalls per
+    category and their average (``pipeline.protocols``)."""
+    from pipeline.protocols import resolve_protocol
     from shards.manifest import load_manifest
 
     evals = load_manifest(config["data"])["evals"]
@@ -151,8 +155,9 @@ def default_metric(config: dict[str, Any]) -> str:
         raise SearchSetupError(
             f"eval.eval_set {name!r} is not in the dataset's evals ({', '.join(evals)})"
         )
-    ks = evals[name]["protocol"].get("ks") or [1]
-    return f"R@{ks[0]}"
+    protocol = resolve_protocol(evals[name]["protocol"])
+    recall = f"R@{protocol['ks'][0]}"
+    return f"avg/{recall}" if protocol["name"] == "fashioniq" else recall
 
 
 def trial_resources(
@@ -225,12 +230,17 @@ def make_scheduler(name: str, config: dict[str, Any], args: argparse.Namespace):
     )
 
 
-def make_searcher(name: str, metric: str, seed: int, max_concurrent: int):
+def make_searcher(
+    name: str, metric: str, seed: int, max_concurrent: int, space: dict[str, ParamSpec]
+):
     """Random search (Tune's variant generator), or Optuna's TPE when it is installed."""
     if name == "random":  # a SearchAlgorithm, not a Searcher: it limits concurrency itself
         from ray.tune.search import BasicVariantGenerator
 
         return BasicVariantGenerator(random_state=seed, max_concurrent=max_concurrent)
+    grids = [key for key, spec in space.items() if spec.type == "grid"]
+    if grids:
+        raise SearchSetupError(f"--search optuna does not take grid entries ({grids}); use choice")
     try:
         from ray.tune.search.optuna import OptunaSearch
     except ImportError as err:
@@ -329,7 +339,7 @@ def run_search(args: argparse.Namespace) -> dict[str, Any]:
     resources, need = trial_resources(config["train"], workers, gpu, args.cpus_per_trial)
     max_concurrent = concurrency(args.max_concurrent, fitting_trials(cluster, need), need, cluster)
     scheduler = make_scheduler(args.scheduler, config, args)
-    searcher = make_searcher(args.search, metric, args.seed, max_concurrent)
+    searcher = make_searcher(args.search, metric, args.seed, max_concurrent, space)
 
     out = Path(config["out"])
     out.mkdir(parents=True, exist_ok=True)
@@ -406,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         summary = run_search(args)
-    except (ConfigError, SearchSpaceError, SearchSetupError) as err:
+    except (ConfigError, ManifestError, SearchSpaceError, SearchSetupError) as err:
         print(f"tune.search: error: {err}", file=sys.stderr)
         return 2
     print(markdown_table(summary["table"]), end="")
