@@ -188,6 +188,11 @@ def test_concurrency_is_bounded_by_what_fits():
     assert concurrency(1, 3, need, cluster) == 1
     with pytest.raises(ValueError, match="one trial needs"):
         concurrency(None, 0, {"CPU": 4.0, "GPU": 0.0}, cluster)
+    # a joined (autoscaling) cluster with no GPU node up yet: an explicit limit is kept
+    gpu_need, head_only = {"CPU": 1.0, "GPU": 2.0}, {"CPU": 0.0}
+    assert concurrency(4, 0, gpu_need, head_only, joined=True) == 4
+    with pytest.raises(ValueError, match="pass --max-concurrent"):
+        concurrency(None, 0, gpu_need, head_only, joined=True)
 
 
 def history(steps, recalls, done):

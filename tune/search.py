@@ -186,16 +186,38 @@ def fitting_trials(cluster: dict[str, float], need: dict[str, float]) -> int:
 
 
 def concurrency(
-    requested: int | None, fits: int, need: dict[str, float], cluster: dict[str, float]
+    requested: int | None,
+    fits: int,
+    need: dict[str, float],
+    cluster: dict[str, float],
+    *,
+    joined: bool = False,
 ) -> int:
+    """Trials at once: what fits now, or fewer when ``--max-concurrent`` asks so.
+
+    ``joined`` (a cluster given by ``--address``/``RAY_ADDRESS``): an explicit
+    ``--max-concurrent`` above what fits now is kept, since an autoscaling cluster
+    (``cluster.yaml``: GPU workers from 0) adds the nodes when the trials ask for them.
+    """
+    if requested is not None and requested < 1:
+        raise SearchSetupError(f"--max-concurrent must be >= 1, got {requested}")
+    if joined and requested is not None and requested > fits:
+        log.warning(
+            "the cluster holds %d trial(s) of %s now (%s); running %d at once, as "
+            "--max-concurrent asks, for the autoscaler to add nodes",
+            fits,
+            need,
+            cluster,
+            requested,
+        )
+        return requested
     if fits < 1:
         have = {r: cluster.get(r, 0.0) for r in need}
         raise SearchSetupError(
             f"one trial needs {need} but the cluster has {have}; lower "
-            f"train.cpus_per_worker / --cpus-per-trial / --workers-per-trial"
+            f"train.cpus_per_worker / --cpus-per-trial / --workers-per-trial, or on an "
+            f"autoscaling cluster pass --max-concurrent"
         )
-    if requested is not None and requested < 1:
-        raise SearchSetupError(f"--max-concurrent must be >= 1, got {requested}")
     if requested is not None and requested > fits:
         log.warning(
             "--max-concurrent %d: only %d trial(s) of %s fit in %s; using %d",
@@ -265,8 +287,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def connect_ray(address: str | None, num_cpus: float | None, *, dashboard: bool) -> None:
-    """Join ``address`` / ``RAY_ADDRESS``, else start a local Ray instance.
+def connect_ray(address: str | None, num_cpus: float | None, *, dashboard: bool) -> bool:
+    """Join ``address`` / ``RAY_ADDRESS`` (returns True), else start a local Ray instance
+    (False; also when Ray is already initialised in this process).
 
     A stopped trial's Train workers are released by Train V2's PlacementGroupCleaner,
     which asks the dashboard's state API whether the trial's controller is alive. On a
@@ -277,14 +300,14 @@ def connect_ray(address: str | None, num_cpus: float | None, *, dashboard: bool)
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address)
-        return
+        return True
     if not dashboard:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
-        return
+        return False
     port = free_port()
     ray.init(
         address="local",
@@ -293,6 +316,7 @@ def connect_ray(address: str | None, num_cpus: float | None, *, dashboard: bool)
         dashboard_port=port,
         runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
     )
+    return False
 
 
 def trial_dirname(trial) -> str:
@@ -332,12 +356,13 @@ def run_search(args: argparse.Namespace) -> dict[str, Any]:
     workers = int(args.workers_per_trial)
     if workers < 0:
         raise SearchSetupError(f"--workers-per-trial must be >= 0, got {workers}")
-    connect_ray(args.address, args.num_cpus, dashboard=workers > 0)
+    joined = connect_ray(args.address, args.num_cpus, dashboard=workers > 0)
     gpu = use_gpu(config)
     config["train"]["use_gpu"] = gpu
     cluster = {r: float(v) for r, v in ray.cluster_resources().items()}
     resources, need = trial_resources(config["train"], workers, gpu, args.cpus_per_trial)
-    max_concurrent = concurrency(args.max_concurrent, fitting_trials(cluster, need), need, cluster)
+    fits = fitting_trials(cluster, need)
+    max_concurrent = concurrency(args.max_concurrent, fits, need, cluster, joined=joined)
     scheduler = make_scheduler(args.scheduler, config, args)
     searcher = make_searcher(args.search, metric, args.seed, max_concurrent, space)
 
