@@ -73,10 +73,13 @@ def measure(name: str, args: argparse.Namespace, device: torch.device) -> dict:
         kwargs["embed_dim"] = args.ccnet_embed_dim
     torch.manual_seed(0)
     model = create_model(name, **kwargs).to(device).eval()
-    row = {"model": name, "embed_dim": model.embed_dim,
-           "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
-           "backbone_params_m": sum(p.numel() for p in model.image_encoder.backbone.parameters())
-           / 1e6}
+    row = {
+        "model": name,
+        "embed_dim": model.embed_dim,
+        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "backbone_params_m": sum(p.numel() for p in model.image_encoder.backbone.parameters())
+        / 1e6,
+    }
     for batch in args.batch_sizes:
         images = torch.randn(batch, 3, args.image_size, args.image_size, device=device)
         tokens = torch.randint(2, args.vocab_size, (batch, args.text_len), device=device)
@@ -105,19 +108,35 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows.append(measure(name, args, device))
         logging.info("%s: %s", name, rows[-1])
     cols = ["model", "embed_dim", "params_m", "backbone_params_m"] + [
-        f"{kind}_ms_b{b}" for b in args.batch_sizes for kind in ("forward", "query")]
-    print(f"image {args.image_size}px, text {args.text_len} tokens, {args.backbone}, "
-          f"device {args.device}, {torch.get_num_threads()} threads")
+        f"{kind}_ms_b{b}" for b in args.batch_sizes for kind in ("forward", "query")
+    ]
+    print(
+        f"image {args.image_size}px, text {args.text_len} tokens, {args.backbone}, "
+        f"device {args.device}, {torch.get_num_threads()} threads"
+    )
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for row in rows:
-        print("| " + " | ".join(f"{row[c]:.1f}" if isinstance(row[c], float) else str(row[c])
-                                for c in cols) + " |")
-    meta = {"image_size": args.image_size, "batch_sizes": args.batch_sizes,
-            "text_len": args.text_len, "backbone": args.backbone, "device": args.device,
-            "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "cpu": platform.processor() or platform.machine(),
-            "load_average": os.getloadavg()[0], "warmup": args.warmup, "repeats": args.repeats}
+        print(
+            "| "
+            + " | ".join(
+                f"{row[c]:.1f}" if isinstance(row[c], float) else str(row[c]) for c in cols
+            )
+            + " |"
+        )
+    meta = {
+        "image_size": args.image_size,
+        "batch_sizes": args.batch_sizes,
+        "text_len": args.text_len,
+        "backbone": args.backbone,
+        "device": args.device,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "load_average": os.getloadavg()[0],
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+    }
     Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json_out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     return rows

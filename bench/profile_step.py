@@ -23,19 +23,23 @@ from pipeline.losses import compute_loss
 from pipeline.models import create_model, list_models
 
 
-def make_batch(batch: int, size: int, text_len: int, vocab: int, device: torch.device,
-               channels_last: bool) -> dict[str, torch.Tensor]:
+def make_batch(
+    batch: int, size: int, text_len: int, vocab: int, device: torch.device, channels_last: bool
+) -> dict[str, torch.Tensor]:
     """Random (ref, tokens, lengths, target) tensors on ``device``."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    images = [torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=fmt)
-              for _ in range(2)]
+    images = [
+        torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=fmt)
+        for _ in range(2)
+    ]
     tokens = torch.randint(2, vocab, (batch, text_len), device=device)
     lengths = torch.randint(1, text_len + 1, (batch,), device=device)
     return {"ref": images[0], "tgt": images[1], "tokens": tokens, "lengths": lengths}
 
 
-def run_steps(model, optimizer, batch, steps: int, loss_name: str, amp: bool,
-              device: torch.device) -> float:
+def run_steps(
+    model, optimizer, batch, steps: int, loss_name: str, amp: bool, device: torch.device
+) -> float:
     """Mean seconds per training step over ``steps`` steps (after the caller's warm-up)."""
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if amp else nullcontext()
     if device.type == "cuda":
@@ -87,11 +91,18 @@ def main(argv: list[str] | None = None) -> int:
         batch = make_batch(batch_size, args.image_size, 12, 1000, device, channels_last)
         run_steps(model, optimizer, batch, args.warmup, args.loss, amp, device)
         seconds = run_steps(model, optimizer, batch, args.steps, args.loss, amp, device)
-        rows.append({"batch_size": batch_size, "step_ms": seconds * 1e3,
-                     "triplets_per_s": batch_size / seconds,
-                     "images_per_s": 2 * batch_size / seconds})
-        print(f"{batch_size:6d} {seconds * 1e3:9.2f} {batch_size / seconds:11.0f} "
-              f"{2 * batch_size / seconds:9.0f}")
+        rows.append(
+            {
+                "batch_size": batch_size,
+                "step_ms": seconds * 1e3,
+                "triplets_per_s": batch_size / seconds,
+                "images_per_s": 2 * batch_size / seconds,
+            }
+        )
+        print(
+            f"{batch_size:6d} {seconds * 1e3:9.2f} {batch_size / seconds:11.0f} "
+            f"{2 * batch_size / seconds:9.0f}"
+        )
 
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
@@ -101,18 +112,32 @@ def main(argv: list[str] | None = None) -> int:
         run_steps(model, optimizer, batch, 5, args.loss, amp, device)
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=sort, row_limit=args.profile_rows)
-    cpu_table = prof.key_averages().table(sort_by="self_cpu_time_total",
-                                          row_limit=args.profile_rows)
+    cpu_table = prof.key_averages().table(
+        sort_by="self_cpu_time_total", row_limit=args.profile_rows
+    )
     print(table)
     print(cpu_table)
     if args.json_out:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(json.dumps({
-            "model": args.model, "image_size": args.image_size, "amp": amp,
-            "channels_last": channels_last, "cudnn_benchmark": args.cudnn_benchmark,
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-            "torch": torch.__version__, "rows": rows, "profile_by_device_time": table,
-            "profile_by_cpu_time": cpu_table}, indent=1))
+        args.json_out.write_text(
+            json.dumps(
+                {
+                    "model": args.model,
+                    "image_size": args.image_size,
+                    "amp": amp,
+                    "channels_last": channels_last,
+                    "cudnn_benchmark": args.cudnn_benchmark,
+                    "device": torch.cuda.get_device_name(device)
+                    if device.type == "cuda"
+                    else platform.processor(),
+                    "torch": torch.__version__,
+                    "rows": rows,
+                    "profile_by_device_time": table,
+                    "profile_by_cpu_time": cpu_table,
+                },
+                indent=1,
+            )
+        )
     return 0
 
 

@@ -42,16 +42,28 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 RUN_RECORD = "reproduce_run.json"  # per run: model, seed, wall time (next to metrics.json)
 # The paper's CSS setting (Sec. 4.1 and the authors' code): 64 px renders, ResNet-18,
 # 512-d embedding, batch 32; the number of steps comes from --iterations.
-PAPER_SCALE = ["image.size=64", "model.image_backbone=resnet18", "model.embed_dim=512",
-               "train.batch_size=32"]
+PAPER_SCALE = [
+    "image.size=64",
+    "model.image_backbone=resnet18",
+    "model.embed_dim=512",
+    "train.batch_size=32",
+]
 # A reduced version for a CPU box (with ``shards.css --small`` data): 32 px, a 128-d
 # embedding, no loader processes or AMP, one final checkpoint; the paper's batch and lr
 # (a 5x lr, as the config's demo_settings use, took concat to R@1 2% after 80 steps,
 # below the 11% of untrained image features).
-CPU_SCALE = ["image.size=32", "model.embed_dim=128", "train.batch_size=32",
-             "train.use_gpu=false", "train.loader_workers=0", "train.shuffle_buffer=200",
-             "train.amp=false", "train.channels_last=false", "train.checkpoint_every=0",
-             "train.log_every=50"]
+CPU_SCALE = [
+    "image.size=32",
+    "model.embed_dim=128",
+    "train.batch_size=32",
+    "train.use_gpu=false",
+    "train.loader_workers=0",
+    "train.shuffle_buffer=200",
+    "train.amp=false",
+    "train.channels_last=false",
+    "train.checkpoint_every=0",
+    "train.log_every=50",
+]
 CPU_SCALE_ITERATIONS = 300
 
 
@@ -73,32 +85,56 @@ class PlannedRun:
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
-    parser = argparse.ArgumentParser(prog="python -m bench.reproduce",
-                                     description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.reproduce", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--dataset", required=True, help="CSS-style shard dataset (shards.css)")
-    parser.add_argument("--models", default="all",
-                        help="'all' (every registered model) or a comma-separated list")
+    parser.add_argument(
+        "--models", default="all", help="'all' (every registered model) or a comma-separated list"
+    )
     parser.add_argument("--seeds", type=int, default=3, help="runs per model (seeds 0..N-1)")
-    parser.add_argument("--iterations", type=int,
-                        help="training steps per run (default: the config's train.steps; "
-                             f"{CPU_SCALE_ITERATIONS} with --cpu-scale)")
-    parser.add_argument("--workers", type=int, default=1,
-                        help="Ray Train workers per run (ignored with --in-process)")
+    parser.add_argument(
+        "--iterations",
+        type=int,
+        help="training steps per run (default: the config's train.steps; "
+        f"{CPU_SCALE_ITERATIONS} with --cpu-scale)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="Ray Train workers per run (ignored with --in-process)",
+    )
     parser.add_argument("--parallel", type=int, default=1, help="runs in flight at once")
-    parser.add_argument("--in-process", action="store_true",
-                        help="train with --workers 0 in this process (no Ray)")
+    parser.add_argument(
+        "--in-process", action="store_true", help="train with --workers 0 in this process (no Ray)"
+    )
     scale = parser.add_mutually_exclusive_group()
-    scale.add_argument("--paper-scale", action="store_true",
-                       help="the paper's setup: " + " ".join(PAPER_SCALE))
-    scale.add_argument("--cpu-scale", action="store_true",
-                       help="reduced CPU setup: " + " ".join(CPU_SCALE))
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE", help="config override for every run")
-    parser.add_argument("--config-dir", default=str(REPO_ROOT / "configs"),
-                        help="where css_<model>.yaml / css_base.yaml live")
+    scale.add_argument(
+        "--paper-scale", action="store_true", help="the paper's setup: " + " ".join(PAPER_SCALE)
+    )
+    scale.add_argument(
+        "--cpu-scale", action="store_true", help="reduced CPU setup: " + " ".join(CPU_SCALE)
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for every run",
+    )
+    parser.add_argument(
+        "--config-dir",
+        default=str(REPO_ROOT / "configs"),
+        help="where css_<model>.yaml / css_base.yaml live",
+    )
     parser.add_argument("--out", default="results/reproduce", help="output directory")
-    parser.add_argument("--report-only", action="store_true",
-                        help="train nothing: tabulate the finished runs, list the missing ones")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: tabulate the finished runs, list the missing ones",
+    )
     parser.add_argument("--ray-address", help="join this Ray cluster instead of a local one")
     parser.add_argument("--ray-cpus", type=int, help="CPUs of the local Ray cluster")
     args = parser.parse_args(argv)
@@ -108,8 +144,10 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
     if args.iterations is not None and args.iterations < 1:
         parser.error(f"--iterations must be >= 1, got {args.iterations}")
     if args.workers < 1 and not args.in_process:
-        parser.error(f"--workers must be >= 1 for Ray runs, got {args.workers} "
-                     "(use --in-process to train without Ray)")
+        parser.error(
+            f"--workers must be >= 1 for Ray runs, got {args.workers} "
+            "(use --in-process to train without Ray)"
+        )
     return parser, args
 
 
@@ -123,8 +161,10 @@ def resolve_models(spec: str) -> list[str]:
     names = [name.strip() for name in spec.split(",") if name.strip()]
     unknown = [name for name in names if name not in known]
     if unknown or not names:
-        raise ValueError(f"--models {spec!r}: unknown model(s) {unknown}; "
-                         f"registered: {', '.join(known)} (or 'all')")
+        raise ValueError(
+            f"--models {spec!r}: unknown model(s) {unknown}; "
+            f"registered: {', '.join(known)} (or 'all')"
+        )
     return list(dict.fromkeys(names))
 
 
@@ -159,8 +199,10 @@ def plan_runs(args: argparse.Namespace, models: list[str]) -> list[PlannedRun]:
 
     dataset = Path(args.dataset)
     if not (dataset / "manifest.json").is_file():
-        raise ReproduceError(f"--dataset {dataset}: no manifest.json (expected a shard "
-                             "dataset written by python -m shards.css)")
+        raise ReproduceError(
+            f"--dataset {dataset}: no manifest.json (expected a shard "
+            "dataset written by python -m shards.css)"
+        )
     flag_parser = argparse.ArgumentParser(add_help=False)
     add_common_flags(flag_parser)
     out, steps = Path(args.out).resolve(), iterations(args)
@@ -169,9 +211,20 @@ def plan_runs(args: argparse.Namespace, models: list[str]) -> list[PlannedRun]:
     runs = []
     for model in models:
         for seed in range(args.seeds):
-            argv = ["--config", str(model_config_file(Path(args.config_dir), model)),
-                    "--data", str(dataset), "--model", model, "--seed", str(seed),
-                    "--workers", str(workers), "--out", str(out / "runs" / model / f"seed{seed}")]
+            argv = [
+                "--config",
+                str(model_config_file(Path(args.config_dir), model)),
+                "--data",
+                str(dataset),
+                "--model",
+                model,
+                "--seed",
+                str(seed),
+                "--workers",
+                str(workers),
+                "--out",
+                str(out / "runs" / model / f"seed{seed}"),
+            ]
             argv += [] if steps is None else ["--steps", str(steps)]
             for item in overrides:
                 argv += ["--set", item]
@@ -209,17 +262,25 @@ def finished_result(run: PlannedRun) -> dict[str, Any] | None:
     if diffs:
         raise ReproduceError(
             f"{run.run_dir} holds a finished run with other settings ({'; '.join(diffs[:5])}); "
-            "pass another --out or delete that directory")
+            "pass another --out or delete that directory"
+        )
     record_file = run.run_dir / RUN_RECORD
     record = json.loads(record_file.read_text()) if record_file.is_file() else {}
-    return result_dict(run, json.loads(metrics_file.read_text()), record.get("wall_s"),
-                       reused=True)
+    return result_dict(run, json.loads(metrics_file.read_text()), record.get("wall_s"), reused=True)
 
 
-def result_dict(run: PlannedRun, metrics: dict[str, Any], wall_s: float | None, *,
-                reused: bool) -> dict[str, Any]:
-    return {"model": run.model, "seed": run.seed, "metrics": metrics, "wall_s": wall_s,
-            "reused": reused, "run_dir": str(run.run_dir), "config": run.config}
+def result_dict(
+    run: PlannedRun, metrics: dict[str, Any], wall_s: float | None, *, reused: bool
+) -> dict[str, Any]:
+    return {
+        "model": run.model,
+        "seed": run.seed,
+        "metrics": metrics,
+        "wall_s": wall_s,
+        "reused": reused,
+        "run_dir": str(run.run_dir),
+        "config": run.config,
+    }
 
 
 def train_timed(config: dict[str, Any]) -> tuple[dict[str, Any], float]:
@@ -229,8 +290,11 @@ def train_timed(config: dict[str, Any]) -> tuple[dict[str, Any], float]:
     start = time.perf_counter()
     metrics = train_run(config)
     wall = time.perf_counter() - start
-    Path(config["out"], RUN_RECORD).write_text(json.dumps(
-        {"model": config["model"]["name"], "seed": config["train"]["seed"], "wall_s": wall}))
+    Path(config["out"], RUN_RECORD).write_text(
+        json.dumps(
+            {"model": config["model"]["name"], "seed": config["train"]["seed"], "wall_s": wall}
+        )
+    )
     return metrics, wall
 
 
@@ -252,8 +316,9 @@ class RunExecutor:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
-            self.pool = ProcessPoolExecutor(self.parallel,
-                                            mp_context=multiprocessing.get_context("spawn"))
+            self.pool = ProcessPoolExecutor(
+                self.parallel, mp_context=multiprocessing.get_context("spawn")
+            )
         elif not self.in_process:
             self.remote = start_ray(args)
 
@@ -289,6 +354,7 @@ class RunExecutor:
 
             def getter():
                 return train_timed(config)
+
         run = self.pending.pop(key)
         try:
             return run, getter(), None
@@ -328,8 +394,7 @@ def format_eta(seconds: float) -> str:
 
 
 def recall_text(metrics: dict[str, Any]) -> str:
-    return "  ".join(f"{k} {float(metrics[k]):.1f}" for k in ("R@1", "R@5", "R@10")
-                     if k in metrics)
+    return "  ".join(f"{k} {float(metrics[k]):.1f}" for k in ("R@1", "R@5", "R@10") if k in metrics)
 
 
 def run_all(runs: list[PlannedRun], args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
@@ -341,16 +406,32 @@ def run_all(runs: list[PlannedRun], args: argparse.Namespace) -> tuple[list[dict
             todo.append(run)
         else:
             results.append(stored)
-            log.info("[%d/%d] %s seed %d: reused %s", len(results), len(runs), run.model,
-                     run.seed, recall_text(stored["metrics"]))
+            log.info(
+                "[%d/%d] %s seed %d: reused %s",
+                len(results),
+                len(runs),
+                run.model,
+                run.seed,
+                recall_text(stored["metrics"]),
+            )
     if not todo:
         return results, failures
     if args.report_only:
         for run in todo:
-            failures.append({"model": run.model, "seed": run.seed, "error": "not run",
-                             "run_dir": str(run.run_dir)})
-        log.info("--report-only: %d of %d runs not finished: %s", len(todo), len(runs),
-                 ", ".join(f"{run.model} seed {run.seed}" for run in todo))
+            failures.append(
+                {
+                    "model": run.model,
+                    "seed": run.seed,
+                    "error": "not run",
+                    "run_dir": str(run.run_dir),
+                }
+            )
+        log.info(
+            "--report-only: %d of %d runs not finished: %s",
+            len(todo),
+            len(runs),
+            ", ".join(f"{run.model} seed {run.seed}" for run in todo),
+        )
         return results, failures
     executor = RunExecutor(args)
     walls, queue = [], list(todo)
@@ -361,19 +442,34 @@ def run_all(runs: list[PlannedRun], args: argparse.Namespace) -> tuple[list[dict
             run, outcome, error = executor.wait_one()
             done = len(results) + len(failures) + 1
             if outcome is None:
-                failures.append({"model": run.model, "seed": run.seed, "error": error,
-                                 "run_dir": str(run.run_dir)})
-                log.info("[%d/%d] %s seed %d: FAILED (%s)", done, len(runs), run.model,
-                         run.seed, error)
+                failures.append(
+                    {
+                        "model": run.model,
+                        "seed": run.seed,
+                        "error": error,
+                        "run_dir": str(run.run_dir),
+                    }
+                )
+                log.info(
+                    "[%d/%d] %s seed %d: FAILED (%s)", done, len(runs), run.model, run.seed, error
+                )
                 continue
             metrics, wall = outcome
             walls.append(wall)
             results.append(result_dict(run, metrics, wall, reused=False))
             left = len(queue) + len(executor.pending)
             eta = sum(walls) / len(walls) * left / args.parallel
-            log.info("[%d/%d] %s seed %d: %s  (%.0f s; %d left, ETA %s)", done, len(runs),
-                     run.model, run.seed, recall_text(metrics), wall, left,
-                     format_eta(eta))
+            log.info(
+                "[%d/%d] %s seed %d: %s  (%.0f s; %d left, ETA %s)",
+                done,
+                len(runs),
+                run.model,
+                run.seed,
+                recall_text(metrics),
+                wall,
+                left,
+                format_eta(eta),
+            )
     finally:
         executor.close()
     return results, failures
@@ -384,9 +480,13 @@ def hardware() -> dict[str, Any]:
 
     import torch
 
-    info = {"platform": platform.platform(), "processor": platform.processor(),
-            "cpus": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__}
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
@@ -414,26 +514,40 @@ def main(argv: list[str] | None = None) -> int:
     results.sort(key=lambda r: order[(r["model"], r["seed"])])
     settings = {
         "command": "python -m bench.reproduce " + " ".join(sys.argv[1:] if argv is None else argv),
-        "dataset": str(Path(args.dataset).resolve()), "models": models, "seeds": args.seeds,
-        "iterations": iterations(args), "scale": scale_overrides(args),
-        "overrides": args.overrides, "in_process": args.in_process, "workers": args.workers,
-        "parallel": args.parallel, "report_only": args.report_only, "hardware": hardware(),
+        "dataset": str(Path(args.dataset).resolve()),
+        "models": models,
+        "seeds": args.seeds,
+        "iterations": iterations(args),
+        "scale": scale_overrides(args),
+        "overrides": args.overrides,
+        "in_process": args.in_process,
+        "workers": args.workers,
+        "parallel": args.parallel,
+        "report_only": args.report_only,
+        "hardware": hardware(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
-        "wall_s": time.time() - started, "failures": failures,
+        "wall_s": time.time() - started,
+        "failures": failures,
     }
     rows = summarize(results) if results else []
     table = markdown_table(rows)
     (out / "table.md").write_text(table)
     write_json(out / "runs.json", results, rows, settings)
     if rows:
-        plot_recalls(out / "recalls.png", rows,
-                     f"CSS: {len(models)} models x {args.seeds} seeds, "
-                     f"{iterations(args) or 'config'} iterations")
+        plot_recalls(
+            out / "recalls.png",
+            rows,
+            f"CSS: {len(models)} models x {args.seeds} seeds, "
+            f"{iterations(args) or 'config'} iterations",
+        )
     print(table)
     print(f"wrote {out / 'table.md'}, {out / 'runs.json'}, {out / 'recalls.png'}")
     if failures:
-        print(f"{len(failures)} run(s) failed or not run: "
-              + ", ".join(f"{f['model']} seed {f['seed']}" for f in failures), file=sys.stderr)
+        print(
+            f"{len(failures)} run(s) failed or not run: "
+            + ", ".join(f"{f['model']} seed {f['seed']}" for f in failures),
+            file=sys.stderr,
+        )
         return 1
     return 0
 

@@ -77,16 +77,22 @@ def plan_dataset(config) -> tuple[list[str], np.ndarray, list[dict[str, Any]]]:
             ids.append(scene_ids[-1])
             rows.append(object_row([object_dict(o) for o in scene]))
         for i, mod in enumerate(plan.mods, start=1):
-            queries.append({"ref_id": scene_ids[0], "target_ids": [scene_ids[i]],
-                            "mod": mod_dict(mod)})
+            queries.append(
+                {"ref_id": scene_ids[0], "target_ids": [scene_ids[i]], "mod": mod_dict(mod)}
+            )
     return ids, np.stack(rows), queries
 
 
 def slots_matching(attrs: dict[str, Any]) -> np.ndarray:
     """Indices of the slots of objects with these attributes (``pos`` optional)."""
     want = {k: tuple(v) if k == "pos" else v for k, v in attrs.items()}
-    return np.array([i for i, slot in enumerate(SLOTS)
-                     if all(dict(zip((*ATTRS, "pos"), slot))[k] == v for k, v in want.items())])
+    return np.array(
+        [
+            i
+            for i, slot in enumerate(SLOTS)
+            if all(dict(zip((*ATTRS, "pos"), slot))[k] == v for k, v in want.items())
+        ]
+    )
 
 
 def text_consistent(mod: dict[str, Any], objects: np.ndarray) -> np.ndarray:
@@ -99,8 +105,7 @@ def text_consistent(mod: dict[str, Any], objects: np.ndarray) -> np.ndarray:
     return objects[:, slots_matching(after)].any(axis=1)
 
 
-def expected_recalls(scores: np.ndarray, hits: np.ndarray,
-                     ks: tuple[int, ...]) -> dict[int, float]:
+def expected_recalls(scores: np.ndarray, hits: np.ndarray, ks: tuple[int, ...]) -> dict[int, float]:
     """Probability that a hit is among the top k when ties are broken at random.
 
     With A non-hits scored above the best hit and, at the best hit's score, h hits and n
@@ -125,8 +130,12 @@ def expected_recalls(scores: np.ndarray, hits: np.ndarray,
     return out
 
 
-def ceilings(ids: list[str], objects: np.ndarray, queries: list[dict[str, Any]],
-             ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, dict[str, dict[str, float]]]:
+def ceilings(
+    ids: list[str],
+    objects: np.ndarray,
+    queries: list[dict[str, Any]],
+    ks: tuple[int, ...] = (1, 5, 10),
+) -> dict[str, dict[str, dict[str, float]]]:
     """{baseline: {mod type or "all": {"R@k": percent, "queries": n}}} over ``queries``
     (``ref_id``, ``target_ids``, ``mod``) on the gallery ``ids`` / ``objects`` (N, slots)."""
     position = {image_id: i for i, image_id in enumerate(ids)}
@@ -159,19 +168,29 @@ def ceilings(ids: list[str], objects: np.ndarray, queries: list[dict[str, Any]],
                 slot = sums.setdefault(name, {}).setdefault(group, dict.fromkeys(ks, 0.0))
                 for k in ks:
                     slot[k] += found[k]
-    return {name: {group: {**{f"R@{k}": 100 * v / counts[group] for k, v in per.items()},
-                           "queries": counts[group]} for group, per in groups.items()}
-            for name, groups in sums.items()}
+    return {
+        name: {
+            group: {
+                **{f"R@{k}": 100 * v / counts[group] for k, v in per.items()},
+                "queries": counts[group],
+            }
+            for group, per in groups.items()
+        }
+        for name, groups in sums.items()
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.reproduce_difficulty",
-                                     description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.reproduce_difficulty", description=__doc__.splitlines()[0]
+    )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--dataset", help="CSS-style shard dataset (python -m shards.css)")
-    source.add_argument("--plan", choices=("default", "small"),
-                        help="plan shards.css's default or --small test split (seed --seed) "
-                             "without rendering it")
+    source.add_argument(
+        "--plan",
+        choices=("default", "small"),
+        help="plan shards.css's default or --small test split (seed --seed) without rendering it",
+    )
     parser.add_argument("--seed", type=int, default=0, help="generator seed for --plan")
     parser.add_argument("--json", help="also write the numbers here")
     args = parser.parse_args(argv)
@@ -183,8 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         dataset = Path(args.dataset)
         if not (dataset / "queries.json").is_file():
-            parser.error(f"--dataset {dataset}: no queries.json "
-                         "(expected python -m shards.css output)")
+            parser.error(
+                f"--dataset {dataset}: no queries.json (expected python -m shards.css output)"
+            )
         ids, objects, queries = read_dataset(dataset)
     result = ceilings(ids, objects, queries)
     groups = sorted(next(iter(result.values())), key=lambda g: (g != "all", g))

@@ -87,19 +87,29 @@ def format_cell(stat: dict[str, float], runs: int) -> str:
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """Markdown table: model, runs, iterations, R@1/R@5/R@10 as mean ± std, paper R@1."""
     header = ["model", "runs", "iterations", *RECALL_KEYS, "paper R@1"]
-    lines = ["| " + " | ".join(header) + " |",
-             "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
+    ]
     for row in rows:
         paper = row["paper_R@1"]
-        cells = [row["model"], str(row["runs"]), "/".join(str(i) for i in row["iterations"]),
-                 *(format_cell(row[key], row["runs"]) for key in RECALL_KEYS),
-                 "–" if paper is None else f"{paper:.1f}"]
+        cells = [
+            row["model"],
+            str(row["runs"]),
+            "/".join(str(i) for i in row["iterations"]),
+            *(format_cell(row[key], row["runs"]) for key in RECALL_KEYS),
+            "–" if paper is None else f"{paper:.1f}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def write_json(path: str | Path, runs: list[dict[str, Any]], rows: list[dict[str, Any]],
-               settings: dict[str, Any]) -> None:
+def write_json(
+    path: str | Path,
+    runs: list[dict[str, Any]],
+    rows: list[dict[str, Any]],
+    settings: dict[str, Any],
+) -> None:
     """``{"settings", "summary": rows, "runs": runs}`` as indented JSON."""
     payload = {"settings": settings, "summary": rows, "runs": runs}
     Path(path).write_text(json.dumps(payload, indent=1, sort_keys=False, default=str) + "\n")
@@ -118,14 +128,22 @@ def plot_recalls(path: str | Path, rows: list[dict[str, Any]], title: str) -> No
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(models) + 2), 4.2))
     for i, key in enumerate(RECALL_KEYS):
         xs = [m + (i - (len(RECALL_KEYS) - 1) / 2) * width for m in range(len(models))]
-        ax.bar(xs, [row[key]["mean"] for row in rows], width,
-               yerr=[row[key]["std"] for row in rows], capsize=3, label=key)
+        ax.bar(
+            xs,
+            [row[key]["mean"] for row in rows],
+            width,
+            yerr=[row[key]["std"] for row in rows],
+            capsize=3,
+            label=key,
+        )
         if key == "R@1":
-            paper = [(x, row["paper_R@1"]) for x, row in zip(xs, rows)
-                     if row["paper_R@1"] is not None]
+            paper = [
+                (x, row["paper_R@1"]) for x, row in zip(xs, rows) if row["paper_R@1"] is not None
+            ]
             if paper:
-                ax.scatter(*zip(*paper), marker="_", s=200, color="black", zorder=3,
-                           label="paper R@1")
+                ax.scatter(
+                    *zip(*paper), marker="_", s=200, color="black", zorder=3, label="paper R@1"
+                )
     ax.set_xticks(range(len(models)), models, rotation=30, ha="right")
     ax.set_ylabel("recall (%)")
     ax.set_ylim(0, 100)

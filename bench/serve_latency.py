@@ -47,12 +47,17 @@ def unit_rows(count: int, dim: int, seed: int, dtype=np.float16, chunk: int = 65
     out = np.empty((count, dim), dtype=dtype)
     for start in range(0, count, chunk):
         rows = rng.standard_normal((min(chunk, count - start), dim), dtype=np.float32)
-        out[start:start + len(rows)] = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+        out[start : start + len(rows)] = rows / np.linalg.norm(rows, axis=1, keepdims=True)
     return out
 
 
-def time_calls(fn: Callable[[], Any], seconds: float, min_reps: int, warmup: int = 2,
-               sync: Callable[[], None] = lambda: None) -> dict[str, float]:
+def time_calls(
+    fn: Callable[[], Any],
+    seconds: float,
+    min_reps: int,
+    warmup: int = 2,
+    sync: Callable[[], None] = lambda: None,
+) -> dict[str, float]:
     """Run ``fn`` ``warmup`` times, then until ``seconds`` passed and ``min_reps`` ran;
     p50/p99/mean milliseconds per call."""
     for _ in range(warmup):
@@ -68,12 +73,24 @@ def time_calls(fn: Callable[[], Any], seconds: float, min_reps: int, warmup: int
         if len(times) >= 100_000:
             break
     ms = np.asarray(times) * 1e3
-    return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
-            "mean_ms": float(ms.mean()), "reps": len(times)}
+    return {
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "mean_ms": float(ms.mean()),
+        "reps": len(times),
+    }
 
 
-def bench_search(sizes: list[int], dim: int, batches: list[int], k: int, device: torch.device,
-                 seconds: float, min_reps: int, use_faiss: bool) -> tuple[list[dict], list[str]]:
+def bench_search(
+    sizes: list[int],
+    dim: int,
+    batches: list[int],
+    k: int,
+    device: torch.device,
+    seconds: float,
+    min_reps: int,
+    use_faiss: bool,
+) -> tuple[list[dict], list[str]]:
     rows, notes = [], []
     faiss = None
     if use_faiss:
@@ -88,7 +105,7 @@ def bench_search(sizes: list[int], dim: int, batches: list[int], k: int, device:
         if faiss is not None:
             index = faiss.IndexFlatIP(dim)
             for start in range(0, size, 65536):
-                index.add(np.ascontiguousarray(gallery[start:start + 65536], dtype=np.float32))
+                index.add(np.ascontiguousarray(gallery[start : start + 65536], dtype=np.float32))
         for batch in batches:
             queries = unit_rows(batch, dim, seed=7, dtype=np.float32)
             q = torch.from_numpy(queries)
@@ -99,8 +116,12 @@ def bench_search(sizes: list[int], dim: int, batches: list[int], k: int, device:
                 ours = search.search(q, k)[1].numpy()
                 theirs = index.search(queries, k)[1]
                 agree = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(ours, theirs)]))
-                rows.append({**_row("search", "faiss IndexFlatIP fp32", "cpu", size, batch, stats),
-                             "topk_agreement": agree})
+                rows.append(
+                    {
+                        **_row("search", "faiss IndexFlatIP fp32", "cpu", size, batch, stats),
+                        "topk_agreement": agree,
+                    }
+                )
             log.info("search N=%d B=%d done", size, batch)
         search = index = gallery = None  # free this size's copies before the next
         if device.type == "cuda":
@@ -123,26 +144,36 @@ def random_artifacts(out: Path, model_name: str, dim: int, image_size: int) -> P
     return out / "artifacts"
 
 
-def query_backends(art_dir: Path, arts: dict[str, Any], device: torch.device,
-                   names: list[str], threads: int) -> tuple[list[tuple[str, Any]], list[str]]:
+def query_backends(
+    art_dir: Path, arts: dict[str, Any], device: torch.device, names: list[str], threads: int
+) -> tuple[list[tuple[str, Any]], list[str]]:
     """(label, backend) pairs to time, and notes on the ones that cannot run here."""
     from serve.backends import create_backend
 
     backends, notes = [], []
     for name in names:
         if name == "torch":
-            backends.append(("torch eager", create_backend("torch", art_dir, arts, device,
-                                                           cuda_graphs=False)))
+            backends.append(
+                ("torch eager", create_backend("torch", art_dir, arts, device, cuda_graphs=False))
+            )
             if device.type == "cuda":
-                backends.append(("torch CUDA graphs", create_backend("torch", art_dir, arts, device,
-                                                                     cuda_graphs=True)))
+                backends.append(
+                    (
+                        "torch CUDA graphs",
+                        create_backend("torch", art_dir, arts, device, cuda_graphs=True),
+                    )
+                )
         elif name == "onnxruntime":
             import onnxruntime as ort
 
             ort_device = device
-            if device.type == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
-                notes.append("onnxruntime has no CUDA provider (install onnxruntime-gpu): "
-                             "timed on the CPU")
+            if (
+                device.type == "cuda"
+                and "CUDAExecutionProvider" not in ort.get_available_providers()
+            ):
+                notes.append(
+                    "onnxruntime has no CUDA provider (install onnxruntime-gpu): timed on the CPU"
+                )
                 ort_device = torch.device("cpu")
             backend = create_backend("onnxruntime", art_dir, arts, ort_device, threads=threads)
             backends.append((backend.describe, backend))
@@ -160,9 +191,16 @@ def query_backends(art_dir: Path, arts: dict[str, Any], device: torch.device,
     return backends, notes
 
 
-def bench_query_network(art_dir: Path, device: torch.device, backend_names: list[str],
-                        batches: list[int], seconds: float, min_reps: int, threads: int,
-                        text_len: int = 8) -> tuple[list[dict], list[str]]:
+def bench_query_network(
+    art_dir: Path,
+    device: torch.device,
+    backend_names: list[str],
+    batches: list[int],
+    seconds: float,
+    min_reps: int,
+    threads: int,
+    text_len: int = 8,
+) -> tuple[list[dict], list[str]]:
     from export.artifacts import load_artifacts
 
     arts = load_artifacts(art_dir)
@@ -187,36 +225,56 @@ def bench_query_network(art_dir: Path, device: torch.device, backend_names: list
     return rows, notes
 
 
-def _row(part: str, method: str, device: str, size: int | None, batch: int,
-         stats: dict[str, float]) -> dict[str, Any]:
-    return {"part": part, "method": method, "device": device, "gallery": size, "batch": batch,
-            **stats, "queries_per_s": batch * 1e3 / stats["mean_ms"]}
+def _row(
+    part: str, method: str, device: str, size: int | None, batch: int, stats: dict[str, float]
+) -> dict[str, Any]:
+    return {
+        "part": part,
+        "method": method,
+        "device": device,
+        "gallery": size,
+        "batch": batch,
+        **stats,
+        "queries_per_s": batch * 1e3 / stats["mean_ms"],
+    }
 
 
 def format_table(rows: list[dict]) -> str:
-    head = (f"{'part':14s} {'method':34s} {'device':7s} {'gallery':>9s} {'batch':>5s} "
-            f"{'p50 ms':>9s} {'p99 ms':>9s} {'queries/s':>10s} {'agree':>6s}")
+    head = (
+        f"{'part':14s} {'method':34s} {'device':7s} {'gallery':>9s} {'batch':>5s} "
+        f"{'p50 ms':>9s} {'p99 ms':>9s} {'queries/s':>10s} {'agree':>6s}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         agree = f"{r['topk_agreement']:.3f}" if "topk_agreement" in r else ""
-        lines.append(f"{r['part']:14s} {r['method']:34s} {r['device']:7s} "
-                     f"{r['gallery'] or '':>9} {r['batch']:>5d} {r['p50_ms']:9.3f} "
-                     f"{r['p99_ms']:9.3f} {r['queries_per_s']:10.1f} {agree:>6s}")
+        lines.append(
+            f"{r['part']:14s} {r['method']:34s} {r['device']:7s} "
+            f"{r['gallery'] or '':>9} {r['batch']:>5d} {r['p50_ms']:9.3f} "
+            f"{r['p99_ms']:9.3f} {r['queries_per_s']:10.1f} {agree:>6s}"
+        )
     return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda")
-    parser.add_argument("--backends", nargs="+", default=["torch", "onnxruntime", "tensorrt"],
-                        choices=["torch", "onnxruntime", "tensorrt"])
-    parser.add_argument("--artifacts", default=None,
-                        help="ART_DIR for the query network (default: export a random model)")
+    parser.add_argument(
+        "--backends",
+        nargs="+",
+        default=["torch", "onnxruntime", "tensorrt"],
+        choices=["torch", "onnxruntime", "tensorrt"],
+    )
+    parser.add_argument(
+        "--artifacts",
+        default=None,
+        help="ART_DIR for the query network (default: export a random model)",
+    )
     parser.add_argument("--model", default="tirg")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--seconds", type=float, default=2.0, help="timing budget per cell")
@@ -232,8 +290,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
-                          if args.device == "auto" else args.device)
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    )
     if args.threads:
         torch.set_num_threads(args.threads)
         try:
@@ -244,32 +303,60 @@ def main(argv: list[str] | None = None) -> int:
             pass
     rows, notes = [], []
     if not args.skip_search:
-        found, why = bench_search(args.sizes, args.dim, args.batches, args.k, device,
-                                  args.seconds, args.min_reps, not args.no_faiss)
+        found, why = bench_search(
+            args.sizes,
+            args.dim,
+            args.batches,
+            args.k,
+            device,
+            args.seconds,
+            args.min_reps,
+            not args.no_faiss,
+        )
         rows += found
         notes += why
     if not args.skip_network:
         with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
             threads = torch.get_num_threads()
-            art_dir = Path(args.artifacts) if args.artifacts else random_artifacts(
-                Path(tmp), args.model, args.dim, args.image_size)
+            art_dir = (
+                Path(args.artifacts)
+                if args.artifacts
+                else random_artifacts(Path(tmp), args.model, args.dim, args.image_size)
+            )
             torch.set_num_threads(threads)  # the export's parity check may change it
-            found, why = bench_query_network(art_dir, device, args.backends, args.batches,
-                                             args.seconds, args.min_reps, args.threads)
+            found, why = bench_query_network(
+                art_dir,
+                device,
+                args.backends,
+                args.batches,
+                args.seconds,
+                args.min_reps,
+                args.threads,
+            )
             rows += found
             notes += why
-    env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda"
-           else platform.processor() or platform.machine(),
-           "torch": torch.__version__, "threads": torch.get_num_threads(),
-           "python": platform.python_version(), "model": args.model if not args.artifacts
-           else str(args.artifacts), "image_size": args.image_size, "dim": args.dim, "k": args.k}
+    env = {
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "model": args.model if not args.artifacts else str(args.artifacts),
+        "image_size": args.image_size,
+        "dim": args.dim,
+        "k": args.k,
+    }
     print(format_table(rows))
     for note in notes:
         print("note:", note)
     out = Path(args.json_out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"env": env, "rows": rows, "notes": notes,
-                               "command": " ".join(sys.argv)}, indent=1))
+    out.write_text(
+        json.dumps(
+            {"env": env, "rows": rows, "notes": notes, "command": " ".join(sys.argv)}, indent=1
+        )
+    )
     print(f"wrote {out}")
     return 0
 

@@ -42,13 +42,20 @@ def measure(config: css.CssConfig, workers: int, preset: str) -> dict:
     samples = sum(s["samples"] for s in splits.values())
     images = sum(s["images"] for s in splits.values())
     return {
-        "preset": preset, "workers": workers, "image_size": config.image_size,
-        "train_groups": splits["train"]["samples"], "images": images, "samples": samples,
-        "queries": manifest["evals"]["test"]["count"], "seconds": round(seconds, 2),
-        "samples_per_s": round(samples / seconds, 1), "images_per_s": round(images / seconds, 1),
+        "preset": preset,
+        "workers": workers,
+        "image_size": config.image_size,
+        "train_groups": splits["train"]["samples"],
+        "images": images,
+        "samples": samples,
+        "queries": manifest["evals"]["test"]["count"],
+        "seconds": round(seconds, 2),
+        "samples_per_s": round(samples / seconds, 1),
+        "images_per_s": round(images / seconds, 1),
         "mb": round(manifest["bytes"] / 1e6, 2),
         "bytes_per_image": round(manifest["bytes"] / images),
-        "verify_seconds": round(verify_seconds, 2), "verify_problems": len(problems),
+        "verify_seconds": round(verify_seconds, 2),
+        "verify_problems": len(problems),
     }
 
 
@@ -67,18 +74,25 @@ def main(argv: list[str] | None = None) -> int:
             settings[field] = getattr(args, field)
     config = dataclasses.replace(css.CssConfig(), image_size=args.image_size, **settings)
     rows = [measure(config, int(w), args.preset) for w in args.workers.split(",")]
-    header = (f"{'preset':<8}{'workers':>8}{'px':>5}{'groups':>8}{'images':>8}{'queries':>8}"
-              f"{'seconds':>9}{'samples/s':>11}{'images/s':>10}{'MB':>8}{'B/img':>7}{'verify s':>10}")
+    header = (
+        f"{'preset':<8}{'workers':>8}{'px':>5}{'groups':>8}{'images':>8}{'queries':>8}"
+        f"{'seconds':>9}{'samples/s':>11}{'images/s':>10}{'MB':>8}{'B/img':>7}{'verify s':>10}"
+    )
     print(header)
     for r in rows:
-        print(f"{r['preset']:<8}{r['workers']:>8}{r['image_size']:>5}{r['train_groups']:>8}"
-              f"{r['images']:>8}{r['queries']:>8}{r['seconds']:>9.2f}{r['samples_per_s']:>11.1f}"
-              f"{r['images_per_s']:>10.1f}{r['mb']:>8.2f}{r['bytes_per_image']:>7}"
-              f"{r['verify_seconds']:>10.2f}")
+        print(
+            f"{r['preset']:<8}{r['workers']:>8}{r['image_size']:>5}{r['train_groups']:>8}"
+            f"{r['images']:>8}{r['queries']:>8}{r['seconds']:>9.2f}{r['samples_per_s']:>11.1f}"
+            f"{r['images_per_s']:>10.1f}{r['mb']:>8.2f}{r['bytes_per_image']:>7}"
+            f"{r['verify_seconds']:>10.2f}"
+        )
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        machine = {"cpus": os.cpu_count(), "python": platform.python_version(),
-                   "processor": platform.processor() or platform.machine()}
+        machine = {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "processor": platform.processor() or platform.machine(),
+        }
         Path(args.json_out).write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
     return 0 if all(r["verify_problems"] == 0 for r in rows) else 1
 

@@ -78,22 +78,29 @@ def measure(name: str, image_size: int, workdir: Path) -> dict:
             stored_images += len(sample["images"])
             image_bytes += sum(len(d) for d in sample["images"].values())
     queries = sum((out / ev["queries"]).stat().st_size for ev in manifest["evals"].values())
-    tails = sum(tar_tail(out / shard) for info in manifest["splits"].values()
-                for shard in info["shards"])
+    tails = sum(
+        tar_tail(out / shard) for info in manifest["splits"].values() for shard in info["shards"]
+    )
     groups = manifest["extra"].get("groups", {})
     raw_bytes = manifest["extra"].get("raw_bytes")
     return {
-        "dataset": name, "image_size": image_size, "raw_bytes": raw_bytes,
+        "dataset": name,
+        "image_size": image_size,
+        "raw_bytes": raw_bytes,
         "shard_bytes": manifest["bytes"],
         "ratio": round(manifest["bytes"] / raw_bytes, 3) if raw_bytes else None,
         "train_stored_per_unique": groups.get("ratio"),
-        "stored_images": stored_images, "image_bytes": image_bytes, "query_bytes": queries,
+        "stored_images": stored_images,
+        "image_bytes": image_bytes,
+        "query_bytes": queries,
         "shards": sum(len(info["shards"]) for info in manifest["splits"].values()),
         "tar_tail_bytes": tails,
-        "overhead_per_image": round((manifest["bytes"] - image_bytes - queries)
-                                    / max(stored_images, 1)),
+        "overhead_per_image": round(
+            (manifest["bytes"] - image_bytes - queries) / max(stored_images, 1)
+        ),
         "overhead_per_image_without_tails": round(
-            (manifest["bytes"] - image_bytes - queries - tails) / max(stored_images, 1)),
+            (manifest["bytes"] - image_bytes - queries - tails) / max(stored_images, 1)
+        ),
     }
 
 
@@ -106,8 +113,9 @@ def tar_tail(path: Path) -> int:
     return path.stat().st_size - end
 
 
-def random_graph_duplication(images: int, degrees: list[int], group_sizes: list[int],
-                             seed: int = 0) -> list[dict]:
+def random_graph_duplication(
+    images: int, degrees: list[int], group_sizes: list[int], seed: int = 0
+) -> list[dict]:
     """Stored/unique images of ``group_pairs`` on random pair graphs (no locality: the
     hard case, e.g. a dataset whose pairs link arbitrary images)."""
     rng = np.random.default_rng(seed)
@@ -129,23 +137,28 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         rows = [measure(name, args.image_size, Path(tmp)) for name in args.datasets]
-    header = (f"{'dataset':<12} {'raw KB':>8} {'shard KB':>9} {'ratio':>6} {'train dup':>9} "
-              f"{'images':>6} {'shards':>6} {'overhead B/img':>14} {'w/o tar tails':>13}")
+    header = (
+        f"{'dataset':<12} {'raw KB':>8} {'shard KB':>9} {'ratio':>6} {'train dup':>9} "
+        f"{'images':>6} {'shards':>6} {'overhead B/img':>14} {'w/o tar tails':>13}"
+    )
     print(header)
     for r in rows:
-        print(f"{r['dataset']:<12} {r['raw_bytes'] / 1e3:8.1f} {r['shard_bytes'] / 1e3:9.1f} "
-              f"{r['ratio']:6.2f} {r['train_stored_per_unique']:9.2f} {r['stored_images']:6d} "
-              f"{r['shards']:6d} {r['overhead_per_image']:14d} "
-              f"{r['overhead_per_image_without_tails']:13d}")
+        print(
+            f"{r['dataset']:<12} {r['raw_bytes'] / 1e3:8.1f} {r['shard_bytes'] / 1e3:9.1f} "
+            f"{r['ratio']:6.2f} {r['train_stored_per_unique']:9.2f} {r['stored_images']:6d} "
+            f"{r['shards']:6d} {r['overhead_per_image']:14d} "
+            f"{r['overhead_per_image_without_tails']:13d}"
+        )
     graph_rows = random_graph_duplication(20000, [2, 6], [2, 8, 32])
     print(f"\n{'random pair graph':<18} {'group size':>10} {'stored/unique':>13}")
     for r in graph_rows:
-        print(f"{'mean degree ' + str(r['mean_degree']):<18} {r['group_size']:>10} "
-              f"{r['ratio']:>13.2f}")
+        print(
+            f"{'mean degree ' + str(r['mean_degree']):<18} {r['group_size']:>10} "
+            f"{r['ratio']:>13.2f}"
+        )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"fixtures": rows, "random_graphs": graph_rows},
-                                       indent=1))
+        args.out.write_text(json.dumps({"fixtures": rows, "random_graphs": graph_rows}, indent=1))
     return rows
 
 

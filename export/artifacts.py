@@ -62,11 +62,15 @@ def load_artifacts(art_dir: str | Path) -> dict[str, Any]:
     art_dir = Path(art_dir)
     path = art_dir / ARTIFACTS_FILE
     if not art_dir.is_dir():
-        raise ArtifactError(f"{art_dir}: artifact directory does not exist "
-                            "(expected the output of `python -m export.onnx`)")
+        raise ArtifactError(
+            f"{art_dir}: artifact directory does not exist "
+            "(expected the output of `python -m export.onnx`)"
+        )
     if not path.is_file():
-        raise ArtifactError(f"{path}: missing (expected the artifacts.json written by export.onnx; "
-                            "an interrupted export leaves only ART_DIR.partial-*)")
+        raise ArtifactError(
+            f"{path}: missing (expected the artifacts.json written by export.onnx; "
+            "an interrupted export leaves only ART_DIR.partial-*)"
+        )
     try:
         arts = json.loads(path.read_text())
     except json.JSONDecodeError as err:
@@ -88,9 +92,21 @@ def validate_artifacts(arts: Any, where: str = ARTIFACTS_FILE) -> None:
     if not isinstance(arts, dict):
         raise ArtifactError(f"{where}: expected a JSON object")
     if arts.get("format") != ARTIFACTS_FORMAT:
-        raise ArtifactError(f"{where}: format {arts.get('format')!r}, expected {ARTIFACTS_FORMAT!r}")
-    for key in ("model_name", "embed_dim", "image_repr_names", "text_repr_names",
-                "has_correction", "opset", "graphs", "preprocess", "tokenizer", "checkpoint"):
+        raise ArtifactError(
+            f"{where}: format {arts.get('format')!r}, expected {ARTIFACTS_FORMAT!r}"
+        )
+    for key in (
+        "model_name",
+        "embed_dim",
+        "image_repr_names",
+        "text_repr_names",
+        "has_correction",
+        "opset",
+        "graphs",
+        "preprocess",
+        "tokenizer",
+        "checkpoint",
+    ):
         if key not in arts:
             raise ArtifactError(f"{where}: missing key {key!r}")
     graphs = arts["graphs"]
@@ -106,9 +122,12 @@ def validate_artifacts(arts: Any, where: str = ARTIFACTS_FILE) -> None:
                 raise ArtifactError(f"{where}: graph {graph!r} misses {key!r}")
         for name, shape in {**info["inputs"], **info["outputs"]}.items():
             if not isinstance(shape, list) or not all(
-                    isinstance(d, int) or d in SYMBOLIC_DIMS for d in shape):
-                raise ArtifactError(f"{where}: graph {graph!r} tensor {name!r} has shape {shape!r}, "
-                                    f"expected a list of ints and {SYMBOLIC_DIMS}")
+                isinstance(d, int) or d in SYMBOLIC_DIMS for d in shape
+            ):
+                raise ArtifactError(
+                    f"{where}: graph {graph!r} tensor {name!r} has shape {shape!r}, "
+                    f"expected a list of ints and {SYMBOLIC_DIMS}"
+                )
     for key in ("image_size", "resize", "crop", "mean", "std"):
         if key not in arts["preprocess"]:
             raise ArtifactError(f"{where}: preprocess misses {key!r}")
@@ -120,15 +139,20 @@ def validate_artifacts(arts: Any, where: str = ARTIFACTS_FILE) -> None:
 def expected_graphs(text_repr_names: list[str], has_correction: bool) -> list[str]:
     """Graphs a model exports: no text encoder for a model that reads no text, a correction
     graph only for models with a correction network."""
-    return [g for g in GRAPH_NAMES
-            if (g != "text_encoder" or text_repr_names) and (g != "correction" or has_correction)]
+    return [
+        g
+        for g in GRAPH_NAMES
+        if (g != "text_encoder" or text_repr_names) and (g != "correction" or has_correction)
+    ]
 
 
 def graph_file(arts: dict[str, Any], graph: str) -> Path:
     """Absolute path of one graph's ONNX file."""
     if graph not in arts["graphs"]:
-        raise ArtifactError(f"{arts['dir']}: model {arts['model_name']!r} has no {graph!r} graph "
-                            f"(it has {sorted(arts['graphs'])})")
+        raise ArtifactError(
+            f"{arts['dir']}: model {arts['model_name']!r} has no {graph!r} graph "
+            f"(it has {sorted(arts['graphs'])})"
+        )
     return Path(arts["dir"]) / arts["graphs"][graph]["file"]
 
 

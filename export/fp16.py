@@ -17,9 +17,19 @@ from onnxconverter_common import float16
 
 # On top of onnxconverter-common's defaults: L2 normalisation (ReduceL2, or Pow + ReduceSum +
 # Sqrt) of features that can reach 1e2 overflows float16 when squared and summed over D.
-FP32_OPS = sorted(set(float16.DEFAULT_OP_BLOCK_LIST)
-                  | {"ReduceL2", "ReduceSumSquare", "LpNormalization", "Pow", "Sqrt",
-                     "Softmax", "LogSoftmax", "Exp"})
+FP32_OPS = sorted(
+    set(float16.DEFAULT_OP_BLOCK_LIST)
+    | {
+        "ReduceL2",
+        "ReduceSumSquare",
+        "LpNormalization",
+        "Pow",
+        "Sqrt",
+        "Softmax",
+        "LogSoftmax",
+        "Exp",
+    }
+)
 
 
 def convert_model_to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -28,7 +38,8 @@ def convert_model_to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
         # it warns for every weight below float16's smallest normal value that it clamps
         warnings.simplefilter("ignore", UserWarning)
         converted = float16.convert_float_to_float16(
-            model, keep_io_types=True, op_block_list=FP32_OPS, disable_shape_infer=False)
+            model, keep_io_types=True, op_block_list=FP32_OPS, disable_shape_infer=False
+        )
     onnx.checker.check_model(converted)
     return converted
 

@@ -49,21 +49,31 @@ PROGRESS_FILE = "progress.json"
 DTYPES = ("float16", "float32")
 
 
-def index_settings(runtime: ArtifactModel, data: Path, manifest: dict[str, Any], split: str,
-                   dtype: str) -> dict[str, Any]:
+def index_settings(
+    runtime: ArtifactModel, data: Path, manifest: dict[str, Any], split: str, dtype: str
+) -> dict[str, Any]:
     """What an index is built from; a resumed build must have the same settings."""
     outputs = runtime.arts["graphs"]["image_encoder"]["outputs"]
     reprs = {}
     for name in runtime.image_repr_names:
         shape = outputs[f"repr_{name}"][1:]
         if not all(isinstance(d, int) for d in shape):
-            raise ArtifactError(f"{runtime.art_dir}: image representation {name!r} has shape "
-                                f"{outputs[f'repr_{name}']}; only the batch dim may vary")
+            raise ArtifactError(
+                f"{runtime.art_dir}: image representation {name!r} has shape "
+                f"{outputs[f'repr_{name}']}; only the batch dim may vary"
+            )
         reprs[name] = {"shape": shape, "dtype": dtype}
-    return {"format": INDEX_FORMAT, "count": int(manifest["splits"][split]["samples"]),
-            "embed_dim": runtime.embed_dim, "dtype": dtype, "repr": reprs,
-            "dataset": manifest["name"], "data": str(data.resolve()), "split": split,
-            "checkpoint_sha256": runtime.arts["checkpoint"]["sha256"]}
+    return {
+        "format": INDEX_FORMAT,
+        "count": int(manifest["splits"][split]["samples"]),
+        "embed_dim": runtime.embed_dim,
+        "dtype": dtype,
+        "repr": reprs,
+        "dataset": manifest["name"],
+        "data": str(data.resolve()),
+        "split": split,
+        "checkpoint_sha256": runtime.arts["checkpoint"]["sha256"],
+    }
 
 
 class IndexFiles:
@@ -75,16 +85,21 @@ class IndexFiles:
 
         def array(name: str, shape: tuple, kind: str) -> np.memmap:
             path = out / name
-            arr = np.lib.format.open_memmap(path, mode=mode, dtype=kind,
-                                            shape=shape if fresh else None)
+            arr = np.lib.format.open_memmap(
+                path, mode=mode, dtype=kind, shape=shape if fresh else None
+            )
             if arr.shape != shape or arr.dtype != np.dtype(kind):
-                raise ArtifactError(f"{path}: shape {arr.shape} {arr.dtype}, expected {shape} "
-                                    f"{kind} (delete {out} to rebuild)")
+                raise ArtifactError(
+                    f"{path}: shape {arr.shape} {arr.dtype}, expected {shape} "
+                    f"{kind} (delete {out} to rebuild)"
+                )
             return arr
 
         self.embeddings = array("embeddings.npy", (count, dim), dtype)
-        self.reprs = {name: array(f"repr_{name}.npy", (count, *info["shape"]), dtype)
-                      for name, info in settings["repr"].items()}
+        self.reprs = {
+            name: array(f"repr_{name}.npy", (count, *info["shape"]), dtype)
+            for name, info in settings["repr"].items()
+        }
         self.offsets = array("image_offsets.npy", (count + 1,), "int64")
         for name in ("images.bin", "meta.jsonl"):
             if fresh:
@@ -98,14 +113,20 @@ class IndexFiles:
             fh.truncate(size)
             fh.seek(size)
 
-    def write_rows(self, start: int, targets: np.ndarray, reprs: dict[str, np.ndarray],
-                   images: list[bytes], metas: list[dict[str, Any]]) -> None:
+    def write_rows(
+        self,
+        start: int,
+        targets: np.ndarray,
+        reprs: dict[str, np.ndarray],
+        images: list[bytes],
+        metas: list[dict[str, Any]],
+    ) -> None:
         end = start + len(targets)
         self.embeddings[start:end] = targets
         for name, arr in self.reprs.items():
             arr[start:end] = reprs[name]
         sizes = np.cumsum([len(b) for b in images], dtype=np.int64)
-        self.offsets[start + 1:end + 1] = self.offsets[start] + sizes
+        self.offsets[start + 1 : end + 1] = self.offsets[start] + sizes
         self.images.write(b"".join(images))
         self.meta.write(b"".join(json.dumps(m).encode() + b"\n" for m in metas))
         for arr in (self.embeddings, self.offsets, *self.reprs.values()):
@@ -119,32 +140,56 @@ class IndexFiles:
         self.meta.close()
 
 
-def gallery_batches(data: Path, split: str, batch_size: int, preprocess: dict[str, Any],
-                    loader_workers: int) -> Iterator[tuple[list[str], np.ndarray, list[dict]]]:
+def gallery_batches(
+    data: Path, split: str, batch_size: int, preprocess: dict[str, Any], loader_workers: int
+) -> Iterator[tuple[list[str], np.ndarray, list[dict]]]:
     """``(ids, images (B, 3, S, S) float32, row metas with ext + encoded bytes)`` in shard
     order: ``gallery_loader``'s decoded batches zipped with the shards' raw bytes."""
     from pipeline.data import gallery_loader, iter_gallery_samples
 
     raw = iter_gallery_samples(data, split)
-    loader = gallery_loader(data, split, batch_size=batch_size,
-                            image_size=int(preprocess["crop"]), mean=preprocess["mean"],
-                            std=preprocess["std"], loader_workers=loader_workers)
+    loader = gallery_loader(
+        data,
+        split,
+        batch_size=batch_size,
+        image_size=int(preprocess["crop"]),
+        mean=preprocess["mean"],
+        std=preprocess["std"],
+        loader_workers=loader_workers,
+    )
     for ids, images, metas in loader:
         rows = []
         for gid, meta in zip(ids, metas):
             raw_meta, data_bytes, ext = next(raw)
             if str(raw_meta["id"]) != gid:
                 raise ValueError(f"{data}: gallery streams disagree at id {gid!r}")
-            rows.append({"id": gid, "label": meta.get("label"), "caption": meta.get("caption"),
-                         "category": meta.get("category"), "ext": ext, "bytes": data_bytes})
+            rows.append(
+                {
+                    "id": gid,
+                    "label": meta.get("label"),
+                    "caption": meta.get("caption"),
+                    "category": meta.get("category"),
+                    "ext": ext,
+                    "bytes": data_bytes,
+                }
+            )
         yield ids, images.numpy(), rows
 
 
-def build_index(art_dir: str | Path, data: str | Path, *, split: str = "gallery",
-                out: str | Path | None = None, dtype: str = "float16", batch_size: int = 64,
-                backend: str = "onnxruntime", threads: int = 0, loader_workers: int = 0,
-                runtime: ArtifactModel | None = None, show_progress: bool = True
-                ) -> dict[str, Any]:
+def build_index(
+    art_dir: str | Path,
+    data: str | Path,
+    *,
+    split: str = "gallery",
+    out: str | Path | None = None,
+    dtype: str = "float16",
+    batch_size: int = 64,
+    backend: str = "onnxruntime",
+    threads: int = 0,
+    loader_workers: int = 0,
+    runtime: ArtifactModel | None = None,
+    show_progress: bool = True,
+) -> dict[str, Any]:
     """Build (or resume) the gallery index; returns its ``index.json`` dict."""
     from shards.manifest import ManifestError, load_manifest
 
@@ -158,17 +203,21 @@ def build_index(art_dir: str | Path, data: str | Path, *, split: str = "gallery"
     data = Path(data)
     manifest = load_manifest(data)
     if manifest["splits"].get(split, {}).get("kind") != "gallery":
-        raise ManifestError(f"{data}: split {split!r} is not a gallery split "
-                            f"(gallery splits: {[s for s, i in manifest['splits'].items() if i['kind'] == 'gallery']})")
+        raise ManifestError(
+            f"{data}: split {split!r} is not a gallery split "
+            f"(gallery splits: {[s for s, i in manifest['splits'].items() if i['kind'] == 'gallery']})"
+        )
     out = Path(out) if out is not None else runtime.art_dir / INDEX_DIR
     settings = index_settings(runtime, data, manifest, split, dtype)
     progress = read_progress(out, settings)
     if progress is None:
         if out.exists():
-            if any(out.iterdir()) and not ((out / "index.json").exists()
-                                           or (out / PROGRESS_FILE).exists()):
-                raise ArtifactError(f"{out}: exists and is not a gallery index; "
-                                    "pass another --out or remove it")
+            if any(out.iterdir()) and not (
+                (out / "index.json").exists() or (out / PROGRESS_FILE).exists()
+            ):
+                raise ArtifactError(
+                    f"{out}: exists and is not a gallery index; pass another --out or remove it"
+                )
             shutil.rmtree(out)
         out.mkdir(parents=True)
         progress = {"settings": settings, "rows": 0, "images_bytes": 0, "meta_bytes": 0}
@@ -181,13 +230,14 @@ def build_index(art_dir: str | Path, data: str | Path, *, split: str = "gallery"
     try:
         files.truncate(progress["images_bytes"], progress["meta_bytes"])
         write_json_atomic(out / PROGRESS_FILE, progress)
-        _fill(files, progress, runtime, data, split, batch_size, loader_workers, out,
-              show_progress)
+        _fill(files, progress, runtime, data, split, batch_size, loader_workers, out, show_progress)
     finally:
         files.close()
     if progress["rows"] != settings["count"]:
-        raise ManifestError(f"{data}: split {split!r} yielded {progress['rows']} images, "
-                            f"the manifest says {settings['count']}")
+        raise ManifestError(
+            f"{data}: split {split!r} yielded {progress['rows']} images, "
+            f"the manifest says {settings['count']}"
+        )
     ids = [json.loads(line)["id"] for line in (out / "meta.jsonl").read_text().splitlines()]
     write_json_atomic(out / "ids.json", ids)
     info = {k: v for k, v in settings.items() if k != "data"}
@@ -197,22 +247,33 @@ def build_index(art_dir: str | Path, data: str | Path, *, split: str = "gallery"
     return info
 
 
-def _fill(files: IndexFiles, progress: dict[str, Any], runtime: ArtifactModel, data: Path,
-          split: str, batch_size: int, loader_workers: int, out: Path,
-          show_progress: bool) -> None:
+def _fill(
+    files: IndexFiles,
+    progress: dict[str, Any],
+    runtime: ArtifactModel,
+    data: Path,
+    split: str,
+    batch_size: int,
+    loader_workers: int,
+    out: Path,
+    show_progress: bool,
+) -> None:
     """Encode and write every row after ``progress["rows"]``, recording each batch."""
     done = progress["rows"]
     count = progress["settings"]["count"]
     dtype = np.dtype(progress["settings"]["dtype"])
     start = 0
-    with tqdm(total=count, initial=done, unit="img", desc="gallery index",
-              disable=not show_progress) as bar:
-        for ids, images, rows in gallery_batches(data, split, batch_size, runtime.preprocess,
-                                                 loader_workers):
+    with tqdm(
+        total=count, initial=done, unit="img", desc="gallery index", disable=not show_progress
+    ) as bar:
+        for ids, images, rows in gallery_batches(
+            data, split, batch_size, runtime.preprocess, loader_workers
+        ):
             end = start + len(ids)
             if end > count:
-                raise ArtifactError(f"{data}: split {split!r} holds more than the manifest's "
-                                    f"{count} images")
+                raise ArtifactError(
+                    f"{data}: split {split!r} holds more than the manifest's {count} images"
+                )
             if end <= done:  # finished before an interruption
                 start = end
                 continue
@@ -220,11 +281,16 @@ def _fill(files: IndexFiles, progress: dict[str, Any], runtime: ArtifactModel, d
             images, rows = images[skip:], rows[skip:]
             reprs = runtime.encode_image(images)
             targets = runtime.embed_target(reprs)
-            files.write_rows(start + skip, targets.astype(dtype),
-                             {n: r.astype(dtype) for n, r in reprs.items()},
-                             [r.pop("bytes") for r in rows], rows)
-            progress.update(rows=end, images_bytes=files.images.tell(),
-                            meta_bytes=files.meta.tell())
+            files.write_rows(
+                start + skip,
+                targets.astype(dtype),
+                {n: r.astype(dtype) for n, r in reprs.items()},
+                [r.pop("bytes") for r in rows],
+                rows,
+            )
+            progress.update(
+                rows=end, images_bytes=files.images.tell(), meta_bytes=files.meta.tell()
+            )
             write_json_atomic(out / PROGRESS_FILE, progress)
             bar.update(end - max(start, done))
             done, start = end, end
@@ -240,7 +306,8 @@ def read_progress(out: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
     if info_file.is_file():
         info = json.loads(info_file.read_text())
         same = {k: v for k, v in settings.items() if k != "data"} == {
-            k: v for k, v in info.items() if k != "complete"}
+            k: v for k, v in info.items() if k != "complete"
+        }
         if info.get("complete") and same:
             return {"complete": True}
     if progress_file.is_file():
@@ -256,8 +323,9 @@ def read_progress(out: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m export.index",
-                                     description="embed every gallery image into ART_DIR/index")
+    parser = argparse.ArgumentParser(
+        prog="python -m export.index", description="embed every gallery image into ART_DIR/index"
+    )
     parser.add_argument("--artifacts", required=True, metavar="ART_DIR")
     parser.add_argument("--data", required=True, metavar="SHARDS", help="shard dataset directory")
     parser.add_argument("--split", default="gallery")
@@ -265,8 +333,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=DTYPES, default="float16")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--backend", choices=("onnxruntime", "torch"), default="onnxruntime")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="ONNX Runtime intra-op threads (0: all cores)")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: all cores)"
+    )
     parser.add_argument("--workers", type=int, default=0, help="image decoding workers")
     return parser.parse_args(argv)
 
@@ -278,15 +347,25 @@ def main(argv: list[str] | None = None) -> int:
     from shards.manifest import ManifestError
 
     try:
-        info = build_index(args.artifacts, args.data, split=args.split, out=args.out,
-                           dtype=args.dtype, batch_size=args.batch_size, backend=args.backend,
-                           threads=args.threads, loader_workers=args.workers)
+        info = build_index(
+            args.artifacts,
+            args.data,
+            split=args.split,
+            out=args.out,
+            dtype=args.dtype,
+            batch_size=args.batch_size,
+            backend=args.backend,
+            threads=args.threads,
+            loader_workers=args.workers,
+        )
     except (ArtifactError, ManifestError, CheckpointError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     out = args.out or Path(args.artifacts) / INDEX_DIR
-    print(f"{out}: {info['count']} images of {info['dataset']}/{info['split']}, "
-          f"embed_dim {info['embed_dim']}, {info['dtype']}")
+    print(
+        f"{out}: {info['count']} images of {info['dataset']}/{info['split']}, "
+        f"embed_dim {info['embed_dim']}, {info['dtype']}"
+    )
     return 0
 
 

@@ -63,7 +63,7 @@ def artifact_name(name: str) -> str:
     """Tensor name in the artifact layout: image representations are ``repr_<n>``, the
     correction output is ``score``; other names are kept."""
     if name.startswith("image_"):
-        return "repr_" + name[len("image_"):]
+        return "repr_" + name[len("image_") :]
     if name == "correction_logit":
         return "score"
     return name
@@ -74,8 +74,11 @@ def rename_graph(graph: GraphModule) -> GraphModule:
     return graph._replace(
         input_names=[artifact_name(n) for n in graph.input_names],
         output_names=[artifact_name(n) for n in graph.output_names],
-        dynamic_axes={artifact_name(n): {a: _DIM_NAMES[d] for a, d in axes.items()}
-                      for n, axes in graph.dynamic_axes.items()})
+        dynamic_axes={
+            artifact_name(n): {a: _DIM_NAMES[d] for a, d in axes.items()}
+            for n, axes in graph.dynamic_axes.items()
+        },
+    )
 
 
 def symbolic_shape(tensor: torch.Tensor, axes: dict[int, str]) -> list:
@@ -95,9 +98,17 @@ def export_graph_file(graph: GraphModule, path: Path, opset: int = OPSET) -> dic
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TorchScript-exporter deprecation and tracer notes
         outputs = module(*inputs)
-        torch.onnx.export(module, inputs, str(path), input_names=graph.input_names,
-                          output_names=graph.output_names, dynamic_axes=graph.dynamic_axes,
-                          opset_version=opset, dynamo=False, do_constant_folding=True)
+        torch.onnx.export(
+            module,
+            inputs,
+            str(path),
+            input_names=graph.input_names,
+            output_names=graph.output_names,
+            dynamic_axes=graph.dynamic_axes,
+            opset_version=opset,
+            dynamo=False,
+            do_constant_folding=True,
+        )
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
     entry = {"file": path.name, "inputs": {}, "outputs": {}, "dtypes": {}}
     for name, tensor in zip(graph.input_names, inputs):
@@ -117,16 +128,22 @@ def export_graph_file(graph: GraphModule, path: Path, opset: int = OPSET) -> dic
                 dim.dim_value = want
     declared = [i.name for i in model.graph.input]
     if declared != graph.input_names:
-        raise ArtifactError(f"{path}: exported inputs {declared}, expected {graph.input_names} "
-                            "(the graph ignores an input it was declared to read)")
+        raise ArtifactError(
+            f"{path}: exported inputs {declared}, expected {graph.input_names} "
+            "(the graph ignores an input it was declared to read)"
+        )
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, str(path))
     return entry
 
 
-def check_graph_parity(graph: GraphModule, path: Path, threads: int = 1,
-                       batches: tuple[int, ...] = PARITY_BATCHES,
-                       lengths: tuple[int, ...] = PARITY_LENGTHS) -> dict[str, float]:
+def check_graph_parity(
+    graph: GraphModule,
+    path: Path,
+    threads: int = 1,
+    batches: tuple[int, ...] = PARITY_BATCHES,
+    lengths: tuple[int, ...] = PARITY_LENGTHS,
+) -> dict[str, float]:
     """Torch vs ONNX Runtime on the graph's example inputs over ``batches`` x ``lengths``
     (text lengths only for graphs with a text axis); raise ``ParityError`` past 1e-4.
     Returns the worst case."""
@@ -146,9 +163,12 @@ def check_graph_parity(graph: GraphModule, path: Path, threads: int = 1,
             expected = expected if isinstance(expected, tuple) else (expected,)
             feeds = {n: t.numpy() for n, t in zip(graph.input_names, inputs)}
             got = session.run(graph.output_names, feeds)
-            stats.append(compare_outputs(
-                {n: t.numpy() for n, t in zip(graph.output_names, expected)},
-                dict(zip(graph.output_names, got))))
+            stats.append(
+                compare_outputs(
+                    {n: t.numpy() for n, t in zip(graph.output_names, expected)},
+                    dict(zip(graph.output_names, got)),
+                )
+            )
     worst = merge(stats)
     check(worst, ORT_TOLERANCE, f"{path.name}: ONNX Runtime vs PyTorch")
     return worst
@@ -160,23 +180,36 @@ def image_settings(payload: dict[str, Any], image_size: int | None) -> dict[str,
     size = image_size or image_cfg.get("size")
     if not size:
         raise CheckpointError("checkpoint config has no image.size; pass --image-size")
-    preprocess = ImagePreprocess(int(size), image_cfg.get("mean", IMAGENET_MEAN),
-                                 image_cfg.get("std", IMAGENET_STD))
+    preprocess = ImagePreprocess(
+        int(size), image_cfg.get("mean", IMAGENET_MEAN), image_cfg.get("std", IMAGENET_STD)
+    )
     return {"image_size": int(size), **preprocess.to_dict()}
 
 
 def tokenizer_settings(vocab: Vocabulary, max_text_len: int) -> dict[str, Any]:
     rules = {k: v for k, v in vocab.to_dict().items() if k != "words"}
-    return {**rules, "max_text_len": int(max_text_len), "vocab_file": VOCAB_FILE,
-            "vocab_size": len(vocab)}
+    return {
+        **rules,
+        "max_text_len": int(max_text_len),
+        "vocab_file": VOCAB_FILE,
+        "vocab_size": len(vocab),
+    }
 
 
-def export_artifacts(checkpoint: str | Path, out: str | Path, *, expect_model: str | None = None,
-                     overwrite: bool = False, image_size: int | None = None,
-                     max_text_len: int = DEFAULT_MAX_TEXT_LEN, verify_recall: str | None = None,
-                     eval_set: str | None = None, threads: int = 1,
-                     parity_batches: tuple[int, ...] = PARITY_BATCHES,
-                     parity_lengths: tuple[int, ...] = PARITY_LENGTHS) -> dict[str, Any]:
+def export_artifacts(
+    checkpoint: str | Path,
+    out: str | Path,
+    *,
+    expect_model: str | None = None,
+    overwrite: bool = False,
+    image_size: int | None = None,
+    max_text_len: int = DEFAULT_MAX_TEXT_LEN,
+    verify_recall: str | None = None,
+    eval_set: str | None = None,
+    threads: int = 1,
+    parity_batches: tuple[int, ...] = PARITY_BATCHES,
+    parity_lengths: tuple[int, ...] = PARITY_LENGTHS,
+) -> dict[str, Any]:
     """Write ART_DIR ``out`` from ``checkpoint``; returns the artifacts.json dict.
 
     ``threads`` caps ONNX Runtime's and torch's intra-op threads (0: library defaults).
@@ -186,17 +219,23 @@ def export_artifacts(checkpoint: str | Path, out: str | Path, *, expect_model: s
     source = checkpoint_file(checkpoint)
     model, vocab, payload = load_model(source, expect_model=expect_model)
     preprocess = image_settings(payload, image_size)
-    graphs = {name: rename_graph(g)
-              for name, g in graph_modules(model, preprocess["image_size"]).items()}
+    graphs = {
+        name: rename_graph(g) for name, g in graph_modules(model, preprocess["image_size"]).items()
+    }
     with staging_dir(out, overwrite=overwrite) as tmp:
         entries, parity = {}, {}
         for name, graph in graphs.items():
             path = tmp / f"{name}.onnx"
             entries[name] = export_graph_file(graph, path)
-            parity[name] = check_graph_parity(graph, path, threads=threads,
-                                              batches=parity_batches, lengths=parity_lengths)
-            log.info("%s: max abs diff %.2e, min cosine %.8f", name,
-                     parity[name]["max_abs_diff"], parity[name]["min_cosine"])
+            parity[name] = check_graph_parity(
+                graph, path, threads=threads, batches=parity_batches, lengths=parity_lengths
+            )
+            log.info(
+                "%s: max abs diff %.2e, min cosine %.8f",
+                name,
+                parity[name]["max_abs_diff"],
+                parity[name]["min_cosine"],
+            )
         shutil.copyfile(source, tmp / CHECKPOINT_COPY)
         vocab.save(tmp / VOCAB_FILE)
         arts = {
@@ -210,8 +249,12 @@ def export_artifacts(checkpoint: str | Path, out: str | Path, *, expect_model: s
             "graphs": entries,
             "preprocess": preprocess,
             "tokenizer": tokenizer_settings(vocab, max_text_len),
-            "checkpoint": {"file": CHECKPOINT_COPY, "sha256": file_sha256(source),
-                           "source": str(source.resolve()), "step": payload.get("step", 0)},
+            "checkpoint": {
+                "file": CHECKPOINT_COPY,
+                "sha256": file_sha256(source),
+                "source": str(source.resolve()),
+                "step": payload.get("step", 0),
+            },
             "parity": parity,
         }
         scale = getattr(model, "loss_scale", None)
@@ -221,29 +264,53 @@ def export_artifacts(checkpoint: str | Path, out: str | Path, *, expect_model: s
         if verify_recall is not None:
             from export.verify import verify_recall as run_verify
 
-            arts["recall"] = run_verify(model, tmp, verify_recall, eval_set=eval_set,
-                                        image_size=preprocess["image_size"], threads=threads)
+            arts["recall"] = run_verify(
+                model,
+                tmp,
+                verify_recall,
+                eval_set=eval_set,
+                image_size=preprocess["image_size"],
+                threads=threads,
+            )
             write_json_atomic(tmp / ARTIFACTS_FILE, arts)
     return arts
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m export.onnx",
-                                     description="checkpoint -> ONNX artifact directory")
+    parser = argparse.ArgumentParser(
+        prog="python -m export.onnx", description="checkpoint -> ONNX artifact directory"
+    )
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory or .pt file")
     parser.add_argument("--out", required=True, metavar="ART_DIR")
-    parser.add_argument("--expect-model", default=None, metavar="NAME",
-                        help="refuse a checkpoint of any other model")
+    parser.add_argument(
+        "--expect-model",
+        default=None,
+        metavar="NAME",
+        help="refuse a checkpoint of any other model",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing ART_DIR")
-    parser.add_argument("--image-size", type=int, default=None,
-                        help="image side S (default: the checkpoint config's image.size)")
-    parser.add_argument("--max-text-len", type=int, default=DEFAULT_MAX_TEXT_LEN,
-                        help="longest text the tokenizer keeps (tokens)")
-    parser.add_argument("--verify-recall", default=None, metavar="DATA",
-                        help="shard dataset: require equal R@K from PyTorch and ONNX Runtime")
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="image side S (default: the checkpoint config's image.size)",
+    )
+    parser.add_argument(
+        "--max-text-len",
+        type=int,
+        default=DEFAULT_MAX_TEXT_LEN,
+        help="longest text the tokenizer keeps (tokens)",
+    )
+    parser.add_argument(
+        "--verify-recall",
+        default=None,
+        metavar="DATA",
+        help="shard dataset: require equal R@K from PyTorch and ONNX Runtime",
+    )
     parser.add_argument("--eval-set", default=None, help="evaluation set of DATA (default: first)")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="ONNX Runtime intra-op threads (0: all cores)")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: all cores)"
+    )
     return parser.parse_args(argv)
 
 
@@ -254,11 +321,17 @@ def main(argv: list[str] | None = None) -> int:
     from shards.manifest import ManifestError
 
     try:
-        arts = export_artifacts(args.checkpoint, args.out, expect_model=args.expect_model,
-                                overwrite=args.overwrite, image_size=args.image_size,
-                                max_text_len=args.max_text_len,
-                                verify_recall=args.verify_recall, eval_set=args.eval_set,
-                                threads=args.threads)
+        arts = export_artifacts(
+            args.checkpoint,
+            args.out,
+            expect_model=args.expect_model,
+            overwrite=args.overwrite,
+            image_size=args.image_size,
+            max_text_len=args.max_text_len,
+            verify_recall=args.verify_recall,
+            eval_set=args.eval_set,
+            threads=args.threads,
+        )
     except (CheckpointError, ArtifactError, ManifestError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -272,8 +345,10 @@ def main(argv: list[str] | None = None) -> int:
     if "recall" in arts:
         for key, value in arts["recall"]["onnxruntime"].items():
             ok = math.isclose(value, arts["recall"]["torch"][key])
-            print(f"{key:14s} torch {arts['recall']['torch'][key]:7.2f}  "
-                  f"onnxruntime {value:7.2f}  {'equal' if ok else 'DIFFERENT'}")
+            print(
+                f"{key:14s} torch {arts['recall']['torch'][key]:7.2f}  "
+                f"onnxruntime {value:7.2f}  {'equal' if ok else 'DIFFERENT'}"
+            )
     return 0
 
 

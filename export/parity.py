@@ -39,19 +39,25 @@ def compare(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
     norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
     dots = np.sum(a * b, axis=1)
     # Two all-zero rows are identical; one zero row against a non-zero one is not.
-    cos = np.where(norms > 0, dots / np.maximum(norms, 1e-30),
-                   np.where(np.linalg.norm(a - b, axis=1) == 0, 1.0, 0.0))
+    cos = np.where(
+        norms > 0,
+        dots / np.maximum(norms, 1e-30),
+        np.where(np.linalg.norm(a - b, axis=1) == 0, 1.0, 0.0),
+    )
     return {"max_abs_diff": diff, "min_cosine": float(np.min(cos))}
 
 
 def merge(stats: list[dict[str, float]]) -> dict[str, float]:
     """Worst case over several comparisons."""
-    return {"max_abs_diff": max(s["max_abs_diff"] for s in stats),
-            "min_cosine": min(s["min_cosine"] for s in stats)}
+    return {
+        "max_abs_diff": max(s["max_abs_diff"] for s in stats),
+        "min_cosine": min(s["min_cosine"] for s in stats),
+    }
 
 
-def compare_outputs(reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray]
-                    ) -> dict[str, float]:
+def compare_outputs(
+    reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray]
+) -> dict[str, float]:
     """Worst-case comparison over every named output present in ``reference``."""
     missing = sorted(set(reference) - set(candidate))
     if missing:
@@ -59,8 +65,9 @@ def compare_outputs(reference: Mapping[str, np.ndarray], candidate: Mapping[str,
     return merge([compare(reference[k], candidate[k]) for k in reference])
 
 
-def check(stats: dict[str, float], tolerance: float, what: str,
-          min_cosine: float | None = None) -> None:
+def check(
+    stats: dict[str, float], tolerance: float, what: str, min_cosine: float | None = None
+) -> None:
     """Raise ``ParityError`` naming ``what`` when ``stats`` exceed the tolerance."""
     if not np.isfinite(stats["max_abs_diff"]) or stats["max_abs_diff"] > tolerance:
         raise ParityError(f"{what}: max abs diff {stats['max_abs_diff']:.3g} > {tolerance:g}")
@@ -68,8 +75,9 @@ def check(stats: dict[str, float], tolerance: float, what: str,
         raise ParityError(f"{what}: min cosine {stats['min_cosine']:.6f} < {min_cosine}")
 
 
-def random_inputs(graph_info: dict, batch: int, length: int, vocab_size: int,
-                  rng: np.random.Generator) -> dict[str, np.ndarray]:
+def random_inputs(
+    graph_info: dict, batch: int, length: int, vocab_size: int, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
     """Random feeds for one graph of artifacts.json (``inputs`` shapes, ``dtypes``).
 
     ``tokens`` are ids in [2, vocab_size) with padding after a random length per row;

@@ -68,29 +68,45 @@ class ArtifactModel:
     # The four graph entry points; subclasses implement ``_run``.
     def encode_image(self, images: np.ndarray) -> Arrays:
         out = self._run("image_encoder", {"images": _f32(images)})
-        return {n: out[k] for n, k in zip(self.image_repr_names,
-                                          image_repr_inputs(self.image_repr_names))}
+        return {
+            n: out[k]
+            for n, k in zip(self.image_repr_names, image_repr_inputs(self.image_repr_names))
+        }
 
     def encode_text(self, tokens: np.ndarray, lengths: np.ndarray) -> Arrays:
         if not self.text_repr_names:  # a model that reads no text has no text encoder
             return {}
-        out = self._run("text_encoder", {"tokens": np.ascontiguousarray(tokens, dtype=np.int64),
-                                         "lengths": np.ascontiguousarray(lengths, dtype=np.int64)})
-        return {n: out[k] for n, k in zip(self.text_repr_names,
-                                          text_repr_inputs(self.text_repr_names))}
+        out = self._run(
+            "text_encoder",
+            {
+                "tokens": np.ascontiguousarray(tokens, dtype=np.int64),
+                "lengths": np.ascontiguousarray(lengths, dtype=np.int64),
+            },
+        )
+        return {
+            n: out[k] for n, k in zip(self.text_repr_names, text_repr_inputs(self.text_repr_names))
+        }
 
-    def compose(self, image_repr: Mapping[str, np.ndarray],
-                text_repr: Mapping[str, np.ndarray]) -> np.ndarray:
-        return self._run("composer", self._feeds("composer", repr=image_repr,
-                                                 text=text_repr))["query"]
+    def compose(
+        self, image_repr: Mapping[str, np.ndarray], text_repr: Mapping[str, np.ndarray]
+    ) -> np.ndarray:
+        return self._run("composer", self._feeds("composer", repr=image_repr, text=text_repr))[
+            "query"
+        ]
 
     def embed_target(self, image_repr: Mapping[str, np.ndarray]) -> np.ndarray:
         return self._run("target_head", self._feeds("target_head", repr=image_repr))["target"]
 
-    def correct(self, ref_repr: Mapping[str, np.ndarray], cand_repr: Mapping[str, np.ndarray],
-                text_repr: Mapping[str, np.ndarray]) -> np.ndarray:
+    def correct(
+        self,
+        ref_repr: Mapping[str, np.ndarray],
+        cand_repr: Mapping[str, np.ndarray],
+        text_repr: Mapping[str, np.ndarray],
+    ) -> np.ndarray:
         if not self.has_correction:
-            raise ArtifactError(f"{self.art_dir}: model {self.model_name!r} has no correction graph")
+            raise ArtifactError(
+                f"{self.art_dir}: model {self.model_name!r} has no correction graph"
+            )
         feeds = self._feeds("correction", ref=ref_repr, cand=cand_repr, text=text_repr)
         return self._run("correction", feeds)["score"]
 
@@ -106,8 +122,9 @@ class ArtifactModel:
             role, part = name.split("_", 1)
             values = reprs[role]
             if part not in values:
-                raise KeyError(f"{graph} needs {role} representation {part!r}; "
-                               f"got keys {sorted(values)}")
+                raise KeyError(
+                    f"{graph} needs {role} representation {part!r}; got keys {sorted(values)}"
+                )
             # representations may hold integers too (e.g. text lengths)
             feeds[name] = np.ascontiguousarray(values[part], dtype=info["dtypes"][name])
         return feeds
@@ -124,15 +141,17 @@ class OnnxRuntimeModel(ArtifactModel):
     ``threads`` caps intra-op threads (0: ONNX Runtime's default, all cores).
     """
 
-    def __init__(self, art_dir: str | Path, providers: Sequence[str] | None = None,
-                 threads: int = 0):
+    def __init__(
+        self, art_dir: str | Path, providers: Sequence[str] | None = None, threads: int = 0
+    ):
         import onnxruntime as ort
 
         super().__init__(art_dir)
         if providers is None:
             available = ort.get_available_providers()
-            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
-                         if p in available]
+            providers = [
+                p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available
+            ]
         self.providers = list(providers)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
@@ -168,12 +187,16 @@ class TorchArtifactModel(ArtifactModel):
         super().__init__(art_dir)
         self.torch = torch
         self.device = torch.device(device)
-        self.model, _, _ = load_model(self.art_dir / self.arts["checkpoint"]["file"],
-                                      device=self.device, expect_model=self.model_name)
+        self.model, _, _ = load_model(
+            self.art_dir / self.arts["checkpoint"]["file"],
+            device=self.device,
+            expect_model=self.model_name,
+        )
 
     def _tensors(self, reprs: Mapping[str, np.ndarray], names: list[str]) -> tuple:
-        return tuple(self.torch.from_numpy(np.ascontiguousarray(reprs[n])).to(self.device)
-                     for n in names)
+        return tuple(
+            self.torch.from_numpy(np.ascontiguousarray(reprs[n])).to(self.device) for n in names
+        )
 
     def _numpy(self, tensors, names: list[str]) -> Arrays:
         return {n: t.detach().cpu().numpy() for n, t in zip(names, tensors)}
@@ -194,8 +217,10 @@ class TorchArtifactModel(ArtifactModel):
 
     def compose(self, image_repr, text_repr) -> np.ndarray:
         with self.torch.inference_mode():
-            out = self.model.compose(self._tensors(image_repr, self.image_repr_names),
-                                     self._tensors(text_repr, self.text_repr_names))
+            out = self.model.compose(
+                self._tensors(image_repr, self.image_repr_names),
+                self._tensors(text_repr, self.text_repr_names),
+            )
         return out.float().cpu().numpy()
 
     def embed_target(self, image_repr) -> np.ndarray:
@@ -205,11 +230,15 @@ class TorchArtifactModel(ArtifactModel):
 
     def correct(self, ref_repr, cand_repr, text_repr) -> np.ndarray:
         if not self.has_correction:
-            raise ArtifactError(f"{self.art_dir}: model {self.model_name!r} has no correction network")
+            raise ArtifactError(
+                f"{self.art_dir}: model {self.model_name!r} has no correction network"
+            )
         with self.torch.inference_mode():
-            out = self.model.correct(self._tensors(ref_repr, self.image_repr_names),
-                                     self._tensors(cand_repr, self.image_repr_names),
-                                     self._tensors(text_repr, self.text_repr_names))
+            out = self.model.correct(
+                self._tensors(ref_repr, self.image_repr_names),
+                self._tensors(cand_repr, self.image_repr_names),
+                self._tensors(text_repr, self.text_repr_names),
+            )
         return out.float().cpu().numpy()
 
 
@@ -229,22 +258,31 @@ def open_runtime(art_dir: str | Path, backend: str = "onnxruntime", **kwargs: An
 def check_session_io(session, info: dict[str, Any], file: Path) -> None:
     """Raise ``ArtifactError`` unless the graph's inputs/outputs are those of artifacts.json
     (names, ranks, element types, fixed dims)."""
-    for kind, declared, actual in (("inputs", info["inputs"], session.get_inputs()),
-                                   ("outputs", info["outputs"], session.get_outputs())):
+    for kind, declared, actual in (
+        ("inputs", info["inputs"], session.get_inputs()),
+        ("outputs", info["outputs"], session.get_outputs()),
+    ):
         names = {a.name: a for a in actual}
         if set(names) != set(declared):
-            raise ArtifactError(f"{file}: graph {kind} are {sorted(names)}, "
-                                f"artifacts.json expects {sorted(declared)}")
+            raise ArtifactError(
+                f"{file}: graph {kind} are {sorted(names)}, "
+                f"artifacts.json expects {sorted(declared)}"
+            )
         for name, shape in declared.items():
             arg = names[name]
             want_type = ORT_TYPES.get(info["dtypes"].get(name, "float32"))
             if arg.type != want_type:
-                raise ArtifactError(f"{file}: {kind[:-1]} {name!r} has type {arg.type}, "
-                                    f"artifacts.json expects {want_type}")
+                raise ArtifactError(
+                    f"{file}: {kind[:-1]} {name!r} has type {arg.type}, "
+                    f"artifacts.json expects {want_type}"
+                )
             if len(arg.shape) != len(shape) or any(
-                    isinstance(want, int) and got != want for got, want in zip(arg.shape, shape)):
-                raise ArtifactError(f"{file}: {kind[:-1]} {name!r} has shape {arg.shape}, "
-                                    f"artifacts.json expects {shape}")
+                isinstance(want, int) and got != want for got, want in zip(arg.shape, shape)
+            ):
+                raise ArtifactError(
+                    f"{file}: {kind[:-1]} {name!r} has shape {arg.shape}, "
+                    f"artifacts.json expects {shape}"
+                )
 
 
 def _f32(array: np.ndarray) -> np.ndarray:

@@ -91,16 +91,22 @@ def onnx_sha256(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def engine_file_name(graph: str, trt_version: str, compute_capability: tuple[int, int],
-                     onnx_sha: str, fp16: bool = False) -> str:
+def engine_file_name(
+    graph: str,
+    trt_version: str,
+    compute_capability: tuple[int, int],
+    onnx_sha: str,
+    fp16: bool = False,
+) -> str:
     """``<graph>.trt<version>.sm<major><minor>.<sha12>[.fp16].engine`` (artifacts layout)."""
     major, minor = compute_capability
     precision = ".fp16" if fp16 else ""
     return f"{graph}.trt{trt_version}.sm{major}{minor}.{onnx_sha[:12]}{precision}.engine"
 
 
-def profile_shapes(graph_info: dict[str, Any], max_batch: int, opt_batch: int,
-                   max_text_len: int) -> dict[str, tuple[tuple[int, ...], ...]]:
+def profile_shapes(
+    graph_info: dict[str, Any], max_batch: int, opt_batch: int, max_text_len: int
+) -> dict[str, tuple[tuple[int, ...], ...]]:
     """``{input name: (min, opt, max) shapes}`` for one optimisation profile.
 
     ``batch`` dims range over 1..max_batch (opt ``opt_batch``), ``length`` dims over
@@ -110,20 +116,30 @@ def profile_shapes(graph_info: dict[str, Any], max_batch: int, opt_batch: int,
         raise ValueError(f"need 1 <= opt batch ({opt_batch}) <= max batch ({max_batch})")
     if max_text_len < 1:
         raise ValueError(f"max text length must be >= 1, got {max_text_len}")
-    ranges = {"batch": (1, opt_batch, max_batch),
-              "length": (1, min(16, max_text_len), max_text_len)}
+    ranges = {
+        "batch": (1, opt_batch, max_batch),
+        "length": (1, min(16, max_text_len), max_text_len),
+    }
     shapes = {}
     for name, shape in graph_info["inputs"].items():
         shapes[name] = tuple(
-            tuple(ranges[d][i] if isinstance(d, str) else int(d) for d in shape)
-            for i in range(3))
+            tuple(ranges[d][i] if isinstance(d, str) else int(d) for d in shape) for i in range(3)
+        )
     return shapes
 
 
 # -- building ------------------------------------------------------------------------------------
-def build_engine(trt, onnx_path: Path, graph_info: dict[str, Any],
-                 shapes: dict[str, tuple[tuple[int, ...], ...]], *, fp16: bool,
-                 workspace_gb: float, timing_cache: bytes, logger=None) -> tuple[bytes, bytes]:
+def build_engine(
+    trt,
+    onnx_path: Path,
+    graph_info: dict[str, Any],
+    shapes: dict[str, tuple[tuple[int, ...], ...]],
+    *,
+    fp16: bool,
+    workspace_gb: float,
+    timing_cache: bytes,
+    logger=None,
+) -> tuple[bytes, bytes]:
     """Parse ``onnx_path`` and build a serialized engine; returns ``(engine, timing cache)``.
 
     ``fp16`` on TensorRT 10 sets the FP16 builder flag; on TensorRT 11 the caller passes an
@@ -143,8 +159,10 @@ def build_engine(trt, onnx_path: Path, graph_info: dict[str, Any],
         raise EngineBuildError(f"{onnx_path}: TensorRT's ONNX parser failed: {errors}")
     inputs = {network.get_input(i).name for i in range(network.num_inputs)}
     if inputs != set(graph_info["inputs"]):
-        raise ArtifactError(f"{onnx_path}: network inputs {sorted(inputs)}, artifacts.json "
-                            f"expects {sorted(graph_info['inputs'])}")
+        raise ArtifactError(
+            f"{onnx_path}: network inputs {sorted(inputs)}, artifacts.json "
+            f"expects {sorted(graph_info['inputs'])}"
+        )
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
@@ -162,8 +180,9 @@ def build_engine(trt, onnx_path: Path, graph_info: dict[str, Any],
 
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise EngineBuildError(f"{onnx_path}: TensorRT could not build an engine "
-                               "(see the TensorRT log above)")
+        raise EngineBuildError(
+            f"{onnx_path}: TensorRT could not build an engine (see the TensorRT log above)"
+        )
     new_cache = config.get_timing_cache().serialize()
     return bytes(serialized), bytes(new_cache)
 
@@ -177,8 +196,9 @@ class EngineRunner:
     ``execute_async_v3`` on torch's current stream.
     """
 
-    def __init__(self, trt, engine_bytes: bytes, name: str = "engine", logger=None,
-                 device: str = "cuda"):
+    def __init__(
+        self, trt, engine_bytes: bytes, name: str = "engine", logger=None, device: str = "cuda"
+    ):
         import torch
 
         self.trt = trt
@@ -188,12 +208,13 @@ class EngineRunner:
         self.runtime = trt.Runtime(logger or trt.Logger(trt.Logger.WARNING))
         self.engine = self.runtime.deserialize_cuda_engine(engine_bytes)
         if self.engine is None:
-            raise EngineBuildError(f"{name}: TensorRT could not deserialize the engine "
-                                   "(built by another TensorRT version or for another GPU?)")
+            raise EngineBuildError(
+                f"{name}: TensorRT could not deserialize the engine "
+                "(built by another TensorRT version or for another GPU?)"
+            )
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self.inputs = [n for n in names
-                       if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if n not in self.inputs]
         self.dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
 
@@ -238,10 +259,12 @@ class TensorRTModel(ArtifactModel):
                 raise ArtifactError(
                     f"{self.art_dir / ENGINE_DIR}: no {'fp16' if fp16 else 'fp32'} engine for "
                     f"graph {graph!r} built by TensorRT {trt.__version__} for sm{cc[0]}{cc[1]} "
-                    f"(run `python -m export.trt --onnx {self.art_dir}`)")
+                    f"(run `python -m export.trt --onnx {self.art_dir}`)"
+                )
             path = self.art_dir / ENGINE_DIR / entry["file"]
-            self.runners[graph] = EngineRunner(trt, path.read_bytes(), name=str(path),
-                                               device=device)
+            self.runners[graph] = EngineRunner(
+                trt, path.read_bytes(), name=str(path), device=device
+            )
 
     def _run(self, graph: str, feeds: Arrays) -> Arrays:
         return self.runners[graph](feeds)
@@ -251,8 +274,9 @@ def cuda_compute_capability(device: int = 0) -> tuple[int, int]:
     import torch
 
     if not torch.cuda.is_available():
-        raise TensorRTUnavailable("TensorRT engines need an NVIDIA GPU, and torch sees no CUDA "
-                                  "device on this machine")
+        raise TensorRTUnavailable(
+            "TensorRT engines need an NVIDIA GPU, and torch sees no CUDA device on this machine"
+        )
     return tuple(torch.cuda.get_device_capability(device))
 
 
@@ -267,22 +291,33 @@ def read_engine_listing(art_dir: Path) -> dict[str, Any]:
         raise ArtifactError(f"{path}: not valid JSON ({err})") from err
 
 
-def find_engine(listing: dict[str, Any], graph: str, trt_version: str,
-                cc: tuple[int, int], fp16: bool) -> dict[str, Any] | None:
+def find_engine(
+    listing: dict[str, Any], graph: str, trt_version: str, cc: tuple[int, int], fp16: bool
+) -> dict[str, Any] | None:
     for entry in listing["engines"]:
-        if (entry["graph"] == graph and entry["tensorrt"] == trt_version
-                and tuple(entry["compute_capability"]) == tuple(cc)
-                and entry["precision"] == ("fp16" if fp16 else "fp32")):
+        if (
+            entry["graph"] == graph
+            and entry["tensorrt"] == trt_version
+            and tuple(entry["compute_capability"]) == tuple(cc)
+            and entry["precision"] == ("fp16" if fp16 else "fp32")
+        ):
             return entry
     return None
 
 
 def record_engine(listing: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
     """Listing with ``entry`` replacing any engine of the same graph/version/GPU/precision."""
-    key = (entry["graph"], entry["tensorrt"], tuple(entry["compute_capability"]),
-           entry["precision"])
-    kept = [e for e in listing["engines"]
-            if (e["graph"], e["tensorrt"], tuple(e["compute_capability"]), e["precision"]) != key]
+    key = (
+        entry["graph"],
+        entry["tensorrt"],
+        tuple(entry["compute_capability"]),
+        entry["precision"],
+    )
+    kept = [
+        e
+        for e in listing["engines"]
+        if (e["graph"], e["tensorrt"], tuple(e["compute_capability"]), e["precision"]) != key
+    ]
     return {"engines": kept + [entry]}
 
 
@@ -294,10 +329,16 @@ def parity_cases(max_batch: int, max_text_len: int) -> list[tuple[int, int]]:
     return [(b, t) for b in batches for t in lengths]
 
 
-def check_engine_parity(run_engine: Callable[[Arrays], Arrays],
-                        run_reference: Callable[[Arrays], Arrays], graph_info: dict[str, Any],
-                        cases: list[tuple[int, int]], vocab_size: int, fp16: bool,
-                        what: str, seed: int = 0) -> dict[str, float]:
+def check_engine_parity(
+    run_engine: Callable[[Arrays], Arrays],
+    run_reference: Callable[[Arrays], Arrays],
+    graph_info: dict[str, Any],
+    cases: list[tuple[int, int]],
+    vocab_size: int,
+    fp16: bool,
+    what: str,
+    seed: int = 0,
+) -> dict[str, float]:
     """Run both on the same random inputs for every case; raise ``ParityError`` past the
     tolerance (1e-3 fp32; 2e-2 and row cosine >= 0.999 fp16). Returns the worst case."""
     rng = np.random.default_rng(seed)
@@ -326,9 +367,17 @@ def ort_reference(onnx_path: Path) -> Callable[[Arrays], Arrays]:
 
 
 # -- command -------------------------------------------------------------------------------------
-def build_all(art_dir: str | Path, *, fp16: bool = False, max_batch: int = 64,
-              opt_batch: int = 8, max_text_len: int | None = None, workspace_gb: float = 4.0,
-              graphs: list[str] | None = None, trt=None) -> list[dict[str, Any]]:
+def build_all(
+    art_dir: str | Path,
+    *,
+    fp16: bool = False,
+    max_batch: int = 64,
+    opt_batch: int = 8,
+    max_text_len: int | None = None,
+    workspace_gb: float = 4.0,
+    graphs: list[str] | None = None,
+    trt=None,
+) -> list[dict[str, Any]]:
     """Build, check and write one engine per graph; returns the engines.json entries."""
     trt = trt or import_tensorrt()
     arts = load_artifacts(art_dir)
@@ -344,8 +393,9 @@ def build_all(art_dir: str | Path, *, fp16: bool = False, max_batch: int = 64,
     logger = trt.Logger(trt.Logger.WARNING)
     unknown = sorted(set(graphs or []) - set(arts["graphs"]))
     if unknown:
-        raise ArtifactError(f"{art_dir / 'artifacts.json'}: no graph(s) {unknown}; "
-                            f"it has {list(arts['graphs'])}")
+        raise ArtifactError(
+            f"{art_dir / 'artifacts.json'}: no graph(s) {unknown}; it has {list(arts['graphs'])}"
+        )
     entries = []
     for graph in graphs or list(arts["graphs"]):
         info = arts["graphs"][graph]
@@ -359,22 +409,43 @@ def build_all(art_dir: str | Path, *, fp16: bool = False, max_batch: int = 64,
         name = engine_file_name(graph, trt.__version__, cc, sha, fp16)
         shapes = profile_shapes(info, max_batch, opt_batch, max_text_len)
         started = time.perf_counter()
-        engine, timing_cache = build_engine(trt, parsed, info, shapes, fp16=fp16,
-                                            workspace_gb=workspace_gb,
-                                            timing_cache=timing_cache, logger=logger)
+        engine, timing_cache = build_engine(
+            trt,
+            parsed,
+            info,
+            shapes,
+            fp16=fp16,
+            workspace_gb=workspace_gb,
+            timing_cache=timing_cache,
+            logger=logger,
+        )
         build_s = time.perf_counter() - started
         write_bytes_atomic(cache_path, timing_cache)
         runner = EngineRunner(trt, engine, name=name, logger=logger)
-        stats = check_engine_parity(runner, ort_reference(fp32_onnx), info,
-                                    parity_cases(max_batch, max_text_len), vocab_size, fp16,
-                                    what=f"{name} vs ONNX Runtime")
+        stats = check_engine_parity(
+            runner,
+            ort_reference(fp32_onnx),
+            info,
+            parity_cases(max_batch, max_text_len),
+            vocab_size,
+            fp16,
+            what=f"{name} vs ONNX Runtime",
+        )
         write_bytes_atomic(engine_dir / name, engine)
-        entry = {"graph": graph, "file": name, "tensorrt": trt.__version__,
-                 "compute_capability": list(cc), "precision": "fp16" if fp16 else "fp32",
-                 "onnx": parsed.name, "onnx_sha256": sha, "profile": {
-                     k: [list(s) for s in v] for k, v in shapes.items()},
-                 "workspace_gb": workspace_gb, "build_seconds": round(build_s, 2),
-                 "bytes": len(engine), "parity": stats}
+        entry = {
+            "graph": graph,
+            "file": name,
+            "tensorrt": trt.__version__,
+            "compute_capability": list(cc),
+            "precision": "fp16" if fp16 else "fp32",
+            "onnx": parsed.name,
+            "onnx_sha256": sha,
+            "profile": {k: [list(s) for s in v] for k, v in shapes.items()},
+            "workspace_gb": workspace_gb,
+            "build_seconds": round(build_s, 2),
+            "bytes": len(engine),
+            "parity": stats,
+        }
         listing = record_engine(read_engine_listing(art_dir), entry)
         write_json_atomic(engine_dir / ENGINES_FILE, listing)
         entries.append(entry)
@@ -389,15 +460,29 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m export.trt", description=__doc__.split("\n")[0])
-    parser.add_argument("--onnx", required=True, metavar="ART_DIR",
-                        help="artifact directory written by `python -m export.onnx`")
+    parser = argparse.ArgumentParser(
+        prog="python -m export.trt", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "--onnx",
+        required=True,
+        metavar="ART_DIR",
+        help="artifact directory written by `python -m export.onnx`",
+    )
     parser.add_argument("--fp16", action="store_true", help="build FP16 engines")
     parser.add_argument("--max-batch", type=int, default=64)
-    parser.add_argument("--opt-batch", type=int, default=8,
-                        help="batch size TensorRT tunes kernels for (clamped to --max-batch)")
-    parser.add_argument("--max-text-len", type=int, default=None,
-                        help="longest text (tokens); default: artifacts.json tokenizer.max_text_len")
+    parser.add_argument(
+        "--opt-batch",
+        type=int,
+        default=8,
+        help="batch size TensorRT tunes kernels for (clamped to --max-batch)",
+    )
+    parser.add_argument(
+        "--max-text-len",
+        type=int,
+        default=None,
+        help="longest text (tokens); default: artifacts.json tokenizer.max_text_len",
+    )
     parser.add_argument("--workspace-gb", type=float, default=4.0)
     parser.add_argument("--graphs", nargs="+", default=None, help="only these graphs")
     return parser.parse_args(argv)
@@ -407,9 +492,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        entries = build_all(args.onnx, fp16=args.fp16, max_batch=args.max_batch,
-                            opt_batch=args.opt_batch, max_text_len=args.max_text_len,
-                            workspace_gb=args.workspace_gb, graphs=args.graphs)
+        entries = build_all(
+            args.onnx,
+            fp16=args.fp16,
+            max_batch=args.max_batch,
+            opt_batch=args.opt_batch,
+            max_text_len=args.max_text_len,
+            workspace_gb=args.workspace_gb,
+            graphs=args.graphs,
+        )
     except TensorRTUnavailable as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_NO_TENSORRT
@@ -421,8 +512,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"{'graph':14s} {'engine':64s} {'build s':>8s} {'max|diff|':>10s} {'min cos':>9s}")
     for e in entries:
-        print(f"{e['graph']:14s} {e['file']:64s} {e['build_seconds']:8.1f} "
-              f"{e['parity']['max_abs_diff']:10.2e} {e['parity']['min_cosine']:9.6f}")
+        print(
+            f"{e['graph']:14s} {e['file']:64s} {e['build_seconds']:8.1f} "
+            f"{e['parity']['max_abs_diff']:10.2e} {e['parity']['min_cosine']:9.6f}"
+        )
     return 0
 
 

@@ -61,35 +61,52 @@ class RuntimeModule(nn.Module):
         return self._tuple(out, self.text_repr_names)
 
     def compose(self, image_repr: tuple, text_repr: tuple) -> torch.Tensor:
-        return torch.from_numpy(self.runtime.compose(self._dict(image_repr, self.image_repr_names),
-                                                     self._dict(text_repr, self.text_repr_names)))
+        return torch.from_numpy(
+            self.runtime.compose(
+                self._dict(image_repr, self.image_repr_names),
+                self._dict(text_repr, self.text_repr_names),
+            )
+        )
 
     def embed_target(self, image_repr: tuple) -> torch.Tensor:
         return torch.from_numpy(
-            self.runtime.embed_target(self._dict(image_repr, self.image_repr_names)))
+            self.runtime.embed_target(self._dict(image_repr, self.image_repr_names))
+        )
 
     def correct(self, ref_repr: tuple, cand_repr: tuple, text_repr: tuple) -> torch.Tensor:
-        return torch.from_numpy(self.runtime.correct(
-            self._dict(ref_repr, self.image_repr_names),
-            self._dict(cand_repr, self.image_repr_names),
-            self._dict(text_repr, self.text_repr_names)))
+        return torch.from_numpy(
+            self.runtime.correct(
+                self._dict(ref_repr, self.image_repr_names),
+                self._dict(cand_repr, self.image_repr_names),
+                self._dict(text_repr, self.text_repr_names),
+            )
+        )
 
 
 def recall_keys(metrics: dict[str, Any]) -> list[str]:
     """The numeric results of an evaluation (recalls and score, not counts or labels)."""
-    return [k for k, v in metrics.items()
-            if isinstance(v, float) and k not in ("queries",)]
+    return [k for k, v in metrics.items() if isinstance(v, float) and k not in ("queries",)]
 
 
 def different_recalls(reference: dict[str, Any], exported: dict[str, Any]) -> list[str]:
     """Keys of the reference's recalls that the exported run does not reproduce exactly."""
-    return [k for k in recall_keys(reference)
-            if not math.isclose(reference[k], exported.get(k, math.nan), rel_tol=0, abs_tol=1e-9)]
+    return [
+        k
+        for k in recall_keys(reference)
+        if not math.isclose(reference[k], exported.get(k, math.nan), rel_tol=0, abs_tol=1e-9)
+    ]
 
 
-def verify_recall(model: nn.Module, art_dir: str | Path, data: str | Path, *,
-                  eval_set: str | None = None, image_size: int | None = None,
-                  batch_size: int = 64, threads: int = 0) -> dict[str, dict[str, float]]:
+def verify_recall(
+    model: nn.Module,
+    art_dir: str | Path,
+    data: str | Path,
+    *,
+    eval_set: str | None = None,
+    image_size: int | None = None,
+    batch_size: int = 64,
+    threads: int = 0,
+) -> dict[str, dict[str, float]]:
     """Evaluate ``data`` with ``model`` and with the ONNX graphs of ``art_dir``; raise
     ``RecallMismatch`` unless every recall is equal. Returns both metric dicts."""
     from pipeline.evaluate import evaluate_model
@@ -99,8 +116,14 @@ def verify_recall(model: nn.Module, art_dir: str | Path, data: str | Path, *,
     vocab = load_vocab(arts)
     pre = arts["preprocess"]
     size = image_size or int(pre["crop"])
-    common = dict(eval_name=eval_set, image_size=size, mean=pre["mean"], std=pre["std"],
-                  batch_size=batch_size, device="cpu")
+    common = dict(
+        eval_name=eval_set,
+        image_size=size,
+        mean=pre["mean"],
+        std=pre["std"],
+        batch_size=batch_size,
+        device="cpu",
+    )
     with torch.inference_mode():
         reference = evaluate_model(model, vocab, data, **common)
         exported = evaluate_model(RuntimeModule(runtime), vocab, data, **common)
@@ -110,9 +133,15 @@ def verify_recall(model: nn.Module, art_dir: str | Path, data: str | Path, *,
     ort_recalls = {k: exported[k] for k in keys}
     log.info("recall torch %s | onnxruntime %s", torch_recalls, ort_recalls)
     if different:
-        detail = ", ".join(f"{k}: torch {reference[k]:.3f} vs onnxruntime {exported[k]:.3f}"
-                           for k in different)
-        raise RecallMismatch(f"{art_dir}: ONNX Runtime recalls differ from the checkpoint's on "
-                             f"{data}: {detail}")
-    return {"data": str(data), "eval": reference.get("eval"), "torch": torch_recalls,
-            "onnxruntime": ort_recalls}
+        detail = ", ".join(
+            f"{k}: torch {reference[k]:.3f} vs onnxruntime {exported[k]:.3f}" for k in different
+        )
+        raise RecallMismatch(
+            f"{art_dir}: ONNX Runtime recalls differ from the checkpoint's on {data}: {detail}"
+        )
+    return {
+        "data": str(data),
+        "eval": reference.get("eval"),
+        "torch": torch_recalls,
+        "onnxruntime": ort_recalls,
+    }

@@ -29,9 +29,17 @@ class CheckpointError(ValueError):
     """A checkpoint path is missing, corrupt or not one of ours."""
 
 
-def save_checkpoint(directory: str | Path, model: torch.nn.Module, vocab: Vocabulary,
-                    config: dict[str, Any], *, optimizer=None, scheduler=None, step: int = 0,
-                    metrics: dict[str, Any] | None = None) -> Path:
+def save_checkpoint(
+    directory: str | Path,
+    model: torch.nn.Module,
+    vocab: Vocabulary,
+    config: dict[str, Any],
+    *,
+    optimizer=None,
+    scheduler=None,
+    step: int = 0,
+    metrics: dict[str, Any] | None = None,
+) -> Path:
     """Write ``directory/checkpoint.pt`` atomically (temp file + rename); returns the dir."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -63,7 +71,9 @@ def checkpoint_file(path: str | Path) -> Path:
     if path.is_dir():
         path = path / CHECKPOINT_FILE
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path} (expected a directory with {CHECKPOINT_FILE})")
+        raise CheckpointError(
+            f"no checkpoint at {path} (expected a directory with {CHECKPOINT_FILE})"
+        )
     return path
 
 
@@ -79,8 +89,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return payload
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu",
-               expect_model: str | None = None):
+def load_model(
+    path: str | Path, device: str | torch.device = "cpu", expect_model: str | None = None
+):
     """Rebuild the model of a checkpoint: returns ``(model.eval(), vocab, payload)``."""
     from pipeline.models import create_model
 
@@ -96,7 +107,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     try:
         model.load_state_dict(payload["model"])
     except RuntimeError as err:
-        raise CheckpointError(f"{path}: weights do not fit model {payload['model_name']!r}: {err}") from err
+        raise CheckpointError(
+            f"{path}: weights do not fit model {payload['model_name']!r}: {err}"
+        ) from err
     vocab = Vocabulary.from_dict(payload["vocab"])
     return model.to(device).eval(), vocab, payload
 

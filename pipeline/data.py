@@ -62,6 +62,7 @@ SPLIT_MODES = ("auto", "shards", "samples")
 
 # -- group JSON scans (vocabulary, epoch length) -----------------------------------------
 
+
 def iter_group_jsons(dataset_dir: str | Path, split: str = "train") -> Iterator[dict[str, Any]]:
     """Every group JSON of a ``groups`` split, in shard order, without reading images
     into memory. Unparseable JSON is skipped with a warning."""
@@ -79,12 +80,16 @@ def iter_group_jsons(dataset_dir: str | Path, split: str = "train") -> Iterator[
                     continue
                 yield group
     if bad:
-        log.warning("%s split %r: skipped %d group(s) with unreadable JSON", dataset_dir, split, bad)
+        log.warning(
+            "%s split %r: skipped %d group(s) with unreadable JSON", dataset_dir, split, bad
+        )
 
 
-def build_vocabulary(dataset_dir: str | Path, split: str = "train",
-                     min_count: int = 1) -> Vocabulary:
+def build_vocabulary(
+    dataset_dir: str | Path, split: str = "train", min_count: int = 1
+) -> Vocabulary:
     """Vocabulary of every training text: explicit pair texts and derived texts."""
+
     def texts():
         for group in iter_group_jsons(dataset_dir, split):
             try:
@@ -106,8 +111,9 @@ def count_triplets(dataset_dir: str | Path, split: str = "train") -> int:
     return total
 
 
-def default_batches_per_epoch(dataset_dir: str | Path, batch_size: int, world_size: int = 1,
-                              split: str = "train") -> int:
+def default_batches_per_epoch(
+    dataset_dir: str | Path, batch_size: int, world_size: int = 1, split: str = "train"
+) -> int:
     """``triplets per epoch // (batch_size * world_size)``, at least 1."""
     if batch_size < 1 or world_size < 1:
         raise ValueError(f"batch_size and world_size must be >= 1, got {batch_size}, {world_size}")
@@ -116,9 +122,18 @@ def default_batches_per_epoch(dataset_dir: str | Path, batch_size: int, world_si
 
 # -- shard assignment ---------------------------------------------------------------------
 
-def reader_shards(shards: list[str], *, seed: int, epoch: int, rank: int, world_size: int,
-                  worker: int, num_workers: int, split_by: str = "auto"
-                  ) -> tuple[list[str], int, int]:
+
+def reader_shards(
+    shards: list[str],
+    *,
+    seed: int,
+    epoch: int,
+    rank: int,
+    world_size: int,
+    worker: int,
+    num_workers: int,
+    split_by: str = "auto",
+) -> tuple[list[str], int, int]:
     """Which shards one reader streams this epoch, and which of their samples it keeps.
 
     Returns ``(shards, stride, offset)``: the reader keeps samples ``i`` (counted over
@@ -149,12 +164,13 @@ def _worker() -> tuple[int, int]:
 def _image_entry(sample: dict[str, Any], name: str) -> tuple[bytes, str]:
     """The bytes and extension of ``<name>.<ext>`` in a WebDataset sample."""
     for key, value in sample.items():
-        if key.startswith(name + ".") and "." not in key[len(name) + 1:]:
-            return value, key[len(name) + 1:]
+        if key.startswith(name + ".") and "." not in key[len(name) + 1 :]:
+            return value, key[len(name) + 1 :]
     raise KeyError(f"sample {sample.get('__key__')!r} has no image {name}.<ext>")
 
 
 # -- training triplets --------------------------------------------------------------------
+
 
 class TripletStream(IterableDataset):
     """One reader's endless stream of batches for one epoch (runs on a DataLoader worker).
@@ -164,10 +180,22 @@ class TripletStream(IterableDataset):
     ``decode_on_worker`` is False, the encoded ``ref_bytes``/``target_bytes``.
     """
 
-    def __init__(self, shards: list[str], vocab: Vocabulary, *, batch_size: int,
-                 preprocess: ImagePreprocess, rank: int, world_size: int, seed: int,
-                 epoch: int, shuffle_buffer: int, split_by: str, max_text_len: int | None,
-                 decode_on_worker: bool):
+    def __init__(
+        self,
+        shards: list[str],
+        vocab: Vocabulary,
+        *,
+        batch_size: int,
+        preprocess: ImagePreprocess,
+        rank: int,
+        world_size: int,
+        seed: int,
+        epoch: int,
+        shuffle_buffer: int,
+        split_by: str,
+        max_text_len: int | None,
+        decode_on_worker: bool,
+    ):
         super().__init__()
         self.shards = shards
         self.vocab = vocab
@@ -183,31 +211,53 @@ class TripletStream(IterableDataset):
     def __iter__(self):
         worker, num_workers = _worker()
         shards, stride, offset = reader_shards(
-            self.shards, seed=self.seed, epoch=self.epoch, rank=self.rank,
-            world_size=self.world_size, worker=worker, num_workers=num_workers,
-            split_by=self.split_by)
+            self.shards,
+            seed=self.seed,
+            epoch=self.epoch,
+            rank=self.rank,
+            world_size=self.world_size,
+            worker=worker,
+            num_workers=num_workers,
+            split_by=self.split_by,
+        )
         where = f"rank {self.rank} worker {worker} epoch {self.epoch}"
         if stride > 1 and worker == 0:
-            log.warning("%d shard(s) for %d readers: %s splits samples, not shards",
-                        len(self.shards), stride, where)
+            log.warning(
+                "%d shard(s) for %d readers: %s splits samples, not shards",
+                len(self.shards),
+                stride,
+                where,
+            )
         skipped: Counter = Counter()
         reader_seed = f"{self.seed}-{self.epoch}-{self.rank}-{worker}"
         triplets = self._triplets(shards, stride, offset, skipped, where)
         if self.shuffle_buffer > 1:
-            triplets = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer,
-                                   rng=random.Random(f"buffer-{reader_seed}"))(triplets)
+            triplets = wds.shuffle(
+                self.shuffle_buffer,
+                initial=self.shuffle_buffer,
+                rng=random.Random(f"buffer-{reader_seed}"),
+            )(triplets)
         crop_rng = random.Random(f"crop-{reader_seed}")
         try:
             batch: list[dict[str, Any]] = []
             for triplet in triplets:
                 if self.decode_on_worker:
                     try:
-                        triplet["ref_image"] = self.preprocess(decode_image(triplet["ref_bytes"]), crop_rng)
-                        triplet["target_image"] = self.preprocess(decode_image(triplet["target_bytes"]), crop_rng)
+                        triplet["ref_image"] = self.preprocess(
+                            decode_image(triplet["ref_bytes"]), crop_rng
+                        )
+                        triplet["target_image"] = self.preprocess(
+                            decode_image(triplet["target_bytes"]), crop_rng
+                        )
                     except ValueError as err:
                         skipped["undecodable image"] += 1
-                        log.debug("%s: skipping triplet %s -> %s: %s", where,
-                                  triplet["ref_id"], triplet["target_id"], err)
+                        log.debug(
+                            "%s: skipping triplet %s -> %s: %s",
+                            where,
+                            triplet["ref_id"],
+                            triplet["target_id"],
+                            err,
+                        )
                         continue
                 batch.append(triplet)
                 if len(batch) == self.batch_size:
@@ -215,16 +265,23 @@ class TripletStream(IterableDataset):
                     batch = []
         finally:
             if skipped:
-                log.warning("%s: skipped %d corrupt sample(s): %s", where, sum(skipped.values()),
-                            dict(skipped))
+                log.warning(
+                    "%s: skipped %d corrupt sample(s): %s",
+                    where,
+                    sum(skipped.values()),
+                    dict(skipped),
+                )
 
-    def _triplets(self, shards: list[str], stride: int, offset: int, skipped: Counter,
-                  where: str) -> Iterator[dict[str, Any]]:
+    def _triplets(
+        self, shards: list[str], stride: int, offset: int, skipped: Counter, where: str
+    ) -> Iterator[dict[str, Any]]:
         """Endless passes over the reader's groups, each drawing fresh triplets."""
         for repeat in count():
             produced = 0
             index = -1
-            samples = wds.tarfile_samples([{"url": s} for s in shards], handler=wds.warn_and_continue)
+            samples = wds.tarfile_samples(
+                [{"url": s} for s in shards], handler=wds.warn_and_continue
+            )
             for sample in samples:
                 index += 1
                 if index % stride != offset:
@@ -232,7 +289,9 @@ class TripletStream(IterableDataset):
                 key = sample.get("__key__")
                 try:
                     group = json.loads(sample["json"])
-                    drawn = draw_triplets(group, random.Random(f"{self.seed}-{self.epoch}-{repeat}-{key}"))
+                    drawn = draw_triplets(
+                        group, random.Random(f"{self.seed}-{self.epoch}-{repeat}-{key}")
+                    )
                     images = [_image_entry(sample, str(i)) for i in range(len(group["members"]))]
                 except (KeyError, ValueError, TypeError, UnicodeDecodeError) as err:
                     skipped["bad group json"] += 1
@@ -241,10 +300,13 @@ class TripletStream(IterableDataset):
                 members = group["members"]
                 for ref, tgt, text in drawn:
                     produced += 1
-                    yield {"ref_bytes": images[ref][0], "target_bytes": images[tgt][0],
-                           "ref_id": str(members[ref].get("id", f"{key}/{ref}")),
-                           "target_id": str(members[tgt].get("id", f"{key}/{tgt}")),
-                           "text": text}
+                    yield {
+                        "ref_bytes": images[ref][0],
+                        "target_bytes": images[tgt][0],
+                        "ref_id": str(members[ref].get("id", f"{key}/{ref}")),
+                        "target_id": str(members[tgt].get("id", f"{key}/{tgt}")),
+                        "text": text,
+                    }
             if produced == 0:
                 raise ValueError(
                     f"{where}: no triplets in its share of {len(shards)} shard(s) "
@@ -254,9 +316,13 @@ class TripletStream(IterableDataset):
     def _collate(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
         texts = [t["text"] for t in batch]
         tokens, lengths = self.vocab.encode(texts, max_len=self.max_text_len)
-        out: dict[str, Any] = {"tokens": tokens, "lengths": lengths, "texts": texts,
-                               "ref_ids": [t["ref_id"] for t in batch],
-                               "target_ids": [t["target_id"] for t in batch]}
+        out: dict[str, Any] = {
+            "tokens": tokens,
+            "lengths": lengths,
+            "texts": texts,
+            "ref_ids": [t["ref_id"] for t in batch],
+            "target_ids": [t["target_id"] for t in batch],
+        }
         if self.decode_on_worker:
             out["ref_images"] = torch.stack([t["ref_image"] for t in batch])
             out["target_images"] = torch.stack([t["target_image"] for t in batch])
@@ -276,8 +342,14 @@ class TripletLoader:
     ``lengths`` (B,) int64, ``texts``, ``ref_ids``, ``target_ids`` (lists of str).
     """
 
-    def __init__(self, stream: TripletStream, *, batches_per_epoch: int, loader_workers: int,
-                 device: torch.device):
+    def __init__(
+        self,
+        stream: TripletStream,
+        *,
+        batches_per_epoch: int,
+        loader_workers: int,
+        device: torch.device,
+    ):
         self.stream = stream
         self.batches_per_epoch = batches_per_epoch
         self.loader_workers = loader_workers
@@ -293,9 +365,12 @@ class TripletLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         self.stream.epoch = self.epoch
         self.epoch += 1
-        loader = DataLoader(self.stream, batch_size=None, num_workers=self.loader_workers,
-                            persistent_workers=False)
-        crop_rng = random.Random(f"gpu-crop-{self.stream.seed}-{self.stream.epoch}-{self.stream.rank}")
+        loader = DataLoader(
+            self.stream, batch_size=None, num_workers=self.loader_workers, persistent_workers=False
+        )
+        crop_rng = random.Random(
+            f"gpu-crop-{self.stream.seed}-{self.stream.epoch}-{self.stream.rank}"
+        )
         for batch in islice(loader, self.batches_per_epoch):
             if self.stream.decode_on_worker:
                 yield batch
@@ -303,8 +378,9 @@ class TripletLoader:
                 yield _decode_batch_on_device(batch, self.stream.preprocess, self.device, crop_rng)
 
 
-def _decode_batch_on_device(batch: dict[str, Any], preprocess: ImagePreprocess,
-                            device: torch.device, rng: random.Random) -> dict[str, Any]:
+def _decode_batch_on_device(
+    batch: dict[str, Any], preprocess: ImagePreprocess, device: torch.device, rng: random.Random
+) -> dict[str, Any]:
     """Decode a batch's images on ``device`` (one batched nvJPEG call for JPEGs); triplets
     with an undecodable image are dropped with a warning, so the batch may shrink."""
     size = len(batch["texts"])
@@ -318,28 +394,48 @@ def _decode_batch_on_device(batch: dict[str, Any], preprocess: ImagePreprocess,
                 pairs.append((decode_image(ref, device), decode_image(tgt, device)))
             except ValueError as err:
                 pairs.append(None)
-                log.warning("skipping triplet %s -> %s: %s", batch["ref_ids"][i],
-                            batch["target_ids"][i], err)
+                log.warning(
+                    "skipping triplet %s -> %s: %s",
+                    batch["ref_ids"][i],
+                    batch["target_ids"][i],
+                    err,
+                )
     keep = [i for i, pair in enumerate(pairs) if pair is not None]
     if not keep:
         raise ValueError(f"every image of a batch failed to decode on {device}: {batch['ref_ids']}")
     index = torch.tensor(keep, dtype=torch.long)
-    return {"ref_images": torch.stack([preprocess(pairs[i][0], rng) for i in keep]),
-            "target_images": torch.stack([preprocess(pairs[i][1], rng) for i in keep]),
-            "tokens": batch["tokens"][index].to(device),
-            "lengths": batch["lengths"][index].to(device),
-            "texts": [batch["texts"][i] for i in keep],
-            "ref_ids": [batch["ref_ids"][i] for i in keep],
-            "target_ids": [batch["target_ids"][i] for i in keep]}
+    return {
+        "ref_images": torch.stack([preprocess(pairs[i][0], rng) for i in keep]),
+        "target_images": torch.stack([preprocess(pairs[i][1], rng) for i in keep]),
+        "tokens": batch["tokens"][index].to(device),
+        "lengths": batch["lengths"][index].to(device),
+        "texts": [batch["texts"][i] for i in keep],
+        "ref_ids": [batch["ref_ids"][i] for i in keep],
+        "target_ids": [batch["target_ids"][i] for i in keep],
+    }
 
 
-def triplet_loader(dataset_dir: str | Path, vocab: Vocabulary, *, batch_size: int,
-                   image_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                   epoch: int = 0, loader_workers: int = 0, shuffle_buffer: int = 1000,
-                   batches_per_epoch: int | None = None, split: str = "train",
-                   mean=IMAGENET_MEAN, std=IMAGENET_STD, augment: bool = False,
-                   device: str | torch.device = "cpu", max_text_len: int | None = None,
-                   split_by: str = "auto") -> TripletLoader:
+def triplet_loader(
+    dataset_dir: str | Path,
+    vocab: Vocabulary,
+    *,
+    batch_size: int,
+    image_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    epoch: int = 0,
+    loader_workers: int = 0,
+    shuffle_buffer: int = 1000,
+    batches_per_epoch: int | None = None,
+    split: str = "train",
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+    augment: bool = False,
+    device: str | torch.device = "cpu",
+    max_text_len: int | None = None,
+    split_by: str = "auto",
+) -> TripletLoader:
     """Training batches of one rank (see the module docstring for the streaming scheme).
 
     ``batches_per_epoch`` defaults to ``default_batches_per_epoch(...)``; pass the same
@@ -351,31 +447,47 @@ def triplet_loader(dataset_dir: str | Path, vocab: Vocabulary, *, batch_size: in
         raise ValueError(f"loader_workers must be >= 0, got {loader_workers}")
     manifest = load_manifest(dataset_dir)
     if manifest["splits"].get(split, {}).get("kind") != "groups":
-        raise ValueError(f"split {split!r} of {dataset_dir} is not a 'groups' split: "
-                         f"{ {k: v['kind'] for k, v in manifest['splits'].items()} }")
+        raise ValueError(
+            f"split {split!r} of {dataset_dir} is not a 'groups' split: "
+            f"{ {k: v['kind'] for k, v in manifest['splits'].items()} }"
+        )
     if batches_per_epoch is None:
         batches_per_epoch = default_batches_per_epoch(dataset_dir, batch_size, world_size, split)
     if batches_per_epoch < 1:
         raise ValueError(f"batches_per_epoch must be >= 1, got {batches_per_epoch}")
     device = torch.device(device)
     stream = TripletStream(
-        shard_paths(dataset_dir, manifest, split), vocab, batch_size=batch_size,
-        preprocess=ImagePreprocess(image_size, mean, std, augment=augment), rank=rank,
-        world_size=world_size, seed=seed, epoch=epoch, shuffle_buffer=shuffle_buffer,
-        split_by=split_by, max_text_len=max_text_len, decode_on_worker=device.type != "cuda")
-    return TripletLoader(stream, batches_per_epoch=batches_per_epoch,
-                         loader_workers=loader_workers, device=device)
+        shard_paths(dataset_dir, manifest, split),
+        vocab,
+        batch_size=batch_size,
+        preprocess=ImagePreprocess(image_size, mean, std, augment=augment),
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        epoch=epoch,
+        shuffle_buffer=shuffle_buffer,
+        split_by=split_by,
+        max_text_len=max_text_len,
+        decode_on_worker=device.type != "cuda",
+    )
+    return TripletLoader(
+        stream, batches_per_epoch=batches_per_epoch, loader_workers=loader_workers, device=device
+    )
 
 
 # -- gallery ------------------------------------------------------------------------------
 
-def iter_gallery_samples(dataset_dir: str | Path, split: str = "gallery"
-                         ) -> Iterator[tuple[dict[str, Any], bytes, str]]:
+
+def iter_gallery_samples(
+    dataset_dir: str | Path, split: str = "gallery"
+) -> Iterator[tuple[dict[str, Any], bytes, str]]:
     """``(meta, image bytes, ext)`` of every gallery sample in shard order."""
     manifest = load_manifest(dataset_dir)
     if manifest["splits"].get(split, {}).get("kind") != "gallery":
         raise ValueError(f"split {split!r} of {dataset_dir} is not a 'gallery' split")
-    for sample in wds.tarfile_samples([{"url": p} for p in shard_paths(dataset_dir, manifest, split)]):
+    for sample in wds.tarfile_samples(
+        [{"url": p} for p in shard_paths(dataset_dir, manifest, split)]
+    ):
         meta = json.loads(sample["json"])
         data, ext = _image_entry(sample, "img")
         yield meta, data, ext
@@ -386,8 +498,14 @@ class GalleryStream(IterableDataset):
     so the DataLoader's round-robin returns batch 0, 1, 2, ... (each worker reads every
     shard's bytes but decodes only its own batches)."""
 
-    def __init__(self, dataset_dir: str, split: str, batch_size: int,
-                 preprocess: ImagePreprocess, decode_on_worker: bool = True):
+    def __init__(
+        self,
+        dataset_dir: str,
+        split: str,
+        batch_size: int,
+        preprocess: ImagePreprocess,
+        decode_on_worker: bool = True,
+    ):
         super().__init__()
         self.dataset_dir, self.split = dataset_dir, split
         self.batch_size = batch_size
@@ -418,14 +536,23 @@ class GalleryStream(IterableDataset):
             try:
                 images.append(self.preprocess(decode_image(data)))
             except ValueError as err:
-                raise ValueError(f"gallery image {meta['id']!r} in {self.dataset_dir}: {err}") from err
+                raise ValueError(
+                    f"gallery image {meta['id']!r} in {self.dataset_dir}: {err}"
+                ) from err
         return ids, torch.stack(images), metas
 
 
-def gallery_loader(dataset_dir: str | Path, split: str = "gallery", *, batch_size: int,
-                   image_size: int, loader_workers: int = 0, mean=IMAGENET_MEAN,
-                   std=IMAGENET_STD, device: str | torch.device = "cpu"
-                   ) -> Iterator[tuple[list[str], torch.Tensor, list[dict]]]:
+def gallery_loader(
+    dataset_dir: str | Path,
+    split: str = "gallery",
+    *,
+    batch_size: int,
+    image_size: int,
+    loader_workers: int = 0,
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+    device: str | torch.device = "cpu",
+) -> Iterator[tuple[list[str], torch.Tensor, list[dict]]]:
     """``(ids, images (B, 3, S, S) float32, metas)`` batches, every gallery image once, in
     shard order. A corrupt gallery image raises ``ValueError`` naming its id (a gallery
     must be complete; converters skip bad images before writing)."""
@@ -433,8 +560,9 @@ def gallery_loader(dataset_dir: str | Path, split: str = "gallery", *, batch_siz
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = torch.device(device)
     preprocess = ImagePreprocess(image_size, mean, std)
-    stream = GalleryStream(str(dataset_dir), split, batch_size, preprocess,
-                           decode_on_worker=device.type != "cuda")
+    stream = GalleryStream(
+        str(dataset_dir), split, batch_size, preprocess, decode_on_worker=device.type != "cuda"
+    )
     loader = DataLoader(stream, batch_size=None, num_workers=loader_workers)
     for ids, images, metas in loader:
         if device.type == "cuda":
@@ -442,8 +570,9 @@ def gallery_loader(dataset_dir: str | Path, split: str = "gallery", *, batch_siz
         yield ids, images, metas
 
 
-def read_gallery_bytes(dataset_dir: str | Path, split: str = "gallery",
-                       ids=None) -> dict[str, tuple[bytes, str]]:
+def read_gallery_bytes(
+    dataset_dir: str | Path, split: str = "gallery", ids=None
+) -> dict[str, tuple[bytes, str]]:
     """``{id: (encoded bytes, ext)}`` of a gallery split (only ``ids`` when given)."""
     wanted = None if ids is None else {str(i) for i in ids}
     out = {}
@@ -455,4 +584,3 @@ def read_gallery_bytes(dataset_dir: str | Path, split: str = "gallery",
         missing = sorted(wanted - out.keys())[:5]
         raise KeyError(f"gallery split {split!r} of {dataset_dir} has no image(s) {missing}")
     return out
-

@@ -51,24 +51,36 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 @torch.inference_mode()
-def embed_gallery_with_metas(model: nn.Module, dataset_dir: str | Path, split: str, *,
-                             image_cfg: dict[str, Any], batch_size: int,
-                             device: str | torch.device, loader_workers: int = 0,
-                             show_progress: bool = False
-                             ) -> tuple[list[str], Repr, torch.Tensor, list[dict]]:
+def embed_gallery_with_metas(
+    model: nn.Module,
+    dataset_dir: str | Path,
+    split: str,
+    *,
+    image_cfg: dict[str, Any],
+    batch_size: int,
+    device: str | torch.device,
+    loader_workers: int = 0,
+    show_progress: bool = False,
+) -> tuple[list[str], Repr, torch.Tensor, list[dict]]:
     """``embed_gallery`` plus each image's metadata."""
     device = torch.device(device)
     ids: list[str] = []
     metas: list[dict] = []
     reprs: list[Repr] = []
     targets: list[torch.Tensor] = []
-    loader = gallery_loader(dataset_dir, split, batch_size=batch_size,
-                            image_size=int(image_cfg["size"]),
-                            mean=image_cfg.get("mean", IMAGENET_MEAN),
-                            std=image_cfg.get("std", IMAGENET_STD),
-                            loader_workers=loader_workers, device=device)
-    for batch_ids, images, batch_metas in tqdm(loader, desc="gallery", unit="batch",
-                                               disable=not show_progress):
+    loader = gallery_loader(
+        dataset_dir,
+        split,
+        batch_size=batch_size,
+        image_size=int(image_cfg["size"]),
+        mean=image_cfg.get("mean", IMAGENET_MEAN),
+        std=image_cfg.get("std", IMAGENET_STD),
+        loader_workers=loader_workers,
+        device=device,
+    )
+    for batch_ids, images, batch_metas in tqdm(
+        loader, desc="gallery", unit="batch", disable=not show_progress
+    ):
         image_repr = model.encode_image(images.to(device))
         targets.append(model.embed_target(image_repr).float())
         reprs.append(tuple(r.detach().cpu() for r in image_repr))
@@ -80,16 +92,23 @@ def embed_gallery_with_metas(model: nn.Module, dataset_dir: str | Path, split: s
     return ids, stacked, torch.cat(targets), metas
 
 
-def embed_gallery(model: nn.Module, dataset_dir: str | Path, split: str, *,
-                  image_cfg: dict[str, Any], batch_size: int, device: str | torch.device
-                  ) -> tuple[list[str], Repr, torch.Tensor]:
+def embed_gallery(
+    model: nn.Module,
+    dataset_dir: str | Path,
+    split: str,
+    *,
+    image_cfg: dict[str, Any],
+    batch_size: int,
+    device: str | torch.device,
+) -> tuple[list[str], Repr, torch.Tensor]:
     """Every image of a gallery split -> ``(ids, image_repr, targets)``.
 
     ``image_repr``: tuple of (N, ...) CPU tensors (``encode_image``); ``targets``: (N, D)
     unit vectors on ``device`` (``embed_target``). ``image_cfg`` = ``{size, mean, std}``.
     """
     ids, image_repr, targets, _ = embed_gallery_with_metas(
-        model, dataset_dir, split, image_cfg=image_cfg, batch_size=batch_size, device=device)
+        model, dataset_dir, split, image_cfg=image_cfg, batch_size=batch_size, device=device
+    )
     return ids, image_repr, targets
 
 
@@ -107,12 +126,18 @@ def _gather(repr_: Repr, rows: torch.Tensor, device: torch.device) -> Repr:
 
 
 @torch.inference_mode()
-def rerank_with_correction(model: nn.Module, *, ref_repr: Repr, text_repr: Repr,
-                           gallery_repr: Repr, candidates: torch.Tensor,
-                           candidate_scores: torch.Tensor,
-                           gallery_logsumexp: torch.Tensor | None = None,
-                           logit_scale: float | None = None, pair_batch: int = 4096
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
+def rerank_with_correction(
+    model: nn.Module,
+    *,
+    ref_repr: Repr,
+    text_repr: Repr,
+    gallery_repr: Repr,
+    candidates: torch.Tensor,
+    candidate_scores: torch.Tensor,
+    gallery_logsumexp: torch.Tensor | None = None,
+    logit_scale: float | None = None,
+    pair_batch: int = 4096,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """CCNet Eq. 15: re-rank each query's candidates by
     ``log softmax_gallery(lambda * s_j) + log softmax_candidates(c_j)``.
 
@@ -134,9 +159,11 @@ def rerank_with_correction(model: nn.Module, *, ref_repr: Repr, text_repr: Repr,
     for start in range(0, count * width, pair_batch):
         pos = torch.arange(start, min(start + pair_batch, count * width), device=device)
         query = pos // width
-        correction[pos] = model.correct(_gather(ref_repr, query, device),
-                                        _gather(gallery_repr, flat[pos], device),
-                                        _gather(text_repr, query, device)).float()
+        correction[pos] = model.correct(
+            _gather(ref_repr, query, device),
+            _gather(gallery_repr, flat[pos], device),
+            _gather(text_repr, query, device),
+        ).float()
     correction = correction.view(count, width).masked_fill(~valid, float("-inf"))
     logits = lam * candidate_scores.to(device).float()
     logits = logits.masked_fill(~valid, float("-inf"))
@@ -149,10 +176,20 @@ def rerank_with_correction(model: nn.Module, *, ref_repr: Repr, text_repr: Repr,
 
 
 @torch.inference_mode()
-def rank_queries(model: nn.Module, vocab: Vocabulary, queries: list[dict], plan, *,
-                 gallery_repr: Repr, targets: torch.Tensor, k: int, batch_size: int,
-                 rerank_top: int = 0, subsets: bool = False, show_progress: bool = False
-                 ) -> tuple[np.ndarray, np.ndarray | None]:
+def rank_queries(
+    model: nn.Module,
+    vocab: Vocabulary,
+    queries: list[dict],
+    plan,
+    *,
+    gallery_repr: Repr,
+    targets: torch.Tensor,
+    k: int,
+    batch_size: int,
+    rerank_top: int = 0,
+    subsets: bool = False,
+    show_progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Compose every query, score it against all ``targets`` and rank under ``plan``.
 
     Returns ``(ranking (M, k) gallery rows, subset ranking (M, S) or None)``.
@@ -163,8 +200,9 @@ def rank_queries(model: nn.Module, vocab: Vocabulary, queries: list[dict], plan,
     correct = bool(getattr(model, "has_correction", False)) and rerank_top > 0
     lam = composition_logit_scale(model)
     rankings, subset_rankings = [], []
-    for start in tqdm(range(0, len(queries), batch_size), desc="queries", unit="batch",
-                      disable=not show_progress):
+    for start in tqdm(
+        range(0, len(queries), batch_size), desc="queries", unit="batch", disable=not show_progress
+    ):
         rows = slice(start, start + batch_size)
         chunk = queries[rows]
         tokens, lengths = vocab.encode([q["text"] for q in chunk])
@@ -179,9 +217,15 @@ def rank_queries(model: nn.Module, vocab: Vocabulary, queries: list[dict], plan,
             lse = torch.logsumexp(lam * scores, dim=1)
             head = min(rerank_top, top_idx.shape[1])
             reranked, _ = rerank_with_correction(
-                model, ref_repr=ref_repr, text_repr=text_repr, gallery_repr=gallery_repr,
-                candidates=top_idx[:, :head], candidate_scores=top_scores[:, :head],
-                gallery_logsumexp=lse, logit_scale=lam)
+                model,
+                ref_repr=ref_repr,
+                text_repr=text_repr,
+                gallery_repr=gallery_repr,
+                candidates=top_idx[:, :head],
+                candidate_scores=top_scores[:, :head],
+                gallery_logsumexp=lse,
+                logit_scale=lam,
+            )
             top_idx = torch.cat([reranked, top_idx[:, head:]], dim=1)
             if subsets:
                 valid = candidates >= 0
@@ -189,9 +233,15 @@ def rank_queries(model: nn.Module, vocab: Vocabulary, queries: list[dict], plan,
                 cand_scores = scores.gather(1, candidates.clamp(min=0))
                 cand_scores = cand_scores.masked_fill(~valid, float("-inf"))
                 subset_rank, _ = rerank_with_correction(
-                    model, ref_repr=ref_repr, text_repr=text_repr, gallery_repr=gallery_repr,
-                    candidates=candidates, candidate_scores=cand_scores, gallery_logsumexp=lse,
-                    logit_scale=lam)
+                    model,
+                    ref_repr=ref_repr,
+                    text_repr=text_repr,
+                    gallery_repr=gallery_repr,
+                    candidates=candidates,
+                    candidate_scores=cand_scores,
+                    gallery_logsumexp=lse,
+                    logit_scale=lam,
+                )
                 subset_rankings.append(subset_rank.cpu().numpy())
         elif subsets:
             subset_rankings.append(protocols.rank_subset(scores, candidates).cpu().numpy())
@@ -200,18 +250,37 @@ def rank_queries(model: nn.Module, vocab: Vocabulary, queries: list[dict], plan,
     subset_ranking = None
     if subsets:
         width = max([s.shape[1] for s in subset_rankings] + [1])
-        subset_ranking = np.concatenate(
-            [np.pad(s, ((0, 0), (0, width - s.shape[1])), constant_values=-1)
-             for s in subset_rankings]) if subset_rankings else np.zeros((0, 1), dtype=np.int64)
+        subset_ranking = (
+            np.concatenate(
+                [
+                    np.pad(s, ((0, 0), (0, width - s.shape[1])), constant_values=-1)
+                    for s in subset_rankings
+                ]
+            )
+            if subset_rankings
+            else np.zeros((0, 1), dtype=np.int64)
+        )
     return ranking, subset_ranking
 
 
-def evaluate_model(model: nn.Module, vocab: Vocabulary, dataset_dir: str | Path, *,
-                   eval_name: str | None = None, image_size: int, mean=IMAGENET_MEAN,
-                   std=IMAGENET_STD, batch_size: int = 256, device: str | torch.device = "cpu",
-                   protocol_options: dict[str, Any] | None = None, rerank_top: int = 100,
-                   grid_png: str | Path | None = None, submission_dir: str | Path | None = None,
-                   loader_workers: int = 0, show_progress: bool = False) -> dict[str, Any]:
+def evaluate_model(
+    model: nn.Module,
+    vocab: Vocabulary,
+    dataset_dir: str | Path,
+    *,
+    eval_name: str | None = None,
+    image_size: int,
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    protocol_options: dict[str, Any] | None = None,
+    rerank_top: int = 100,
+    grid_png: str | Path | None = None,
+    submission_dir: str | Path | None = None,
+    loader_workers: int = 0,
+    show_progress: bool = False,
+) -> dict[str, Any]:
     """Recalls of ``model`` on evaluation set ``eval_name`` (default: the manifest's first).
 
     Returns the protocol's metrics (percent floats, ``score``, ``queries``) plus
@@ -232,10 +301,15 @@ def evaluate_model(model: nn.Module, vocab: Vocabulary, dataset_dir: str | Path,
     model.eval()
     try:
         ids, gallery_repr, targets, metas = embed_gallery_with_metas(
-            model, dataset_dir, ev["gallery"],
+            model,
+            dataset_dir,
+            ev["gallery"],
             image_cfg={"size": image_size, "mean": mean, "std": std},
-            batch_size=batch_size, device=device, loader_workers=loader_workers,
-            show_progress=show_progress)
+            batch_size=batch_size,
+            device=device,
+            loader_workers=loader_workers,
+            show_progress=show_progress,
+        )
         plan = protocols.build_plan(protocol, queries, ids, metas)
         k = max(protocol["ks"])
         if protocol.get("subset_ks"):
@@ -243,9 +317,18 @@ def evaluate_model(model: nn.Module, vocab: Vocabulary, dataset_dir: str | Path,
         if getattr(model, "has_correction", False):
             k = max(k, rerank_top)
         ranking, subset_ranking = rank_queries(
-            model, vocab, queries, plan, gallery_repr=gallery_repr, targets=targets,
-            k=min(k, len(ids)), batch_size=batch_size, rerank_top=rerank_top,
-            subsets=bool(protocol.get("subset_ks")), show_progress=show_progress)
+            model,
+            vocab,
+            queries,
+            plan,
+            gallery_repr=gallery_repr,
+            targets=targets,
+            k=min(k, len(ids)),
+            batch_size=batch_size,
+            rerank_top=rerank_top,
+            subsets=bool(protocol.get("subset_ks")),
+            show_progress=show_progress,
+        )
     finally:
         model.train(was_training)
     metrics = protocols.compute_metrics(protocol, queries, ids, metas, ranking, subset_ranking)
@@ -253,19 +336,27 @@ def evaluate_model(model: nn.Module, vocab: Vocabulary, dataset_dir: str | Path,
     metrics["eval"] = eval_name
     log.info("%s %s: %s", dataset_dir, metrics["protocol"], format_metrics(metrics, one_line=True))
     if submission_dir is not None:
-        write_submissions(submission_dir, eval_name, protocol, queries, ids, ranking,
-                          subset_ranking)
+        write_submissions(
+            submission_dir, eval_name, protocol, queries, ids, ranking, subset_ranking
+        )
     if grid_png is not None:
         from pipeline.visualize import save_retrieval_grid
 
-        save_retrieval_grid(grid_png, dataset_dir, ev["gallery"], protocol, queries, ids, metas,
-                            ranking)
+        save_retrieval_grid(
+            grid_png, dataset_dir, ev["gallery"], protocol, queries, ids, metas, ranking
+        )
     return metrics
 
 
-def write_submissions(directory: str | Path, eval_name: str, protocol: dict[str, Any],
-                      queries: list[dict], ids: list[str], ranking: np.ndarray,
-                      subset_ranking: np.ndarray | None) -> list[Path]:
+def write_submissions(
+    directory: str | Path,
+    eval_name: str,
+    protocol: dict[str, Any],
+    queries: list[dict],
+    ids: list[str],
+    ranking: np.ndarray,
+    subset_ranking: np.ndarray | None,
+) -> list[Path]:
     """CIRR test-server files ``<eval>-recall.json`` and ``<eval>-recall_subset.json``."""
     if protocol["name"] != "cirr":
         raise ValueError(f"submission files exist for CIRR only, not {protocol['name']!r}")
@@ -282,28 +373,39 @@ def format_metrics(metrics: dict[str, Any], one_line: bool = False) -> str:
     """A table (or one line) of the metrics, the protocol first."""
     numbers = [(k, v) for k, v in metrics.items() if k not in ("protocol", "eval")]
     if one_line:
-        return "  ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
-                         for k, v in numbers)
+        return "  ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in numbers)
     width = max(len(k) for k, _ in numbers)
     lines = [f"eval set: {metrics.get('eval')}", f"protocol: {metrics.get('protocol')}"]
-    lines += [f"{k:<{width}}  {v:8.2f}" if isinstance(v, float) else f"{k:<{width}}  {v:>8}"
-              for k, v in numbers]
+    lines += [
+        f"{k:<{width}}  {v:8.2f}" if isinstance(v, float) else f"{k:<{width}}  {v:>8}"
+        for k, v in numbers
+    ]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.evaluate",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.evaluate", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory or file")
     parser.add_argument("--data", required=True, help="shard dataset directory")
     parser.add_argument("--eval", default=None, help="evaluation set (default: the first)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--loader-workers", type=int, default=0)
-    parser.add_argument("--protocol-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="e.g. gallery=triplets, caption_orders=2, exclude_reference=false")
-    parser.add_argument("--rerank-top", type=int, default=None,
-                        help="CCNet: candidates to re-rank (default: the checkpoint's config)")
+    parser.add_argument(
+        "--protocol-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="e.g. gallery=triplets, caption_orders=2, exclude_reference=false",
+    )
+    parser.add_argument(
+        "--rerank-top",
+        type=int,
+        default=None,
+        help="CCNet: candidates to re-rank (default: the checkpoint's config)",
+    )
     parser.add_argument("--grid", default=None, help="write a PNG of queries and their top-5")
     parser.add_argument("--json-out", default=None, help="write the metrics as JSON")
     parser.add_argument("--submission-dir", default=None, help="CIRR: write test-server JSONs")
@@ -322,11 +424,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rerank_top = int((config.get("eval") or {}).get("rerank_top") or 100)
     options = dict(protocols.parse_option(o) for o in args.protocol_option)
     metrics = evaluate_model(
-        model, vocab, args.data, eval_name=args.eval, image_size=int(image["size"]),
-        mean=image.get("mean", IMAGENET_MEAN), std=image.get("std", IMAGENET_STD),
-        batch_size=args.batch_size, device=args.device, protocol_options=options,
-        rerank_top=rerank_top, grid_png=args.grid, submission_dir=args.submission_dir,
-        loader_workers=args.loader_workers, show_progress=sys.stderr.isatty())
+        model,
+        vocab,
+        args.data,
+        eval_name=args.eval,
+        image_size=int(image["size"]),
+        mean=image.get("mean", IMAGENET_MEAN),
+        std=image.get("std", IMAGENET_STD),
+        batch_size=args.batch_size,
+        device=args.device,
+        protocol_options=options,
+        rerank_top=rerank_top,
+        grid_png=args.grid,
+        submission_dir=args.submission_dir,
+        loader_workers=args.loader_workers,
+        show_progress=sys.stderr.isatty(),
+    )
     metrics["checkpoint"] = str(args.checkpoint)
     metrics["step"] = int(payload.get("step", 0))
     print(format_metrics({k: v for k, v in metrics.items() if k != "checkpoint"}))

@@ -55,7 +55,9 @@ def decode_image(data: bytes, device: str | torch.device = "cpu") -> torch.Tenso
             f"or unsupported image data: {err}"
         ) from err
     if image.ndim != 3 or image.shape[0] != 3 or image.shape[1] == 0 or image.shape[2] == 0:
-        raise ValueError(f"decoded image has shape {tuple(image.shape)}, expected (3, H, W): corrupt")
+        raise ValueError(
+            f"decoded image has shape {tuple(image.shape)}, expected (3, H, W): corrupt"
+        )
     return image.to(device)
 
 
@@ -79,8 +81,9 @@ def decode_images(datas: Sequence[bytes], device: str | torch.device = "cpu") ->
                 out[i] = img
         except RuntimeError:
             pass  # one bad JPEG fails the whole batch: fall back to one by one below
-    return [img if img is not None else _decode_at(i, datas[i], device)
-            for i, img in enumerate(out)]
+    return [
+        img if img is not None else _decode_at(i, datas[i], device) for i, img in enumerate(out)
+    ]
 
 
 def _decode_at(position: int, data: bytes, device: torch.device) -> torch.Tensor:
@@ -102,8 +105,13 @@ class ImagePreprocess:
 
     interpolation = "bilinear"
 
-    def __init__(self, size: int, mean: Sequence[float] = IMAGENET_MEAN,
-                 std: Sequence[float] = IMAGENET_STD, augment: bool = False):
+    def __init__(
+        self,
+        size: int,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        augment: bool = False,
+    ):
         if int(size) < 1:
             raise ValueError(f"image size must be >= 1, got {size}")
         if len(mean) != 3 or len(std) != 3:
@@ -117,7 +125,9 @@ class ImagePreprocess:
 
     def __call__(self, images: torch.Tensor, rng: random.Random | None = None) -> torch.Tensor:
         if images.ndim not in (3, 4) or images.shape[-3] != 3:
-            raise ValueError(f"expected uint8 images (3, H, W) or (B, 3, H, W), got {tuple(images.shape)}")
+            raise ValueError(
+                f"expected uint8 images (3, H, W) or (B, 3, H, W), got {tuple(images.shape)}"
+            )
         x = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
         if self.augment:
             x = self._random_crop(x, rng or random.Random())
@@ -144,11 +154,21 @@ class ImagePreprocess:
 
     def to_dict(self) -> dict:
         """The preprocessing recipe, for ``artifacts.json`` (serving reproduces it)."""
-        return {"resize": self.size, "crop": self.size, "mean": list(self.mean),
-                "std": list(self.std), "interpolation": self.interpolation, "antialias": True,
-                "resize_mode": "shorter_side", "crop_mode": "center", "scale": 1 / 255,
-                "color": "RGB"}
+        return {
+            "resize": self.size,
+            "crop": self.size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "interpolation": self.interpolation,
+            "antialias": True,
+            "resize_mode": "shorter_side",
+            "crop_mode": "center",
+            "scale": 1 / 255,
+            "color": "RGB",
+        }
 
     def __repr__(self) -> str:
-        return (f"ImagePreprocess(size={self.size}, mean={self.mean}, std={self.std}, "
-                f"augment={self.augment})")
+        return (
+            f"ImagePreprocess(size={self.size}, mean={self.mean}, std={self.std}, "
+            f"augment={self.augment})"
+        )

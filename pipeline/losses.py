@@ -31,15 +31,22 @@ DEFAULT_SCALE = 4.0
 
 def _check_pair(query: torch.Tensor, target: torch.Tensor) -> None:
     if query.dim() != 2 or query.shape != target.shape:
-        raise ValueError(f"query and target must both be (B, D), got {tuple(query.shape)} "
-                         f"and {tuple(target.shape)}")
+        raise ValueError(
+            f"query and target must both be (B, D), got {tuple(query.shape)} "
+            f"and {tuple(target.shape)}"
+        )
     if query.shape[0] < 2:
-        raise ValueError(f"a batch loss needs B >= 2 pairs (in-batch negatives), got "
-                         f"B={query.shape[0]}")
+        raise ValueError(
+            f"a batch loss needs B >= 2 pairs (in-batch negatives), got B={query.shape[0]}"
+        )
 
 
-def soft_triplet_loss(query: torch.Tensor, target: torch.Tensor, scale: torch.Tensor | float,
-                      negatives_per_anchor: int | None = 3) -> torch.Tensor:
+def soft_triplet_loss(
+    query: torch.Tensor,
+    target: torch.Tensor,
+    scale: torch.Tensor | float,
+    negatives_per_anchor: int | None = 3,
+) -> torch.Tensor:
     """query, target (B, D) unit vectors -> scalar soft triplet loss (TIRG code)."""
     _check_pair(query, target)
     b = query.shape[0]
@@ -60,17 +67,23 @@ def soft_triplet_loss(query: torch.Tensor, target: torch.Tensor, scale: torch.Te
     return margins.gather(1, chosen).mean()
 
 
-def batch_classification_loss(query: torch.Tensor, target: torch.Tensor,
-                              scale: torch.Tensor | float) -> torch.Tensor:
+def batch_classification_loss(
+    query: torch.Tensor, target: torch.Tensor, scale: torch.Tensor | float
+) -> torch.Tensor:
     """query, target (B, D) unit vectors -> cross-entropy of softmax(s^2 q t^T) on the diagonal."""
     _check_pair(query, target)
     logits = (scale * scale) * query @ target.T
     return F.cross_entropy(logits, torch.arange(query.shape[0], device=query.device))
 
 
-def compute_loss(outputs: dict[str, torch.Tensor], loss_name: str, *,
-                 scale: float = DEFAULT_SCALE, negatives_per_anchor: int | None = 3,
-                 correction_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
+def compute_loss(
+    outputs: dict[str, torch.Tensor],
+    loss_name: str,
+    *,
+    scale: float = DEFAULT_SCALE,
+    negatives_per_anchor: int | None = 3,
+    correction_weight: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss of one batch of model outputs -> ``(loss, logs)``.
 
     ``outputs``: the model's forward dict (``query``, ``target`` (B, D), optional
@@ -95,8 +108,10 @@ def compute_loss(outputs: dict[str, torch.Tensor], loss_name: str, *,
     if "correction_logits" in outputs:
         corr = outputs["correction_logits"]
         if corr.shape != (query.shape[0], query.shape[0]):
-            raise ValueError(f"correction_logits must be (B, B) = {(query.shape[0],) * 2}, "
-                             f"got {tuple(corr.shape)}")
+            raise ValueError(
+                f"correction_logits must be (B, B) = {(query.shape[0],) * 2}, "
+                f"got {tuple(corr.shape)}"
+            )
         correction = F.cross_entropy(corr, labels)
         loss = loss + correction_weight * correction
         logs["loss_correction"] = float(correction.detach())

@@ -39,11 +39,16 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "css": {"ks": [1, 5, 10, 50], "hit": "label", "exclude_reference": True},
     "fashion200k": {"ks": [1, 10, 50], "hit": "label", "exclude_reference": True},
     "mitstates": {"ks": [1, 5, 10], "hit": "label", "exclude_reference": True},
-    "fashioniq": {"ks": [10, 50], "hit": "id", "exclude_reference": True, "per_category": True,
-                  "gallery": "split", "caption_orders": 1,
-                  "categories": ["dress", "shirt", "toptee"]},
-    "cirr": {"ks": [1, 5, 10, 50], "hit": "id", "exclude_reference": True,
-             "subset_ks": [1, 2, 3]},
+    "fashioniq": {
+        "ks": [10, 50],
+        "hit": "id",
+        "exclude_reference": True,
+        "per_category": True,
+        "gallery": "split",
+        "caption_orders": 1,
+        "categories": ["dress", "shirt", "toptee"],
+    },
+    "cirr": {"ks": [1, 5, 10, 50], "hit": "id", "exclude_reference": True, "subset_ks": [1, 2, 3]},
 }
 # named options a user may set (--protocol-option key=value), with their allowed values
 OPTIONS: dict[str, dict[str, tuple]] = {
@@ -69,8 +74,9 @@ def parse_option(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def resolve_protocol(protocol: dict[str, Any], options: dict[str, Any] | None = None
-                     ) -> dict[str, Any]:
+def resolve_protocol(
+    protocol: dict[str, Any], options: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The manifest's protocol with the dataset defaults filled in and ``options`` applied."""
     name = protocol.get("name")
     if name not in DEFAULTS:
@@ -80,9 +86,13 @@ def resolve_protocol(protocol: dict[str, Any], options: dict[str, Any] | None = 
         allowed = OPTIONS.get(key, {}).get(name)
         if allowed is None:
             known = sorted(k for k, per in OPTIONS.items() if name in per)
-            raise ValueError(f"protocol option {key!r} does not apply to {name!r}; options: {known}")
+            raise ValueError(
+                f"protocol option {key!r} does not apply to {name!r}; options: {known}"
+            )
         if value not in allowed:
-            raise ValueError(f"protocol option {key}={value!r} for {name!r}: expected one of {allowed}")
+            raise ValueError(
+                f"protocol option {key}={value!r} for {name!r}: expected one of {allowed}"
+            )
         resolved[key] = value
     resolved["ks"] = sorted(int(k) for k in resolved["ks"])
     if resolved["hit"] not in ("id", "label"):
@@ -92,8 +102,11 @@ def resolve_protocol(protocol: dict[str, Any], options: dict[str, Any] | None = 
 
 def describe_protocol(protocol: dict[str, Any]) -> str:
     """One line naming the protocol and every choice that changes its numbers."""
-    parts = [f"ks={','.join(map(str, protocol['ks']))}", f"hit={protocol['hit']}",
-             f"exclude_reference={str(protocol['exclude_reference']).lower()}"]
+    parts = [
+        f"ks={','.join(map(str, protocol['ks']))}",
+        f"hit={protocol['hit']}",
+        f"exclude_reference={str(protocol['exclude_reference']).lower()}",
+    ]
     if protocol["name"] == "fashioniq":
         parts += [f"gallery={protocol['gallery']}", f"caption_orders={protocol['caption_orders']}"]
     if protocol.get("subset_ks"):
@@ -110,8 +123,10 @@ def expand_queries(protocol: dict[str, Any], queries: list[dict]) -> list[dict]:
     for q in queries:
         captions = q.get("captions")
         if not isinstance(captions, list) or len(captions) != 2:
-            raise ValueError(f"query {q.get('qid')!r}: caption_orders=2 needs 'captions' "
-                             f"with two texts, got {captions!r}")
+            raise ValueError(
+                f"query {q.get('qid')!r}: caption_orders=2 needs 'captions' "
+                f"with two texts, got {captions!r}"
+            )
         for order, (a, b) in enumerate((captions, captions[::-1])):
             out.append({**q, "text": f"{a} and {b}", "caption_order": order})
     return out
@@ -155,8 +170,9 @@ class RankingPlan:
     subsets: list[np.ndarray] | None
 
 
-def build_plan(protocol: dict[str, Any], queries: list[dict], gallery_ids: list[str],
-               gallery_metas: list[dict]) -> RankingPlan:
+def build_plan(
+    protocol: dict[str, Any], queries: list[dict], gallery_ids: list[str], gallery_metas: list[dict]
+) -> RankingPlan:
     """``RankingPlan`` of a resolved protocol; raises ``ValueError`` naming a query whose
     reference (or subset member) is not in the gallery."""
     index = {gid: i for i, gid in enumerate(gallery_ids)}
@@ -216,8 +232,9 @@ def mask_scores(scores: torch.Tensor, plan: RankingPlan, rows: slice) -> torch.T
     return scores
 
 
-def rank_scores(scores: torch.Tensor, plan: RankingPlan, rows: slice, k: int
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def rank_scores(
+    scores: torch.Tensor, plan: RankingPlan, rows: slice, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``k`` of a chunk of the score matrix (c, N) under the plan.
 
     Returns ``(indices (c, k) int64, scores (c, k))``; positions the query may not fill
@@ -248,13 +265,18 @@ def rank_subset(scores: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
     return candidates.to(scores.device).gather(1, order)
 
 
-def hit_matrix(protocol: dict[str, Any], queries: list[dict], gallery_ids: list[str],
-               gallery_metas: list[dict], ranking: np.ndarray) -> np.ndarray:
+def hit_matrix(
+    protocol: dict[str, Any],
+    queries: list[dict],
+    gallery_ids: list[str],
+    gallery_metas: list[dict],
+    ranking: np.ndarray,
+) -> np.ndarray:
     """(M, K) bool: whether the j-th result of query i hits its target (-1 never hits)."""
     ranking = np.asarray(ranking)
     hits = np.zeros(ranking.shape, dtype=bool)
     index = {gid: i for i, gid in enumerate(gallery_ids)}
-    labels = ([gallery_label(m) for m in gallery_metas] if protocol["hit"] == "label" else None)
+    labels = [gallery_label(m) for m in gallery_metas] if protocol["hit"] == "label" else None
     for i, q in enumerate(queries):
         rows = ranking[i]
         targets = [_row(index, q, t, "target_ids") for t in q["target_ids"]]
@@ -273,9 +295,14 @@ def recall_at(hits: np.ndarray, ks: list[int]) -> dict[int, float]:
     return {k: 100.0 * float(hits[:, :k].any(axis=1).mean()) for k in ks}
 
 
-def compute_metrics(protocol: dict[str, Any], queries: list[dict], gallery_ids: list[str],
-                    gallery_metas: list[dict], ranking: np.ndarray,
-                    subset_ranking: np.ndarray | None = None) -> dict[str, Any]:
+def compute_metrics(
+    protocol: dict[str, Any],
+    queries: list[dict],
+    gallery_ids: list[str],
+    gallery_metas: list[dict],
+    ranking: np.ndarray,
+    subset_ranking: np.ndarray | None = None,
+) -> dict[str, Any]:
     """Recalls (percent) of a resolved protocol from the ranked gallery rows (M, K)
     (and the ranked subset rows (M, S) for CIRR). Queries without ``target_ids``
     (test-server queries) are left out; ``queries`` counts the ones evaluated."""
@@ -284,8 +311,9 @@ def compute_metrics(protocol: dict[str, Any], queries: list[dict], gallery_ids: 
     qs = [queries[i] for i in scored]
     top = ranking[scored] if len(scored) else ranking[:0]
     if top.shape[1] < max(protocol["ks"]) and top.shape[1] < len(gallery_ids):
-        raise ValueError(f"ranking has {top.shape[1]} columns, the protocol needs "
-                         f"{max(protocol['ks'])}")
+        raise ValueError(
+            f"ranking has {top.shape[1]} columns, the protocol needs {max(protocol['ks'])}"
+        )
     hits = hit_matrix(protocol, qs, gallery_ids, gallery_metas, top)
     metrics: dict[str, Any] = {}
     name, ks = protocol["name"], protocol["ks"]
@@ -296,8 +324,11 @@ def compute_metrics(protocol: dict[str, Any], queries: list[dict], gallery_ids: 
             for k, r in recall_at(hits[rows], ks).items():
                 metrics[f"{cat}/R@{k}"] = r
         for k in ks:
-            metrics[f"avg/R@{k}"] = float(np.mean([metrics[f"{c}/R@{k}"] for c in categories])) \
-                if categories else float("nan")
+            metrics[f"avg/R@{k}"] = (
+                float(np.mean([metrics[f"{c}/R@{k}"] for c in categories]))
+                if categories
+                else float("nan")
+            )
     else:
         for k, r in recall_at(hits, ks).items():
             metrics[f"R@{k}"] = r
@@ -332,8 +363,9 @@ def headline_score(protocol: dict[str, Any], metrics: dict[str, float]) -> float
     return float(np.mean([metrics[f"R@{k}"] for k in protocol["ks"]]))
 
 
-def cirr_submissions(queries: list[dict], gallery_ids: list[str], ranking: np.ndarray,
-                     subset_ranking: np.ndarray) -> tuple[dict, dict]:
+def cirr_submissions(
+    queries: list[dict], gallery_ids: list[str], ranking: np.ndarray, subset_ranking: np.ndarray
+) -> tuple[dict, dict]:
     """The CIRR test server's two files: ``recall`` (top-50 ids per pairid) and
     ``recall_subset`` (top-3 member ids per pairid), reference already excluded."""
     recall: dict[str, Any] = {"version": "rc2", "metric": "recall"}

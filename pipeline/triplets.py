@@ -104,7 +104,7 @@ def _parents(words: list[str]) -> dict[tuple[str, ...], set[str]]:
     """Parent caption (words minus one) -> the removed word(s)."""
     parents: dict[tuple[str, ...], set[str]] = defaultdict(set)
     for p, word in enumerate(words):
-        parents[tuple(words[:p] + words[p + 1:])].add(word)
+        parents[tuple(words[:p] + words[p + 1 :])].add(word)
     return parents
 
 
@@ -141,6 +141,9 @@ def _adj_noun(name: str, index: int, member: dict) -> tuple[str, str]:
 
 def _change_state_pairs(name: str, members: list) -> list[Pair]:
     states = [_adj_noun(name, i, m) for i, m in enumerate(members)]
-    return [(i, j, [states[j][0]])
-            for i in range(len(states)) for j in range(len(states))
-            if states[i][1] == states[j][1] and states[i][0] != states[j][0]]
+    return [
+        (i, j, [states[j][0]])
+        for i in range(len(states))
+        for j in range(len(states))
+        if states[i][1] == states[j][1] and states[i][0] != states[j][0]
+    ]

@@ -52,15 +52,28 @@ def draw_grid(rows: list[dict[str, Any]]) -> Image.Image:
             color = GREEN if hit else RED
             draw.rectangle([left, top, left + cell_w - 1, top + THUMB + 2 * BORDER - 1], fill=color)
             grid.paste(_thumbnail(data), (left + BORDER, top + BORDER))
-            draw.text((left + BORDER, top + THUMB + 2 * BORDER), str(gid)[:20],
-                      fill=GREY if not hit else GREEN, font=font)
+            draw.text(
+                (left + BORDER, top + THUMB + 2 * BORDER),
+                str(gid)[:20],
+                fill=GREY if not hit else GREEN,
+                font=font,
+            )
     return grid
 
 
-def save_retrieval_grid(path: str | Path, dataset_dir: str | Path, gallery_split: str,
-                        protocol: dict[str, Any], queries: list[dict], gallery_ids: list[str],
-                        gallery_metas: list[dict], ranking: np.ndarray, *,
-                        max_queries: int = 8, top: int = 5) -> Path:
+def save_retrieval_grid(
+    path: str | Path,
+    dataset_dir: str | Path,
+    gallery_split: str,
+    protocol: dict[str, Any],
+    queries: list[dict],
+    gallery_ids: list[str],
+    gallery_metas: list[dict],
+    ranking: np.ndarray,
+    *,
+    max_queries: int = 8,
+    top: int = 5,
+) -> Path:
     """Draw the first ``max_queries`` queries that have targets with their ``top``
     results and write the PNG to ``path``."""
     chosen = [i for i, q in enumerate(queries) if q.get("target_ids")][:max_queries]
@@ -76,9 +89,17 @@ def save_retrieval_grid(path: str | Path, dataset_dir: str | Path, gallery_split
     images = read_gallery_bytes(dataset_dir, gallery_split, ids=needed)
     rows = []
     for q, result_rows, hit_row in zip(picked, results, hits):
-        rows.append({"reference": images[q["ref_id"]][0], "text": q["text"],
-                     "results": [(images[gallery_ids[r]][0], gallery_ids[r], bool(h))
-                                 for r, h in zip(result_rows, hit_row) if r >= 0]})
+        rows.append(
+            {
+                "reference": images[q["ref_id"]][0],
+                "text": q["text"],
+                "results": [
+                    (images[gallery_ids[r]][0], gallery_ids[r], bool(h))
+                    for r, h in zip(result_rows, hit_row)
+                    if r >= 0
+                ],
+            }
+        )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     draw_grid(rows).save(path)

@@ -45,8 +45,9 @@ class Vocabulary:
     def build(cls, texts: Iterable[str], min_count: int = 1) -> Vocabulary:
         """Vocabulary of every token seen at least ``min_count`` times, most frequent first."""
         counts = Counter(tok for text in texts for tok in tokenize(text))
-        ranked = sorted((w for w, c in counts.items() if c >= min_count),
-                        key=lambda w: (-counts[w], w))
+        ranked = sorted(
+            (w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w)
+        )
         return cls(ranked)
 
     def __len__(self) -> int:
@@ -57,8 +58,9 @@ class Vocabulary:
         ids = [self.index.get(tok, UNK_ID) for tok in tokenize(text)]
         return ids or [UNK_ID]
 
-    def encode(self, texts: list[str], max_len: int | None = None,
-               pad_to: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(
+        self, texts: list[str], max_len: int | None = None, pad_to: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch of texts -> ``tokens`` (B, T) int64, ``lengths`` (B,) int64.
 
         Texts longer than ``max_len`` are truncated; ``pad_to`` fixes T (>= longest).
@@ -87,8 +89,13 @@ class Vocabulary:
         return " ".join(self.words[i] for i in ids if i != PAD_ID)
 
     def to_dict(self) -> dict:
-        return {"words": self.words, "token_pattern": TOKEN_PATTERN, "lowercase": True,
-                "pad_id": PAD_ID, "unk_id": UNK_ID}
+        return {
+            "words": self.words,
+            "token_pattern": TOKEN_PATTERN,
+            "lowercase": True,
+            "pad_id": PAD_ID,
+            "unk_id": UNK_ID,
+        }
 
     @classmethod
     def from_dict(cls, data: dict) -> Vocabulary:

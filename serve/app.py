@@ -71,7 +71,9 @@ class ApiError(Exception):
         self.status, self.code, self.detail = status, code, detail
 
 
-def error_response(status: int, code: str, detail: Any, headers: dict | None = None) -> JSONResponse:
+def error_response(
+    status: int, code: str, detail: Any, headers: dict | None = None
+) -> JSONResponse:
     return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
 
 
@@ -79,9 +81,14 @@ def image_url(image_id: str) -> str:
     return "/images/" + quote(image_id, safe="")
 
 
-def create_app(engine: QueryEngine, limits: ServiceLimits | None = None, *,
-               max_batch: int | None = None, max_wait_ms: float | None = None,
-               max_queue: int = 1024) -> FastAPI:
+def create_app(
+    engine: QueryEngine,
+    limits: ServiceLimits | None = None,
+    *,
+    max_batch: int | None = None,
+    max_wait_ms: float | None = None,
+    max_queue: int = 1024,
+) -> FastAPI:
     """The FastAPI app over ``engine``. Batching defaults: on a GPU up to 64 queries
     collected for up to 2 ms; on the CPU up to 16, never waiting (what is queued runs)."""
     limits = limits or ServiceLimits()
@@ -90,7 +97,8 @@ def create_app(engine: QueryEngine, limits: ServiceLimits | None = None, *,
         lambda items: _run_batch(engine, items),
         max_batch=max_batch if max_batch is not None else (64 if on_gpu else 16),
         max_wait_ms=max_wait_ms if max_wait_ms is not None else (2.0 if on_gpu else 0.0),
-        max_queue=max_queue)
+        max_queue=max_queue,
+    )
     decode_slots = asyncio.Semaphore(limits.concurrent_decodes)
 
     @asynccontextmanager
@@ -101,12 +109,18 @@ def create_app(engine: QueryEngine, limits: ServiceLimits | None = None, *,
         finally:
             await batcher.stop()
 
-    app = FastAPI(title="Composed image retrieval", version="1",
-                  description="Search a catalogue with a reference image and a text saying "
-                              "what should change.", lifespan=lifespan)
+    app = FastAPI(
+        title="Composed image retrieval",
+        version="1",
+        description="Search a catalogue with a reference image and a text saying "
+        "what should change.",
+        lifespan=lifespan,
+    )
     app.state.engine, app.state.batcher, app.state.limits = engine, batcher, limits
-    app.add_middleware(BodySizeLimit, max_bytes=limits.max_image_bytes + BODY_OVERHEAD_BYTES
-                       + 4 * limits.max_text_chars)
+    app.add_middleware(
+        BodySizeLimit,
+        max_bytes=limits.max_image_bytes + BODY_OVERHEAD_BYTES + 4 * limits.max_text_chars,
+    )
     _add_error_handlers(app)
 
     @app.post("/search", summary="Top-k gallery images for a reference and a change text")
@@ -120,24 +134,36 @@ def create_app(engine: QueryEngine, limits: ServiceLimits | None = None, *,
         began = time.perf_counter()
         media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if media_type not in ("multipart/form-data", "application/x-www-form-urlencoded"):
-            raise ApiError(415, "unsupported_media_type",
-                           f"POST /search takes multipart/form-data, got {media_type or 'no body'!r}")
+            raise ApiError(
+                415,
+                "unsupported_media_type",
+                f"POST /search takes multipart/form-data, got {media_type or 'no body'!r}",
+            )
         text = _check_text(text, limits)
         if image is not None and not image.filename and not image.size:
             image = None  # an empty file field (a form posted with no file chosen)
         if (image is None) == (ref_id is None or ref_id == ""):
-            raise ApiError(422, "reference_required" if image is None else "reference_conflict",
-                           "give exactly one reference: an image file or a ref_id"
-                           + (" (both were given)" if image is not None else ""))
+            raise ApiError(
+                422,
+                "reference_required" if image is None else "reference_conflict",
+                "give exactly one reference: an image file or a ref_id"
+                + (" (both were given)" if image is not None else ""),
+            )
         if not 1 <= k <= min(limits.max_k, len(engine.index)):
-            raise ApiError(422, "k_out_of_range",
-                           f"k must be between 1 and {min(limits.max_k, len(engine.index))}, got {k}")
+            raise ApiError(
+                422,
+                "k_out_of_range",
+                f"k must be between 1 and {min(limits.max_k, len(engine.index))}, got {k}",
+            )
         reference: dict[str, Any]
         if image is not None:
             data = await image.read(limits.max_image_bytes + 1)
             if len(data) > limits.max_image_bytes:
-                raise ApiError(413, "image_too_large",
-                               f"the image upload exceeds {limits.max_image_bytes} bytes")
+                raise ApiError(
+                    413,
+                    "image_too_large",
+                    f"the image upload exceeds {limits.max_image_bytes} bytes",
+                )
             async with decode_slots:
                 tensor = await run_in_threadpool(engine.prepare_image, data)
             query = EngineQuery(text=text, image=tensor)
@@ -149,21 +175,35 @@ def create_app(engine: QueryEngine, limits: ServiceLimits | None = None, *,
         prepared = time.perf_counter()
         hits, info = await batcher.submit((query, k))
         done = time.perf_counter()
-        timing = {"total_ms": (done - began) * 1e3, "prepare_ms": (prepared - began) * 1e3,
-                  **{key: value for key, value in info.items()}}
-        return {"results": [{"id": h.id, "score": h.score, "image_url": image_url(h.id)}
-                            for h in hits],
-                "k": k, "text": text, "reference": reference,
-                "model": engine.model_name, "backend": engine.backend.name, "timing": timing}
+        timing = {
+            "total_ms": (done - began) * 1e3,
+            "prepare_ms": (prepared - began) * 1e3,
+            **{key: value for key, value in info.items()},
+        }
+        return {
+            "results": [{"id": h.id, "score": h.score, "image_url": image_url(h.id)} for h in hits],
+            "k": k,
+            "text": text,
+            "reference": reference,
+            "model": engine.model_name,
+            "backend": engine.backend.name,
+            "timing": timing,
+        }
 
-    @app.get("/images/{image_id:path}", summary="A gallery image's encoded bytes",
-             responses={200: {"content": {"image/png": {}, "image/jpeg": {}}}})
+    @app.get(
+        "/images/{image_id:path}",
+        summary="A gallery image's encoded bytes",
+        responses={200: {"content": {"image/png": {}, "image/jpeg": {}}}},
+    )
     async def gallery_image(image_id: str) -> Response:
         row = engine.index.row_of.get(image_id)
         if row is None:
             raise ApiError(404, "unknown_image_id", f"no gallery image with id {image_id!r}")
-        return Response(engine.index.image_bytes(row), media_type=engine.index.content_type(row),
-                        headers={"Cache-Control": "public, max-age=3600"})
+        return Response(
+            engine.index.image_bytes(row),
+            media_type=engine.index.content_type(row),
+            headers={"Cache-Control": "public, max-age=3600"},
+        )
 
     @app.get("/gallery/sample", summary="Random gallery images (the demo's reference picker)")
     async def gallery_sample(
@@ -174,17 +214,28 @@ def create_app(engine: QueryEngine, limits: ServiceLimits | None = None, *,
         items = []
         for row in rows:
             meta = engine.index.meta(row)
-            items.append({"id": engine.index.ids[row], "image_url": image_url(engine.index.ids[row]),
-                          **{key: meta[key] for key in ("label", "caption", "category")
-                             if key in meta}})
+            items.append(
+                {
+                    "id": engine.index.ids[row],
+                    "image_url": image_url(engine.index.ids[row]),
+                    **{key: meta[key] for key in ("label", "caption", "category") if key in meta},
+                }
+            )
         return {"items": items, "gallery_size": len(engine.index)}
 
     @app.get("/healthz", summary="Liveness and what is being served")
     async def healthz() -> dict[str, Any]:
-        return {"status": "ok", **engine.describe(), "batches": batcher.batches,
-                "queries": batcher.items,
-                "limits": {"max_image_bytes": limits.max_image_bytes,
-                           "max_text_chars": limits.max_text_chars, "max_k": limits.max_k}}
+        return {
+            "status": "ok",
+            **engine.describe(),
+            "batches": batcher.batches,
+            "queries": batcher.items,
+            "limits": {
+                "max_image_bytes": limits.max_image_bytes,
+                "max_text_chars": limits.max_text_chars,
+                "max_k": limits.max_k,
+            },
+        }
 
     @app.get("/", include_in_schema=False)
     async def demo_page() -> FileResponse:
@@ -198,13 +249,17 @@ def _check_text(text: str | None, limits: ServiceLimits) -> str:
     if text is None or not text.strip():
         raise ApiError(422, "empty_text", "text is required: say what should change")
     if len(text) > limits.max_text_chars:
-        raise ApiError(422, "text_too_long",
-                       f"text has {len(text)} characters; at most {limits.max_text_chars} are accepted")
+        raise ApiError(
+            422,
+            "text_too_long",
+            f"text has {len(text)} characters; at most {limits.max_text_chars} are accepted",
+        )
     return text.strip()
 
 
-def _run_batch(engine: QueryEngine, items: list[tuple[EngineQuery, int]]
-               ) -> tuple[list[list[Hit]], dict[str, float]]:
+def _run_batch(
+    engine: QueryEngine, items: list[tuple[EngineQuery, int]]
+) -> tuple[list[list[Hit]], dict[str, float]]:
     """Runs on the batcher's worker thread: one engine call for the whole batch."""
     k = max(k for _, k in items)
     result = engine.search([query for query, _ in items], k)
@@ -234,16 +289,27 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, err: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body')}: "
-                             f"{e.get('msg', 'invalid')}" for e in err.errors())
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body')}: "
+            f"{e.get('msg', 'invalid')}"
+            for e in err.errors()
+        )
         return error_response(422, "invalid_request", problems or "invalid request")
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
-        codes = {400: "bad_request", 404: "not_found", 405: "method_not_allowed",
-                 413: "request_too_large"}
-        return error_response(err.status_code, codes.get(err.status_code, "http_error"),
-                              str(err.detail), headers=getattr(err, "headers", None))
+        codes = {
+            400: "bad_request",
+            404: "not_found",
+            405: "method_not_allowed",
+            413: "request_too_large",
+        }
+        return error_response(
+            err.status_code,
+            codes.get(err.status_code, "http_error"),
+            str(err.detail),
+            headers=getattr(err, "headers", None),
+        )
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, err: Exception) -> JSONResponse:
@@ -271,8 +337,12 @@ class BodySizeLimit:
                 await _send_json(send, 400, "bad_request", "Content-Length is not a number")
                 return
             if size > self.max_bytes:
-                await _send_json(send, 413, "request_too_large",
-                                 f"request body of {size} bytes exceeds {self.max_bytes}")
+                await _send_json(
+                    send,
+                    413,
+                    "request_too_large",
+                    f"request body of {size} bytes exceeds {self.max_bytes}",
+                )
                 return
         received = 0
         exceeded = False
@@ -296,8 +366,9 @@ class BodySizeLimit:
         except _BodyTooLarge:
             pass
         if exceeded:
-            await _send_json(send, 413, "request_too_large",
-                             f"request body exceeds {self.max_bytes} bytes")
+            await _send_json(
+                send, 413, "request_too_large", f"request body exceeds {self.max_bytes} bytes"
+            )
 
 
 class _BodyTooLarge(Exception):
@@ -306,8 +377,15 @@ class _BodyTooLarge(Exception):
 
 async def _send_json(send, status: int, code: str, detail: str) -> None:
     body = json.dumps({"error": code, "detail": detail}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})

@@ -38,8 +38,9 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 LENGTH_BUCKETS = (8, 16, 32, 64)
 
 
-def create_backend(name: str, art_dir: str | Path, arts: dict[str, Any], device: torch.device,
-                   **options: Any):
+def create_backend(
+    name: str, art_dir: str | Path, arts: dict[str, Any], device: torch.device, **options: Any
+):
     """The backend called ``name`` over one artifact directory."""
     if name == "torch":
         return TorchBackend(art_dir, arts, device, **options)
@@ -60,13 +61,21 @@ class TorchBackend:
 
     name = "torch"
 
-    def __init__(self, art_dir: str | Path, arts: dict[str, Any], device: torch.device,
-                 cuda_graphs: bool | None = None):
+    def __init__(
+        self,
+        art_dir: str | Path,
+        arts: dict[str, Any],
+        device: torch.device,
+        cuda_graphs: bool | None = None,
+    ):
         from pipeline.checkpoint import load_model
 
         self.device = torch.device(device)
-        self.model, _, _ = load_model(Path(art_dir) / arts["checkpoint"]["file"],
-                                      device=self.device, expect_model=arts["model_name"])
+        self.model, _, _ = load_model(
+            Path(art_dir) / arts["checkpoint"]["file"],
+            device=self.device,
+            expect_model=arts["model_name"],
+        )
         self.image_repr_names = list(arts["image_repr_names"])
         self.text_repr_names = list(arts["text_repr_names"])
         self.max_text_len = int(arts["tokenizer"]["max_text_len"])
@@ -74,8 +83,9 @@ class TorchBackend:
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
         if self.cuda_graphs and self.device.type != "cuda":
             raise ValueError("cuda_graphs=True needs a CUDA device, got " + str(self.device))
-        self.length_buckets = tuple(sorted({min(b, self.max_text_len) for b in LENGTH_BUCKETS}
-                                           | {self.max_text_len}))
+        self.length_buckets = tuple(
+            sorted({min(b, self.max_text_len) for b in LENGTH_BUCKETS} | {self.max_text_len})
+        )
         if _text_repr_grows_with_length(arts):  # padding would change it: one graph per T
             self.length_buckets = tuple(range(1, self.max_text_len + 1))
         self._graphs: dict[tuple, CapturedGraph | None] = {}
@@ -88,8 +98,9 @@ class TorchBackend:
         out = self._run(("image", None), self._image_fn, [images])
         return dict(zip(self.image_repr_names, out))
 
-    def compose_query(self, image_repr: Mapping[str, torch.Tensor], tokens: torch.Tensor,
-                      lengths: torch.Tensor) -> tuple[torch.Tensor, Reprs]:
+    def compose_query(
+        self, image_repr: Mapping[str, torch.Tensor], tokens: torch.Tensor, lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, Reprs]:
         reprs = [image_repr[n].to(self.device, torch.float32) for n in self.image_repr_names]
         tokens, lengths = tokens.to(self.device), lengths.to(self.device)
         length = bucket(tokens.shape[1], self.length_buckets) if self.cuda_graphs else None
@@ -98,12 +109,18 @@ class TorchBackend:
         out = self._run(("query", length), self._query_fn, [*reprs, tokens, lengths])
         return out[0], dict(zip(self.text_repr_names, out[1:]))
 
-    def correct(self, ref_repr: Mapping[str, torch.Tensor], cand_repr: Mapping[str, torch.Tensor],
-                text_repr: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def correct(
+        self,
+        ref_repr: Mapping[str, torch.Tensor],
+        cand_repr: Mapping[str, torch.Tensor],
+        text_repr: Mapping[str, torch.Tensor],
+    ) -> torch.Tensor:
         with torch.inference_mode():
-            return self.model.correct(self._tuple(ref_repr, self.image_repr_names),
-                                      self._tuple(cand_repr, self.image_repr_names),
-                                      self._tuple(text_repr, self.text_repr_names)).float()
+            return self.model.correct(
+                self._tuple(ref_repr, self.image_repr_names),
+                self._tuple(cand_repr, self.image_repr_names),
+                self._tuple(text_repr, self.text_repr_names),
+            ).float()
 
     # -- the networks as functions of tensors (what a graph captures) ------------------------
     def _image_fn(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -118,7 +135,9 @@ class TorchBackend:
     def _tuple(self, reprs: Mapping[str, torch.Tensor], names: list[str]) -> tuple:
         return tuple(reprs[n].to(self.device, torch.float32) for n in names)
 
-    def _run(self, key: tuple, fn: Callable, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    def _run(
+        self, key: tuple, fn: Callable, inputs: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, ...]:
         batch = len(inputs[0])
         size = bucket(batch, BATCH_BUCKETS) if self.cuda_graphs else None
         if size is None or key[0] == "query" and key[1] is None:
@@ -176,8 +195,9 @@ class CapturedGraph:
                 self.static_outputs = fn(*self.static_inputs)
 
     @classmethod
-    def try_capture(cls, fn: Callable, example_inputs: list[torch.Tensor], pool,
-                    key: tuple) -> CapturedGraph | None:
+    def try_capture(
+        cls, fn: Callable, example_inputs: list[torch.Tensor], pool, key: tuple
+    ) -> CapturedGraph | None:
         try:
             graph = cls(fn, example_inputs, pool)
         except RuntimeError as err:  # an op that cannot be captured: fall back to eager
@@ -213,19 +233,26 @@ class _NumpyBackend:
     def encode_image(self, images: torch.Tensor) -> Reprs:
         return self._tensors(self.runtime.encode_image(_numpy(images)))
 
-    def compose_query(self, image_repr: Mapping[str, torch.Tensor], tokens: torch.Tensor,
-                      lengths: torch.Tensor) -> tuple[torch.Tensor, Reprs]:
-        text_np = (self.runtime.encode_text(_numpy(tokens, np.int64), _numpy(lengths, np.int64))
-                   if self.text_repr_names else {})  # image_only reads no text
+    def compose_query(
+        self, image_repr: Mapping[str, torch.Tensor], tokens: torch.Tensor, lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, Reprs]:
+        text_np = (
+            self.runtime.encode_text(_numpy(tokens, np.int64), _numpy(lengths, np.int64))
+            if self.text_repr_names
+            else {}
+        )  # image_only reads no text
         image_np = {n: _numpy(v) for n, v in image_repr.items()}
         query = self.runtime.compose(image_np, text_np)
         return self._tensor(query), self._tensors(text_np)
 
     def correct(self, ref_repr, cand_repr, text_repr) -> torch.Tensor:
-        return self._tensor(self.runtime.correct(
-            {n: _numpy(v) for n, v in ref_repr.items()},
-            {n: _numpy(v) for n, v in cand_repr.items()},
-            {n: _numpy(v) for n, v in text_repr.items()}))
+        return self._tensor(
+            self.runtime.correct(
+                {n: _numpy(v) for n, v in ref_repr.items()},
+                {n: _numpy(v) for n, v in cand_repr.items()},
+                {n: _numpy(v) for n, v in text_repr.items()},
+            )
+        )
 
     def warmup(self, batch_sizes: Sequence[int] = ()) -> None:
         """Nothing to capture: ONNX Runtime and TensorRT plan their work at load time."""
@@ -242,8 +269,9 @@ class OnnxRuntimeBackend(_NumpyBackend):
 
     name = "onnxruntime"
 
-    def __init__(self, art_dir: str | Path, arts: dict[str, Any], device: torch.device,
-                 threads: int = 0):
+    def __init__(
+        self, art_dir: str | Path, arts: dict[str, Any], device: torch.device, threads: int = 0
+    ):
         import onnxruntime as ort
 
         from export.runtime import OnnxRuntimeModel
@@ -252,12 +280,18 @@ class OnnxRuntimeBackend(_NumpyBackend):
         providers = ["CPUExecutionProvider"]
         if device.type == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise RuntimeError("backend onnxruntime on a CUDA device needs onnxruntime-gpu "
-                                   "(pip install 'composed-retrieval[gpu]'); this onnxruntime has "
-                                   f"{ort.get_available_providers()}")
-            providers = [("CUDAExecutionProvider", {"device_id": device.index or 0}),
-                         "CPUExecutionProvider"]
-        super().__init__(OnnxRuntimeModel(art_dir, providers=providers, threads=threads), arts, device)
+                raise RuntimeError(
+                    "backend onnxruntime on a CUDA device needs onnxruntime-gpu "
+                    "(pip install 'composed-retrieval[gpu]'); this onnxruntime has "
+                    f"{ort.get_available_providers()}"
+                )
+            providers = [
+                ("CUDAExecutionProvider", {"device_id": device.index or 0}),
+                "CPUExecutionProvider",
+            ]
+        super().__init__(
+            OnnxRuntimeModel(art_dir, providers=providers, threads=threads), arts, device
+        )
         self.describe = f"onnxruntime ({'CUDA' if device.type == 'cuda' else 'CPU'} provider)"
 
 

@@ -44,8 +44,14 @@ class MicroBatcher:
     queue wait: ``submit`` returns ``(result, info)``.
     """
 
-    def __init__(self, run_batch: Callable[[list[Any]], tuple[list[Any], dict]], *,
-                 max_batch: int = 64, max_wait_ms: float = 2.0, max_queue: int = 1024):
+    def __init__(
+        self,
+        run_batch: Callable[[list[Any]], tuple[list[Any], dict]],
+        *,
+        max_batch: int = 64,
+        max_wait_ms: float = 2.0,
+        max_queue: int = 1024,
+    ):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if max_wait_ms < 0:
@@ -111,7 +117,8 @@ class MicroBatcher:
         started = time.perf_counter()
         try:
             results, info = await loop.run_in_executor(
-                self._executor, self.run_batch, [p.item for p in batch])
+                self._executor, self.run_batch, [p.item for p in batch]
+            )
         except Exception as err:  # one failed batch must not stop the collector
             log.exception("batch of %d failed", len(batch))
             for p in batch:
@@ -123,5 +130,6 @@ class MicroBatcher:
         for p, result in zip(batch, results):
             if not p.future.done():
                 queue_ms = (started - p.enqueued) * 1e3
-                p.future.set_result((result, {**info, "batch_size": len(batch),
-                                              "queue_ms": queue_ms}))
+                p.future.set_result(
+                    (result, {**info, "batch_size": len(batch), "queue_ms": queue_ms})
+                )

@@ -88,17 +88,26 @@ class QueryEngine:
     (the HTTP service runs every batch on one worker thread).
     """
 
-    def __init__(self, art_dir: str | Path, backend: str = "torch",
-                 device: str | torch.device | None = None, index_dir: str | Path | None = None,
-                 *, rerank_top: int = DEFAULT_RERANK_TOP, max_image_pixels: int = 40_000_000,
-                 chunk_rows: int = 65536, max_resident_bytes: int = 4 << 30,
-                 backend_options: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        art_dir: str | Path,
+        backend: str = "torch",
+        device: str | torch.device | None = None,
+        index_dir: str | Path | None = None,
+        *,
+        rerank_top: int = DEFAULT_RERANK_TOP,
+        max_image_pixels: int = 40_000_000,
+        chunk_rows: int = 65536,
+        max_resident_bytes: int = 4 << 30,
+        backend_options: dict[str, Any] | None = None,
+    ):
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
         self.arts = load_artifacts(art_dir)
         self.art_dir = Path(self.arts["dir"])
-        self.device = torch.device(device if device is not None else
-                                   "cuda" if torch.cuda.is_available() else "cpu")
+        self.device = torch.device(
+            device if device is not None else "cuda" if torch.cuda.is_available() else "cpu"
+        )
         self.model_name: str = self.arts["model_name"]
         self.embed_dim = int(self.arts["embed_dim"])
         self.vocab = load_vocab(self.arts)
@@ -107,21 +116,36 @@ class QueryEngine:
         self.max_image_pixels = int(max_image_pixels)
         self.has_correction = bool(self.arts["has_correction"])
         self.rerank_top = int(rerank_top) if self.has_correction else 0
-        self.index = GalleryIndex(Path(index_dir) if index_dir else self.art_dir / "index",
-                                  repr_names=list(self.arts["image_repr_names"]),
-                                  checkpoint_sha256=self.arts["checkpoint"].get("sha256"))
+        self.index = GalleryIndex(
+            Path(index_dir) if index_dir else self.art_dir / "index",
+            repr_names=list(self.arts["image_repr_names"]),
+            checkpoint_sha256=self.arts["checkpoint"].get("sha256"),
+        )
         if self.index.embed_dim != self.embed_dim:
-            raise ArtifactError(f"{self.index.dir}: embed_dim {self.index.embed_dim}, the model's "
-                                f"is {self.embed_dim}")
-        self.backend = create_backend(backend, self.art_dir, self.arts, self.device,
-                                      **(backend_options or {}))
+            raise ArtifactError(
+                f"{self.index.dir}: embed_dim {self.index.embed_dim}, the model's "
+                f"is {self.embed_dim}"
+            )
+        self.backend = create_backend(
+            backend, self.art_dir, self.arts, self.device, **(backend_options or {})
+        )
         if self.has_correction:
             self._correction_model, self._logit_scale = _correction_model(
-                self.backend, self.arts, self.device)
-        self.gallery = GallerySearch(self.index.embeddings, self.device, chunk_rows=chunk_rows,
-                                     max_resident_bytes=max_resident_bytes)
-        log.info("query engine: %s, %d gallery images, %s on %s", self.model_name,
-                 len(self.index), self.backend.describe, self.device)
+                self.backend, self.arts, self.device
+            )
+        self.gallery = GallerySearch(
+            self.index.embeddings,
+            self.device,
+            chunk_rows=chunk_rows,
+            max_resident_bytes=max_resident_bytes,
+        )
+        log.info(
+            "query engine: %s, %d gallery images, %s on %s",
+            self.model_name,
+            len(self.index),
+            self.backend.describe,
+            self.device,
+        )
 
     # -- inputs -------------------------------------------------------------------------------
     def prepare_image(self, data: bytes) -> torch.Tensor:
@@ -140,14 +164,19 @@ class QueryEngine:
         except Image.DecompressionBombError as err:
             raise ImageTooLargeError(f"the image has too many pixels: {err}") from err
         except UnidentifiedImageError as err:
-            raise InvalidImageError(f"the upload ({len(data)} bytes) is not an image in a known "
-                                    "format (JPEG, PNG, WebP, GIF, BMP, TIFF, ...)") from err
+            raise InvalidImageError(
+                f"the upload ({len(data)} bytes) is not an image in a known "
+                "format (JPEG, PNG, WebP, GIF, BMP, TIFF, ...)"
+            ) from err
         except (OSError, ValueError) as err:
-            raise InvalidImageError(f"the upload ({len(data)} bytes) is not an image that can be "
-                                    f"decoded: {err}") from err
+            raise InvalidImageError(
+                f"the upload ({len(data)} bytes) is not an image that can be decoded: {err}"
+            ) from err
         if width * height > self.max_image_pixels:
-            raise ImageTooLargeError(f"the image is {width}x{height} pixels; at most "
-                                     f"{self.max_image_pixels} pixels are accepted")
+            raise ImageTooLargeError(
+                f"the image is {width}x{height} pixels; at most "
+                f"{self.max_image_pixels} pixels are accepted"
+            )
         try:
             pixels = decode_image(data)
         except ValueError:
@@ -158,19 +187,27 @@ class QueryEngine:
         """Index row of a gallery id; ``UnknownReferenceError`` when it is not there."""
         row = self.index.row_of.get(ref_id)
         if row is None:
-            raise UnknownReferenceError(f"ref_id {ref_id!r} is not in the gallery index "
-                                        f"({len(self.index)} images)")
+            raise UnknownReferenceError(
+                f"ref_id {ref_id!r} is not in the gallery index ({len(self.index)} images)"
+            )
         return row
 
     # -- answering ----------------------------------------------------------------------------
-    def query(self, text: str, image: bytes | None = None, ref_id: str | None = None,
-              k: int = 10, exclude_reference: bool = True) -> list[Hit]:
+    def query(
+        self,
+        text: str,
+        image: bytes | None = None,
+        ref_id: str | None = None,
+        k: int = 10,
+        exclude_reference: bool = True,
+    ) -> list[Hit]:
         """One query from raw inputs: uploaded image bytes or a gallery id, and a text."""
         tensor = self.prepare_image(image) if image is not None else None
         return self.search([Query(text, tensor, ref_id)], k, exclude_reference).hits[0]
 
-    def search(self, queries: Sequence[Query], k: int = 10,
-               exclude_reference: bool = True) -> BatchResult:
+    def search(
+        self, queries: Sequence[Query], k: int = 10, exclude_reference: bool = True
+    ) -> BatchResult:
         """Answer a batch: top-``k`` hits per query, best first.
 
         With ``exclude_reference`` a gallery-id reference is not returned as its own answer.
@@ -200,15 +237,25 @@ class QueryEngine:
         if self.has_correction:
             scores, found = self._rerank(image_repr, text_repr, scores, found)
         done = time.perf_counter()
-        hits = [[Hit(self.index.ids[r], float(s)) for s, r in zip(srow[:k], rrow[:k])
-                 if s != float("-inf")]  # an excluded reference in a gallery smaller than k
-                for srow, rrow in zip(scores.tolist(), found.tolist())]
-        timing = {"encode_ms": (encoded - start) * 1e3, "search_ms": (searched - encoded) * 1e3,
-                  "rerank_ms": (done - searched) * 1e3, "engine_ms": (done - start) * 1e3}
+        hits = [
+            [
+                Hit(self.index.ids[r], float(s))
+                for s, r in zip(srow[:k], rrow[:k])
+                if s != float("-inf")
+            ]  # an excluded reference in a gallery smaller than k
+            for srow, rrow in zip(scores.tolist(), found.tolist())
+        ]
+        timing = {
+            "encode_ms": (encoded - start) * 1e3,
+            "search_ms": (searched - encoded) * 1e3,
+            "rerank_ms": (done - searched) * 1e3,
+            "engine_ms": (done - start) * 1e3,
+        }
         return BatchResult(hits, timing)
 
-    def _reference_reprs(self, queries: Sequence[Query],
-                         rows: list[int | None]) -> dict[str, torch.Tensor]:
+    def _reference_reprs(
+        self, queries: Sequence[Query], rows: list[int | None]
+    ) -> dict[str, torch.Tensor]:
         """Image representation of every reference, (B, ...) per repr name, in query order:
         uploads are encoded in one batch, gallery ids read from the index's stored rows."""
         uploads = [i for i, q in enumerate(queries) if q.image is not None]
@@ -234,8 +281,13 @@ class QueryEngine:
             reprs[name] = full
         return reprs
 
-    def _rerank(self, ref_repr: dict[str, torch.Tensor], text_repr: dict[str, torch.Tensor],
-                scores: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rerank(
+        self,
+        ref_repr: dict[str, torch.Tensor],
+        text_repr: dict[str, torch.Tensor],
+        scores: torch.Tensor,
+        rows: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """CCNet: re-rank the (B, C) candidates with evaluation's ``rerank_with_correction``
         (CCNet Eq. 15). Returns (scores (B, C), rows (B, C)) best first; the scores are
         Eq. 15's log-probabilities over the candidates, empty slots ``-inf``."""
@@ -244,13 +296,18 @@ class QueryEngine:
         valid = torch.isfinite(scores)
         unique, local = torch.unique(rows.clamp(min=0), return_inverse=True)
         stored = self.index.gather_reprs(unique.numpy())
-        gallery_repr = tuple(torch.from_numpy(stored[n]).to(self.device)
-                             for n in self.arts["image_repr_names"])
+        gallery_repr = tuple(
+            torch.from_numpy(stored[n]).to(self.device) for n in self.arts["image_repr_names"]
+        )
         order, total = rerank_with_correction(
-            self._correction_model, ref_repr=_as_tuple(ref_repr, self.arts["image_repr_names"]),
+            self._correction_model,
+            ref_repr=_as_tuple(ref_repr, self.arts["image_repr_names"]),
             text_repr=_as_tuple(text_repr, self.arts["text_repr_names"]),
-            gallery_repr=gallery_repr, candidates=torch.where(valid, local, -1),
-            candidate_scores=scores, logit_scale=self._logit_scale)
+            gallery_repr=gallery_repr,
+            candidates=torch.where(valid, local, -1),
+            candidate_scores=scores,
+            logit_scale=self._logit_scale,
+        )
         order = order.cpu()
         return total.float().cpu(), torch.where(order >= 0, unique[order.clamp(min=0)], -1)
 
@@ -259,10 +316,16 @@ class QueryEngine:
         self.backend.warmup(batch_sizes)
 
     def describe(self) -> dict[str, Any]:
-        return {"model": self.model_name, "backend": self.backend.name,
-                "backend_detail": self.backend.describe, "device": str(self.device),
-                "gallery_size": len(self.index), "embed_dim": self.embed_dim,
-                "search_layout": self.gallery.layout, "has_correction": self.has_correction}
+        return {
+            "model": self.model_name,
+            "backend": self.backend.name,
+            "backend_detail": self.backend.describe,
+            "device": str(self.device),
+            "gallery_size": len(self.index),
+            "embed_dim": self.embed_dim,
+            "search_layout": self.gallery.layout,
+            "has_correction": self.has_correction,
+        }
 
     def close(self) -> None:
         self.index.close()
@@ -283,9 +346,11 @@ class _BackendCorrection(torch.nn.Module):
 
     def correct(self, ref_repr, cand_repr, text_repr) -> torch.Tensor:
         image_names, text_names = self.backend.image_repr_names, self.backend.text_repr_names
-        return self.backend.correct(dict(zip(image_names, ref_repr)),
-                                    dict(zip(image_names, cand_repr)),
-                                    dict(zip(text_names, text_repr)))
+        return self.backend.correct(
+            dict(zip(image_names, ref_repr)),
+            dict(zip(image_names, cand_repr)),
+            dict(zip(text_names, text_repr)),
+        )
 
 
 def _correction_model(backend, arts: dict[str, Any], device: torch.device):
@@ -297,16 +362,20 @@ def _correction_model(backend, arts: dict[str, Any], device: torch.device):
     if backend.name == "torch":
         return backend.model, composition_logit_scale(backend.model)
     scale = arts.get("loss_scale")
-    return (_BackendCorrection(backend, device),
-            DEFAULT_LOGIT_SCALE if scale is None else float(scale) ** 2)
+    return (
+        _BackendCorrection(backend, device),
+        DEFAULT_LOGIT_SCALE if scale is None else float(scale) ** 2,
+    )
 
 
 def _image_preprocess(arts: dict[str, Any]) -> ImagePreprocess:
     """The export's recipe (``artifacts.json`` preprocess) as an ``ImagePreprocess``."""
     pre = arts["preprocess"]
     if int(pre["resize"]) != int(pre["crop"]):
-        raise ArtifactError(f"{arts['dir']}: preprocess resize {pre['resize']} != crop {pre['crop']}; "
-                            "serving reproduces ImagePreprocess (resize shorter side = crop)")
+        raise ArtifactError(
+            f"{arts['dir']}: preprocess resize {pre['resize']} != crop {pre['crop']}; "
+            "serving reproduces ImagePreprocess (resize shorter side = crop)"
+        )
     return ImagePreprocess(int(pre["crop"]), mean=pre["mean"], std=pre["std"])
 
 
@@ -316,5 +385,7 @@ def _decode_with_pil(data: bytes, image_format: str | None) -> torch.Tensor:
         with Image.open(io.BytesIO(data)) as image:
             rgb = np.asarray(image.convert("RGB"))
     except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise InvalidImageError(f"the {image_format or 'image'} upload cannot be decoded: {err}") from err
+        raise InvalidImageError(
+            f"the {image_format or 'image'} upload cannot be decoded: {err}"
+        ) from err
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()

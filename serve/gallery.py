@@ -18,8 +18,14 @@ import numpy as np
 
 INDEX_FORMAT = "composed-retrieval-index/1"
 
-CONTENT_TYPES = {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg",
-                 "webp": "image/webp", "gif": "image/gif", "bmp": "image/bmp"}
+CONTENT_TYPES = {
+    "png": "image/png",
+    "jpg": "image/jpeg",
+    "jpeg": "image/jpeg",
+    "webp": "image/webp",
+    "gif": "image/gif",
+    "bmp": "image/bmp",
+}
 
 
 class GalleryIndexError(ValueError):
@@ -32,44 +38,68 @@ class GalleryIndex:
     ``embeddings`` is (N, D) (float16 or float32, unit rows); ``reprs[name]`` is (N, ...).
     """
 
-    def __init__(self, index_dir: str | Path, repr_names: list[str] | None = None,
-                 checkpoint_sha256: str | None = None):
+    def __init__(
+        self,
+        index_dir: str | Path,
+        repr_names: list[str] | None = None,
+        checkpoint_sha256: str | None = None,
+    ):
         self.dir = Path(index_dir)
         info_file = self.dir / "index.json"
         if not info_file.is_file():
-            raise GalleryIndexError(f"{info_file}: missing (build the index with "
-                              "`python -m export.index --artifacts ART_DIR --data SHARDS`)")
+            raise GalleryIndexError(
+                f"{info_file}: missing (build the index with "
+                "`python -m export.index --artifacts ART_DIR --data SHARDS`)"
+            )
         self.info: dict[str, Any] = json.loads(info_file.read_text())
         if self.info.get("format") != INDEX_FORMAT:
-            raise GalleryIndexError(f"{info_file}: format {self.info.get('format')!r}, "
-                              f"expected {INDEX_FORMAT!r}")
+            raise GalleryIndexError(
+                f"{info_file}: format {self.info.get('format')!r}, expected {INDEX_FORMAT!r}"
+            )
         if not self.info.get("complete"):
-            raise GalleryIndexError(f"{info_file}: the index build has not finished (complete is not "
-                              "true); rerun export.index, it resumes")
-        if checkpoint_sha256 and self.info.get("checkpoint_sha256") not in (None, checkpoint_sha256):
-            raise GalleryIndexError(f"{info_file}: built from checkpoint {self.info['checkpoint_sha256'][:12]}, "
-                              f"but the artifacts hold {checkpoint_sha256[:12]}; rebuild the index")
+            raise GalleryIndexError(
+                f"{info_file}: the index build has not finished (complete is not "
+                "true); rerun export.index, it resumes"
+            )
+        if checkpoint_sha256 and self.info.get("checkpoint_sha256") not in (
+            None,
+            checkpoint_sha256,
+        ):
+            raise GalleryIndexError(
+                f"{info_file}: built from checkpoint {self.info['checkpoint_sha256'][:12]}, "
+                f"but the artifacts hold {checkpoint_sha256[:12]}; rebuild the index"
+            )
         self.count = int(self.info["count"])
         self.embed_dim = int(self.info["embed_dim"])
         self.ids: list[str] = json.loads((self.dir / "ids.json").read_text())
         if len(self.ids) != self.count:
-            raise GalleryIndexError(f"{self.dir / 'ids.json'}: {len(self.ids)} ids, index.json says {self.count}")
+            raise GalleryIndexError(
+                f"{self.dir / 'ids.json'}: {len(self.ids)} ids, index.json says {self.count}"
+            )
         self.row_of: dict[str, int] = {image_id: row for row, image_id in enumerate(self.ids)}
         self.embeddings = self._load_rows("embeddings.npy")
         if self.embeddings.shape != (self.count, self.embed_dim):
-            raise GalleryIndexError(f"{self.dir / 'embeddings.npy'}: shape {self.embeddings.shape}, "
-                              f"expected ({self.count}, {self.embed_dim})")
+            raise GalleryIndexError(
+                f"{self.dir / 'embeddings.npy'}: shape {self.embeddings.shape}, "
+                f"expected ({self.count}, {self.embed_dim})"
+            )
         names = repr_names if repr_names is not None else list(self.info.get("repr", {}))
         self.reprs = {name: self._load_rows(f"repr_{name}.npy") for name in names}
         self.image_offsets = np.load(self.dir / "image_offsets.npy")
         if self.image_offsets.shape != (self.count + 1,):
-            raise GalleryIndexError(f"{self.dir / 'image_offsets.npy'}: shape {self.image_offsets.shape}, "
-                              f"expected ({self.count + 1},)")
+            raise GalleryIndexError(
+                f"{self.dir / 'image_offsets.npy'}: shape {self.image_offsets.shape}, "
+                f"expected ({self.count + 1},)"
+            )
         images_file = self.dir / "images.bin"
         size = images_file.stat().st_size
         if size < int(self.image_offsets[-1]):
-            raise GalleryIndexError(f"{images_file}: {size} bytes, offsets end at {self.image_offsets[-1]}")
-        self.images = np.memmap(images_file, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
+            raise GalleryIndexError(
+                f"{images_file}: {size} bytes, offsets end at {self.image_offsets[-1]}"
+            )
+        self.images = (
+            np.memmap(images_file, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
+        )
         self._meta_file = self.dir / "meta.jsonl"
         self._meta_lines = _line_offsets(self._meta_file, self.count)
         self._meta_fd = os.open(self._meta_file, os.O_RDONLY)
@@ -93,7 +123,7 @@ class GalleryIndex:
 
     def image_bytes(self, row: int) -> bytes:
         """The encoded catalogue image of one row, as stored by export.index."""
-        return bytes(self.images[self.image_offsets[row]:self.image_offsets[row + 1]])
+        return bytes(self.images[self.image_offsets[row] : self.image_offsets[row + 1]])
 
     def content_type(self, row: int) -> str:
         ext = str(self.meta(row).get("ext", "")).lower().lstrip(".")
@@ -102,7 +132,9 @@ class GalleryIndex:
     def gather_reprs(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         """Stored image representations of ``rows`` (R,) -> {name: (R, ...) float32}."""
         order = np.asarray(rows, dtype=np.int64)
-        return {name: np.asarray(array[order], dtype=np.float32) for name, array in self.reprs.items()}
+        return {
+            name: np.asarray(array[order], dtype=np.float32) for name, array in self.reprs.items()
+        }
 
     def close(self) -> None:
         os.close(self._meta_fd)

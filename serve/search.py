@@ -31,8 +31,14 @@ FP16_MARGIN = 16
 class GallerySearch:
     """Top-k search of (B, D) float32 queries against ``embeddings`` (N, D)."""
 
-    def __init__(self, embeddings: np.ndarray, device: str | torch.device = "cpu", *,
-                 chunk_rows: int = 65536, max_resident_bytes: int = 4 << 30):
+    def __init__(
+        self,
+        embeddings: np.ndarray,
+        device: str | torch.device = "cpu",
+        *,
+        chunk_rows: int = 65536,
+        max_resident_bytes: int = 4 << 30,
+    ):
         self.device = torch.device(device)
         self.count, self.dim = embeddings.shape
         self.source = embeddings
@@ -41,20 +47,27 @@ class GallerySearch:
             raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
         self.gallery: torch.Tensor | None = None
         if self.device.type == "cuda":
-            self.gallery = torch.empty((self.count, self.dim), dtype=torch.float16, device=self.device)
+            self.gallery = torch.empty(
+                (self.count, self.dim), dtype=torch.float16, device=self.device
+            )
             for start in range(0, self.count, self.chunk_rows):
-                rows = np.asarray(embeddings[start:start + self.chunk_rows])
-                self.gallery[start:start + len(rows)].copy_(torch.from_numpy(rows).to(torch.float16))
+                rows = np.asarray(embeddings[start : start + self.chunk_rows])
+                self.gallery[start : start + len(rows)].copy_(
+                    torch.from_numpy(rows).to(torch.float16)
+                )
             self.layout = "device-fp16"
         elif self.count * self.dim * 4 <= max_resident_bytes:
             self.gallery = torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32))
             self.layout = "resident-fp32"
         else:
             self.layout = "chunked-mmap-fp32"
-        log.info("gallery search: %d x %d, %s on %s", self.count, self.dim, self.layout, self.device)
+        log.info(
+            "gallery search: %d x %d, %s on %s", self.count, self.dim, self.layout, self.device
+        )
 
-    def search(self, queries: torch.Tensor, k: int,
-               exclude_rows: list[int | None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def search(
+        self, queries: torch.Tensor, k: int, exclude_rows: list[int | None] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """queries (B, D) -> (scores (B, k) float32, rows (B, k) int64), both on the CPU.
 
         ``exclude_rows[b]`` (a row or None) is left out of query b's results (a gallery
@@ -79,23 +92,30 @@ class GallerySearch:
                 scores, rows = self._search_chunked(queries.float().cpu(), wanted)
             return _finish(scores.cpu(), rows.cpu(), excluded, min(k, self.count))
 
-    def _search_device(self, queries: torch.Tensor, wanted: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _search_device(
+        self, queries: torch.Tensor, wanted: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         queries = queries.to(self.device, torch.float32)
         candidates = min(self.count, wanted + FP16_MARGIN)
         _, rows = torch.topk(queries.half() @ self.gallery.T, candidates, dim=1, sorted=False)
         exact = torch.einsum("bd,bcd->bc", queries, self.gallery[rows].float())
         return _topk_of(exact, rows, wanted)
 
-    def _search_chunked(self, queries: torch.Tensor, wanted: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _search_chunked(
+        self, queries: torch.Tensor, wanted: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         best_scores = torch.empty((len(queries), 0))
         best_rows = torch.empty((len(queries), 0), dtype=torch.long)
         for start in range(0, self.count, self.chunk_rows):
-            chunk = torch.from_numpy(np.asarray(self.source[start:start + self.chunk_rows],
-                                                dtype=np.float32))
+            chunk = torch.from_numpy(
+                np.asarray(self.source[start : start + self.chunk_rows], dtype=np.float32)
+            )
             scores, rows = _topk(queries @ chunk.T, min(wanted, len(chunk)))
             best_scores = torch.cat([best_scores, scores], dim=1)
             best_rows = torch.cat([best_rows, rows + start], dim=1)
-            best_scores, best_rows = _topk_of(best_scores, best_rows, min(wanted, best_rows.shape[1]))
+            best_scores, best_rows = _topk_of(
+                best_scores, best_rows, min(wanted, best_rows.shape[1])
+            )
         return best_scores, best_rows
 
 
@@ -109,8 +129,9 @@ def _topk_of(scores: torch.Tensor, rows: torch.Tensor, k: int) -> tuple[torch.Te
     return top, torch.gather(rows, 1, where)
 
 
-def _finish(scores: torch.Tensor, rows: torch.Tensor, excluded: list[int | None],
-            k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _finish(
+    scores: torch.Tensor, rows: torch.Tensor, excluded: list[int | None], k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Drop excluded rows, order by (score desc, row asc), keep ``k``: (B, k) each."""
     scores = scores.float().clone()
     for b, row in enumerate(excluded):

@@ -24,21 +24,39 @@ class LayoutError(ValueError):
 def converter_parser(prog: str, description: str) -> argparse.ArgumentParser:
     """Parser with the flags every converter shares; converters add their own."""
     parser = argparse.ArgumentParser(
-        prog=prog, description=description,
+        prog=prog,
+        description=description,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--src", required=True, type=Path,
-                        help="root of the raw dataset, laid out as its authors distribute it")
+    parser.add_argument(
+        "--src",
+        required=True,
+        type=Path,
+        help="root of the raw dataset, laid out as its authors distribute it",
+    )
     parser.add_argument("--out", required=True, type=Path, help="shard dataset directory to write")
-    parser.add_argument("--shard-size", type=positive_int, default=1000,
-                        help="samples (groups or gallery images) per tar shard")
-    parser.add_argument("--group-size", type=positive_int, default=8,
-                        help="most member images in one training group (at least 2)")
+    parser.add_argument(
+        "--shard-size",
+        type=positive_int,
+        default=1000,
+        help="samples (groups or gallery images) per tar shard",
+    )
+    parser.add_argument(
+        "--group-size",
+        type=positive_int,
+        default=8,
+        help="most member images in one training group (at least 2)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    parser.add_argument("--workers", type=positive_int, default=default_workers(),
-                        help="threads reading and checking images")
-    parser.add_argument("--log-level", default="WARNING",
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument(
+        "--workers",
+        type=positive_int,
+        default=default_workers(),
+        help="threads reading and checking images",
+    )
+    parser.add_argument(
+        "--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
     return parser
 
 
@@ -53,9 +71,11 @@ def positive_int(text: str) -> int:
     return value
 
 
-def run_converter(parser: argparse.ArgumentParser,
-                  convert: Callable[[argparse.Namespace], dict[str, Any]],
-                  argv: list[str] | None = None) -> dict[str, Any]:
+def run_converter(
+    parser: argparse.ArgumentParser,
+    convert: Callable[[argparse.Namespace], dict[str, Any]],
+    argv: list[str] | None = None,
+) -> dict[str, Any]:
     """Parse ``argv``, run ``convert(args)`` and print the dataset summary.
 
     Wrong layouts and an existing ``--out`` become ``parser.error`` (exit code 2).
@@ -110,14 +130,17 @@ def format_summary(manifest: dict[str, Any], out: Path) -> str:
     """Table of what a conversion wrote (splits, evals, size)."""
     lines = [f"{out}: {manifest['name']} dataset, {manifest['bytes'] / 1e6:.2f} MB in shards"]
     for split, info in manifest["splits"].items():
-        lines.append(f"  split {split:<14} {info['kind']:<8} {info['samples']:>8} samples "
-                     f"{info['images']:>8} images {len(info['shards']):>5} shards")
+        lines.append(
+            f"  split {split:<14} {info['kind']:<8} {info['samples']:>8} samples "
+            f"{info['images']:>8} images {len(info['shards']):>5} shards"
+        )
     for name, ev in manifest["evals"].items():
         lines.append(f"  eval  {name:<14} gallery {ev['gallery']:<14} {ev['count']:>8} queries")
     raw = manifest.get("extra", {}).get("raw_bytes")
     if raw:
-        lines.append(f"  raw images + annotations used: {raw / 1e6:.2f} MB "
-                     f"(shards are {manifest['bytes'] / raw:.2f}x)")
+        lines.append(
+            f"  raw images + annotations used: {raw / 1e6:.2f} MB "
+            f"(shards are {manifest['bytes'] / raw:.2f}x)"
+        )
     lines.append(f"  skipped: {manifest['skipped_count']} (reasons in manifest.json)")
     return "\n".join(lines)
-

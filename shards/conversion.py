@@ -70,8 +70,14 @@ class NamedImages:
     for the annotation entry that needs it.
     """
 
-    def __init__(self, paths: dict[str, Path], table: ImageTable, *,
-                 missing_item: str = "{name}", missing_reason: str = "missing image file"):
+    def __init__(
+        self,
+        paths: dict[str, Path],
+        table: ImageTable,
+        *,
+        missing_item: str = "{name}",
+        missing_reason: str = "missing image file",
+    ):
         self.paths, self.table = paths, table
         self.missing_item, self.missing_reason = missing_item, missing_reason
 
@@ -103,8 +109,7 @@ class NamedImages:
                 return False
         return True
 
-    def in_gallery(self, where: str, what: str, gallery: Iterable[str],
-                   *names: str | None) -> bool:
+    def in_gallery(self, where: str, what: str, gallery: Iterable[str], *names: str | None) -> bool:
         """True when every (non-None) name is in ``gallery``; else skip ``where``."""
         for name in names:
             if name is None or name in gallery:
@@ -115,9 +120,14 @@ class NamedImages:
         return True
 
 
-def write_groups(writer: DatasetWriter, split: str, groups: list[tuple[dict[str, Any],
-                 list[ImageSource]]], *, workers: int,
-                 desc: str = "writing groups") -> list[ImageSource]:
+def write_groups(
+    writer: DatasetWriter,
+    split: str,
+    groups: list[tuple[dict[str, Any], list[ImageSource]]],
+    *,
+    workers: int,
+    desc: str = "writing groups",
+) -> list[ImageSource]:
     """Write ``(group json, member images)`` as ``g%07d`` samples of ``split``.
 
     ``group json`` gets its ``"group"`` key set to the sample key. Returns the images
@@ -133,14 +143,20 @@ def write_groups(writer: DatasetWriter, split: str, groups: list[tuple[dict[str,
     return [image for _, images in groups for image in images]
 
 
-def write_gallery(writer: DatasetWriter, split: str,
-                  entries: list[tuple[dict[str, Any], ImageSource]], *, workers: int,
-                  desc: str = "writing gallery") -> list[ImageSource]:
+def write_gallery(
+    writer: DatasetWriter,
+    split: str,
+    entries: list[tuple[dict[str, Any], ImageSource]],
+    *,
+    workers: int,
+    desc: str = "writing gallery",
+) -> list[ImageSource]:
     """Write ``(meta, image)`` catalogue entries as ``i%07d`` samples of ``split``;
     returns the images written."""
     stream = read_images((image for _, image in entries), workers=workers)
-    bar = tqdm(zip(entries, stream), total=len(entries), desc=desc, unit="img", leave=False,
-               disable=None)
+    bar = tqdm(
+        zip(entries, stream), total=len(entries), desc=desc, unit="img", leave=False, disable=None
+    )
     for number, ((meta, _), image) in enumerate(bar):
         writer.add_gallery(split, f"i{number:07d}", meta, image.data, image.ext)
     return [image for _, image in entries]

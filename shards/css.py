@@ -57,12 +57,16 @@ OBJECTS_PER_SCENE = (2, 5)
 MOD_TYPE_SHARE = {"add": 0.25, "remove": 0.25, "change": 0.5}
 ROW_NAMES = ("top", "middle", "bottom")
 COL_NAMES = ("left", "center", "right")
-DESCRIBABLE = ("color", "pos", "shape", "size")      # sorted: match tuples are canonical
+DESCRIBABLE = ("color", "pos", "shape", "size")  # sorted: match tuples are canonical
 CHANGEABLE = ("color", "shape", "size")
-VALUES = {"color": COLORS, "shape": SHAPES, "size": SIZES,
-          "pos": tuple(itertools.product(range(GRID), range(GRID)))}
+VALUES = {
+    "color": COLORS,
+    "shape": SHAPES,
+    "size": SIZES,
+    "pos": tuple(itertools.product(range(GRID), range(GRID))),
+}
 PROTOCOL = {"name": "css", "ks": [1, 5, 10, 50], "hit": "label", "exclude_reference": True}
-TAR_MTIME = 0   # fixed tar timestamps: the same seed gives byte-identical shards
+TAR_MTIME = 0  # fixed tar timestamps: the same seed gives byte-identical shards
 
 # (shape, color, size, row, col); a scene is a sorted tuple of objects in distinct cells.
 Obj = tuple[str, str, str, int, int]
@@ -77,17 +81,22 @@ class CssConfig:
     """Generator settings (all of them are recorded in the manifest's ``extra``)."""
 
     seed: int = 0
-    train_scenes: int = 1000      # source scenes; a split holds up to scenes*(1+mods) images
+    train_scenes: int = 1000  # source scenes; a split holds up to scenes*(1+mods) images
     test_scenes: int = 1000
     mods_per_scene: int = 18
-    mod_pool: int = 6000          # distinct modifications per split, shared by the sources
+    mod_pool: int = 6000  # distinct modifications per split, shared by the sources
     image_size: int = 64
-    shard_size: int = 1000        # images per shard (train: whole groups per shard)
-    texts_per_pair: int = 3       # paraphrases stored per train pair
+    shard_size: int = 1000  # images per shard (train: whole groups per shard)
+    texts_per_pair: int = 3  # paraphrases stored per train pair
 
 
-SMALL = {"train_scenes": 150, "test_scenes": 60, "mods_per_scene": 9, "mod_pool": 450,
-         "shard_size": 200}
+SMALL = {
+    "train_scenes": 150,
+    "test_scenes": 60,
+    "mods_per_scene": 9,
+    "mod_pool": 450,
+    "shard_size": 200,
+}
 
 
 @dataclass
@@ -205,14 +214,19 @@ def _type_held_out(t: tuple[str, str, str]) -> bool:
 def build_mod_pool(rng: random.Random, split: str, size: int) -> dict[str, list[Mod]]:
     """The split's modifications by kind: a share of ``size`` each, no held-out names in train."""
     n_add = min(round(size * MOD_TYPE_SHARE["add"]), len(object_types(split)) * GRID * GRID)
-    adds = [("add", (("color", c), ("pos", p), ("shape", s), ("size", z)), ())
-            for (s, c, z) in object_types(split) for p in VALUES["pos"]]
+    adds = [
+        ("add", (("color", c), ("pos", p), ("shape", s), ("size", z)), ())
+        for (s, c, z) in object_types(split)
+        for p in VALUES["pos"]
+    ]
     descriptions = [m for m in _all_descriptions() if split == "test" or not is_held_out(dict(m))]
     n_remove = min(round(size * MOD_TYPE_SHARE["remove"]), len(descriptions))
     n_change = max(0, size - n_add - n_remove)
-    pool = {"add": rng.sample(adds, n_add),
-            "remove": [("remove", m, ()) for m in rng.sample(descriptions, n_remove)],
-            "change": []}
+    pool = {
+        "add": rng.sample(adds, n_add),
+        "remove": [("remove", m, ()) for m in rng.sample(descriptions, n_remove)],
+        "change": [],
+    }
     seen: set[Mod] = set()
     for _ in range(50 * n_change + 100):
         if len(pool["change"]) >= n_change:
@@ -250,8 +264,10 @@ def plan_split(split: str, config: CssConfig) -> list[SourcePlan]:
     for mod in pool["change"]:
         change_by_match.setdefault(mod[1], []).append(mod)
     usage: Counter = Counter()
-    quota = {"add": round(config.mods_per_scene * MOD_TYPE_SHARE["add"]),
-             "remove": round(config.mods_per_scene * MOD_TYPE_SHARE["remove"])}
+    quota = {
+        "add": round(config.mods_per_scene * MOD_TYPE_SHARE["add"]),
+        "remove": round(config.mods_per_scene * MOD_TYPE_SHARE["remove"]),
+    }
     quota["change"] = config.mods_per_scene - quota["add"] - quota["remove"]
     plans: list[SourcePlan] = []
     seen_sources: set[Scene] = set()
@@ -259,8 +275,10 @@ def plan_split(split: str, config: CssConfig) -> list[SourcePlan]:
     while len(plans) < n_scenes:
         attempts += 1
         if attempts > 100 * n_scenes + 1000:
-            raise ValueError(f"{split}: found only {len(plans)} of {n_scenes} source scenes with "
-                             f"an applicable modification; raise mod_pool ({config.mod_pool})")
+            raise ValueError(
+                f"{split}: found only {len(plans)} of {n_scenes} source scenes with "
+                f"an applicable modification; raise mod_pool ({config.mod_pool})"
+            )
         scene = sample_scene(rng, split)
         if scene in seen_sources:
             continue
@@ -268,9 +286,15 @@ def plan_split(split: str, config: CssConfig) -> list[SourcePlan]:
         empty = [p for p in VALUES["pos"] if all((o[3], o[4]) != p for o in scene)]
         descs = unique_descriptions(scene)
         candidates = {
-            "add": [m for m in (("add", (("color", c), ("pos", p), ("shape", s), ("size", z)), ())
-                                for p in empty for (s, c, z) in object_types(split))
-                    if m in in_pool["add"]],
+            "add": [
+                m
+                for m in (
+                    ("add", (("color", c), ("pos", p), ("shape", s), ("size", z)), ())
+                    for p in empty
+                    for (s, c, z) in object_types(split)
+                )
+                if m in in_pool["add"]
+            ],
             "remove": [("remove", d, ()) for d in descs if ("remove", d, ()) in in_pool["remove"]],
             "change": [m for d in descs for m in change_by_match.get(d, ())],
         }
@@ -317,8 +341,12 @@ def mod_texts(mod: Mod) -> list[str]:
         obj = dict(match)
         noun = f"{obj['size']} {obj['color']} {obj['shape']}"
         where = _cell_name(obj["pos"])
-        return [f"add {noun} to {where}", f"add a {noun} at {where}",
-                f"put a {noun} in the {where} cell", f"place a {noun} at {where}"]
+        return [
+            f"add {noun} to {where}",
+            f"add a {noun} at {where}",
+            f"put a {noun} in the {where} cell",
+            f"place a {noun} at {where}",
+        ]
     names = _descriptions_text(dict(match))
     if kind == "remove":
         verbs = ("remove {d}", "delete {d}", "take away {d}", "get rid of {d}")
@@ -339,8 +367,9 @@ def mod_texts(mod: Mod) -> list[str]:
 
 
 def _descriptions_text(match: dict[str, Any]) -> list[str]:
-    core = " ".join([*(match[a] for a in ("size", "color") if a in match),
-                     match.get("shape", "object")])
+    core = " ".join(
+        [*(match[a] for a in ("size", "color") if a in match), match.get("shape", "object")]
+    )
     if "pos" not in match:
         return [f"the {core}", core]
     where = _cell_name(match["pos"])
@@ -359,9 +388,15 @@ def render_task(task: tuple[Scene, int, str]) -> bytes:
     return encode_png(render_scene(objects, image_size, random.Random(jitter_key)))
 
 
-def generate_css(out_dir: str | Path, config: CssConfig, *, workers: int | None = None,
-                 overwrite: bool = False, progress: bool = False,
-                 preset: str = "default") -> dict[str, Any]:
+def generate_css(
+    out_dir: str | Path,
+    config: CssConfig,
+    *,
+    workers: int | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+    preset: str = "default",
+) -> dict[str, Any]:
     """Write the dataset to ``out_dir`` atomically and return its manifest.
 
     The bytes of every shard and of ``queries.json`` depend on ``config`` only, not on
@@ -375,23 +410,37 @@ def generate_css(out_dir: str | Path, config: CssConfig, *, workers: int | None 
         raise FileExistsError(f"{out_dir} already exists; pass --overwrite to replace it")
     start = time.perf_counter()
     plans = {split: plan_split(split, config) for split in ("train", "test")}
-    tasks = [(scene, config.image_size, f"css-{config.seed}-{split}-{i}")
-             for split in ("train", "test")
-             for i, scene in enumerate(s for p in plans[split] for s in (p.scene, *p.targets))]
+    tasks = [
+        (scene, config.image_size, f"css-{config.seed}-{split}-{i}")
+        for split in ("train", "test")
+        for i, scene in enumerate(s for p in plans[split] for s in (p.scene, *p.targets))
+    ]
     groups_per_shard = max(1, config.shard_size // (config.mods_per_scene + 1))
-    with DatasetWriter(out_dir, "css", "shards.css", shard_size=config.shard_size,
-                       shard_sizes={"train": groups_per_shard}, overwrite=overwrite,
-                       mtime=TAR_MTIME) as writer:
+    with DatasetWriter(
+        out_dir,
+        "css",
+        "shards.css",
+        shard_size=config.shard_size,
+        shard_sizes={"train": groups_per_shard},
+        overwrite=overwrite,
+        mtime=TAR_MTIME,
+    ) as writer:
         images = _rendered(tasks, workers, progress)
         try:
             text_rng = random.Random(f"css-{config.seed}-texts")
             _write_train(writer, plans["train"], images, text_rng, config.texts_per_pair)
             queries = _write_test(writer, plans["test"], images, text_rng)
         finally:
-            images.close()   # stops the render processes when writing fails
+            images.close()  # stops the render processes when writing fails
         writer.set_queries("queries.json", queries)
-        evals = {"test": {"gallery": "gallery", "queries": "queries.json",
-                          "count": len(queries), "protocol": PROTOCOL}}
+        evals = {
+            "test": {
+                "gallery": "gallery",
+                "queries": "queries.json",
+                "count": len(queries),
+                "protocol": PROTOCOL,
+            }
+        }
         manifest = writer.finish(evals, extra=_extra(config, plans, preset))
     log.debug("wrote %s in %.1fs", out_dir, time.perf_counter() - start)
     return manifest
@@ -414,41 +463,67 @@ def _rendered(tasks: list, workers: int | None, progress: bool) -> Iterator[byte
         bar.close()
 
 
-def _write_train(writer: DatasetWriter, plans: list[SourcePlan], images: Iterator[bytes],
-                 rng: random.Random, texts_per_pair: int) -> None:
+def _write_train(
+    writer: DatasetWriter,
+    plans: list[SourcePlan],
+    images: Iterator[bytes],
+    rng: random.Random,
+    texts_per_pair: int,
+) -> None:
     index = 0
     for g, plan in enumerate(plans):
         members, blobs = [], []
         for scene in (plan.scene, *plan.targets):
-            members.append({"id": f"css_train_{index:06d}", "label": scene_label(scene),
-                            "objects": [object_dict(o) for o in scene]})
+            members.append(
+                {
+                    "id": f"css_train_{index:06d}",
+                    "label": scene_label(scene),
+                    "objects": [object_dict(o) for o in scene],
+                }
+            )
             blobs.append((next(images), "png"))
             index += 1
         pairs = []
         for i, mod in enumerate(plan.mods, start=1):
             texts = mod_texts(mod)
-            pairs.append({"ref": 0, "tgt": i, "mod": mod_dict(mod),
-                          "texts": rng.sample(texts, min(texts_per_pair, len(texts)))})
+            pairs.append(
+                {
+                    "ref": 0,
+                    "tgt": i,
+                    "mod": mod_dict(mod),
+                    "texts": rng.sample(texts, min(texts_per_pair, len(texts))),
+                }
+            )
         group = {"group": f"g{g:06d}", "members": members, "pairs": pairs, "derive": None}
         writer.add_group("train", f"t{g:08d}", group, blobs)
 
 
-def _write_test(writer: DatasetWriter, plans: list[SourcePlan], images: Iterator[bytes],
-                rng: random.Random) -> list[dict[str, Any]]:
+def _write_test(
+    writer: DatasetWriter, plans: list[SourcePlan], images: Iterator[bytes], rng: random.Random
+) -> list[dict[str, Any]]:
     queries: list[dict[str, Any]] = []
     index = 0
     for plan in plans:
         ids = []
         for scene in (plan.scene, *plan.targets):
             ids.append(f"css_test_{index:06d}")
-            meta = {"id": ids[-1], "label": scene_label(scene),
-                    "objects": [object_dict(o) for o in scene]}
+            meta = {
+                "id": ids[-1],
+                "label": scene_label(scene),
+                "objects": [object_dict(o) for o in scene],
+            }
             writer.add_gallery("gallery", f"g{index:08d}", meta, next(images), "png")
             index += 1
         for i, mod in enumerate(plan.mods, start=1):
-            queries.append({"qid": len(queries), "ref_id": ids[0],
-                            "text": rng.choice(mod_texts(mod)), "target_ids": [ids[i]],
-                            "mod": mod_dict(mod)})
+            queries.append(
+                {
+                    "qid": len(queries),
+                    "ref_id": ids[0],
+                    "text": rng.choice(mod_texts(mod)),
+                    "target_ids": [ids[i]],
+                    "mod": mod_dict(mod),
+                }
+            )
     return queries
 
 
@@ -465,36 +540,64 @@ def _extra(config: CssConfig, plans: dict[str, list[SourcePlan]], preset: str) -
             "mean_sources_per_mod": round(sum(uses.values()) / max(1, len(uses)), 2),
         }
     return {
-        "generator": {**dataclasses.asdict(config), "preset": preset,
-                      "objects_per_scene": list(OBJECTS_PER_SCENE)},
-        "held_out": {"shape_color": [list(p) for p in HELD_OUT_SHAPE_COLOR],
-                     "color_size": [list(p) for p in HELD_OUT_COLOR_SIZE],
-                     "rule": "objects with these combinations never appear in train images or "
-                             "texts; every test source scene contains at least one"},
+        "generator": {
+            **dataclasses.asdict(config),
+            "preset": preset,
+            "objects_per_scene": list(OBJECTS_PER_SCENE),
+        },
+        "held_out": {
+            "shape_color": [list(p) for p in HELD_OUT_SHAPE_COLOR],
+            "color_size": [list(p) for p in HELD_OUT_COLOR_SIZE],
+            "rule": "objects with these combinations never appear in train images or "
+            "texts; every test source scene contains at least one",
+        },
         "mod_semantics": "remove/change descriptions match exactly one object of the source",
         "stats": stats,
     }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m shards.css", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m shards.css", description=__doc__.split("\n")[0]
+    )
     defaults = CssConfig()
     parser.add_argument("--out", required=True, help="output dataset directory")
     parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--train-scenes", type=int, help=f"source scenes in train "
-                        f"(default {defaults.train_scenes}, --small {SMALL['train_scenes']})")
-    parser.add_argument("--test-scenes", type=int, help=f"source scenes in test "
-                        f"(default {defaults.test_scenes}, --small {SMALL['test_scenes']})")
-    parser.add_argument("--mods-per-scene", type=int, help=f"modifications per source scene "
-                        f"(default {defaults.mods_per_scene}, --small {SMALL['mods_per_scene']})")
-    parser.add_argument("--mod-pool", type=int, help=f"distinct modifications per split "
-                        f"(default {defaults.mod_pool}, --small {SMALL['mod_pool']})")
+    parser.add_argument(
+        "--train-scenes",
+        type=int,
+        help=f"source scenes in train "
+        f"(default {defaults.train_scenes}, --small {SMALL['train_scenes']})",
+    )
+    parser.add_argument(
+        "--test-scenes",
+        type=int,
+        help=f"source scenes in test "
+        f"(default {defaults.test_scenes}, --small {SMALL['test_scenes']})",
+    )
+    parser.add_argument(
+        "--mods-per-scene",
+        type=int,
+        help=f"modifications per source scene "
+        f"(default {defaults.mods_per_scene}, --small {SMALL['mods_per_scene']})",
+    )
+    parser.add_argument(
+        "--mod-pool",
+        type=int,
+        help=f"distinct modifications per split "
+        f"(default {defaults.mod_pool}, --small {SMALL['mod_pool']})",
+    )
     parser.add_argument("--image-size", type=int, default=defaults.image_size)
-    parser.add_argument("--shard-size", type=int, help=f"images per shard "
-                        f"(default {defaults.shard_size}, --small {SMALL['shard_size']})")
+    parser.add_argument(
+        "--shard-size",
+        type=int,
+        help=f"images per shard (default {defaults.shard_size}, --small {SMALL['shard_size']})",
+    )
     parser.add_argument("--small", action="store_true", help="small preset for tests and the demo")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    parser.add_argument("--workers", type=int, default=None, help="render processes (default: all cores)")
+    parser.add_argument(
+        "--workers", type=int, default=None, help="render processes (default: all cores)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     settings = dict(SMALL) if args.small else {}
@@ -504,17 +607,25 @@ def main(argv: list[str] | None = None) -> int:
     config = dataclasses.replace(defaults, seed=args.seed, image_size=args.image_size, **settings)
     start = time.perf_counter()
     try:
-        manifest = generate_css(args.out, config, workers=args.workers, overwrite=args.overwrite,
-                                progress=True, preset="small" if args.small else "default")
+        manifest = generate_css(
+            args.out,
+            config,
+            workers=args.workers,
+            overwrite=args.overwrite,
+            progress=True,
+            preset="small" if args.small else "default",
+        )
     except FileExistsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     seconds = time.perf_counter() - start
     splits = manifest["splits"]
-    print(f"{args.out}: train {splits['train']['samples']} groups / {splits['train']['images']} "
-          f"images, gallery {splits['gallery']['images']} images, "
-          f"{manifest['evals']['test']['count']} queries, {manifest['bytes'] / 1e6:.1f} MB "
-          f"in {seconds:.1f}s")
+    print(
+        f"{args.out}: train {splits['train']['samples']} groups / {splits['train']['images']} "
+        f"images, gallery {splits['gallery']['images']} images, "
+        f"{manifest['evals']['test']['count']} queries, {manifest['bytes'] / 1e6:.1f} MB "
+        f"in {seconds:.1f}s"
+    )
     return 0
 
 

@@ -51,8 +51,13 @@ log = logging.getLogger(__name__)
 
 DATA_FILE = "css_toy_dataset_novel2_small.dup.npy"
 SPLITS = ("train", "test")
-PROTOCOL = {"name": "css", "ks": [1, 5, 10, 50], "hit": "label", "exclude_reference": True,
-            "per_category": False}
+PROTOCOL = {
+    "name": "css",
+    "ks": [1, 5, 10, 50],
+    "hit": "label",
+    "exclude_reference": True,
+    "per_category": False,
+}
 
 
 def load_css_data(path: Path) -> dict[str, Any]:
@@ -89,8 +94,9 @@ def scene_key(objects: list[dict[str, Any]]) -> str:
 def grid_positions(scenes: list[list[dict[str, Any]]]) -> bool:
     """True when ``pos`` values are grid cells (all integral), False when fractions of
     the image (TIRG's ``generate_2d_image`` multiplies them by the image size)."""
-    values = [v for objects in scenes for o in objects
-              if isinstance(o.get("pos"), list) for v in o["pos"]]
+    values = [
+        v for objects in scenes for o in objects if isinstance(o.get("pos"), list) for v in o["pos"]
+    ]
     return all(isinstance(v, int | float) and float(v).is_integer() for v in values)
 
 
@@ -111,8 +117,9 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
     if not args.render_2d:
         cli.require_dir(src / "images", "the folder images/ with css_<split>_<06d>.png")
     data = load_css_data(data_file)
-    with DatasetWriter(args.out, "css3d", "shards.css3d", shard_size=args.shard_size,
-                       overwrite=args.overwrite) as writer:
+    with DatasetWriter(
+        args.out, "css3d", "shards.css3d", shard_size=args.shard_size, overwrite=args.overwrite
+    ) as writer:
         table = ImageTable(writer, src, args.workers)
         scenes = {split: _scenes(data[split], split, writer) for split in SPLITS}
         cells = grid_positions([s for split in SPLITS for s in scenes[split].values()])
@@ -124,44 +131,79 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
         pairs = _pairs(data["train"]["mods"], "train", images["train"], writer)
         groups = []
         for group in group_pairs(pairs, args.group_size):
-            members = [{"id": _image_id("train", i), "label": labels["train"][i],
-                        "attributes": scenes["train"][i]} for i in group.members]
-            group_json = {"members": members, "derive": None,
-                          "pairs": [{"ref": r, "tgt": t, "texts": texts}
-                                    for r, t, texts in group.pairs]}
+            members = [
+                {
+                    "id": _image_id("train", i),
+                    "label": labels["train"][i],
+                    "attributes": scenes["train"][i],
+                }
+                for i in group.members
+            ]
+            group_json = {
+                "members": members,
+                "derive": None,
+                "pairs": [{"ref": r, "tgt": t, "texts": texts} for r, t, texts in group.pairs],
+            }
             groups.append((group_json, [images["train"][i] for i in group.members]))
         writer.shard_sizes["train"] = group_shard_size(args.shard_size, groups)
         stored = write_groups(writer, "train", groups, workers=args.workers)
 
         test_ids = sorted(images["test"])
-        stored += write_gallery(writer, "gallery", [
-            ({"id": _image_id("test", i), "label": labels["test"][i],
-              "attributes": scenes["test"][i]}, images["test"][i]) for i in test_ids
-        ], workers=args.workers)
-        queries = [{"qid": f"test-{n:06d}", "ref_id": _image_id("test", ref), "text": texts[0],
-                    "target_ids": [_image_id("test", tgt)]}
-                   for n, (ref, tgt, texts) in enumerate(
-                       _pairs(data["test"]["mods"], "test", images["test"], writer))]
+        stored += write_gallery(
+            writer,
+            "gallery",
+            [
+                (
+                    {
+                        "id": _image_id("test", i),
+                        "label": labels["test"][i],
+                        "attributes": scenes["test"][i],
+                    },
+                    images["test"][i],
+                )
+                for i in test_ids
+            ],
+            workers=args.workers,
+        )
+        queries = [
+            {
+                "qid": f"test-{n:06d}",
+                "ref_id": _image_id("test", ref),
+                "text": texts[0],
+                "target_ids": [_image_id("test", tgt)],
+            }
+            for n, (ref, tgt, texts) in enumerate(
+                _pairs(data["test"]["mods"], "test", images["test"], writer)
+            )
+        ]
         writer.set_queries("queries.json", queries)
 
         writer.image_ext = stored_ext(stored)
         return writer.finish(
-            {"test": {"gallery": "gallery", "queries": "queries.json", "count": len(queries),
-                      "protocol": PROTOCOL}},
+            {
+                "test": {
+                    "gallery": "gallery",
+                    "queries": "queries.json",
+                    "count": len(queries),
+                    "protocol": PROTOCOL,
+                }
+            },
             source=cli.source_info(src, [data_file]),
-            extra={"render_2d": args.render_2d,
-                   "image_size": args.image_size if args.render_2d else None,
-                   "labels": {s: "dataset" if "labels" in data[s] else "object sets"
-                              for s in SPLITS},
-                   "pos": "grid cells" if cells else "image fractions",
-                   "group_size": args.group_size,
-                   "groups": duplication([m["id"] for m in g["members"]] for g, _ in groups),
-                   "raw_bytes": None if args.render_2d else raw_bytes(stored, [data_file])},
+            extra={
+                "render_2d": args.render_2d,
+                "image_size": args.image_size if args.render_2d else None,
+                "labels": {s: "dataset" if "labels" in data[s] else "object sets" for s in SPLITS},
+                "pos": "grid cells" if cells else "image fractions",
+                "group_size": args.group_size,
+                "groups": duplication([m["id"] for m in g["members"]] for g, _ in groups),
+                "raw_bytes": None if args.render_2d else raw_bytes(stored, [data_file]),
+            },
         )
 
 
-def _scenes(part: dict[str, Any], split: str,
-            writer: DatasetWriter) -> dict[int, list[dict[str, Any]]]:
+def _scenes(
+    part: dict[str, Any], split: str, writer: DatasetWriter
+) -> dict[int, list[dict[str, Any]]]:
     """Normalised objects of every image of a split, by index (bad entries skipped)."""
     scenes: dict[int, list[dict[str, Any]]] = {}
     for i, objects in enumerate(part["objects_img"]):
@@ -172,9 +214,15 @@ def _scenes(part: dict[str, Any], split: str,
     return scenes
 
 
-def _images(scenes: dict[int, list[dict[str, Any]]], split: str, src: Path, table: ImageTable,
-            writer: DatasetWriter, args: argparse.Namespace, cells: bool
-            ) -> dict[int, ImageSource]:
+def _images(
+    scenes: dict[int, list[dict[str, Any]]],
+    split: str,
+    src: Path,
+    table: ImageTable,
+    writer: DatasetWriter,
+    args: argparse.Namespace,
+    cells: bool,
+) -> dict[int, ImageSource]:
     """Usable images of a split by index: checked PNG files, or scenes drawn in 2D."""
     images: dict[int, ImageSource] = {}
     if args.render_2d:
@@ -193,21 +241,29 @@ def _images(scenes: dict[int, list[dict[str, Any]]], split: str, src: Path, tabl
     return images
 
 
-def _labels(part: dict[str, Any], split: str,
-            scenes: dict[int, list[dict[str, Any]]]) -> dict[int, str]:
+def _labels(
+    part: dict[str, Any], split: str, scenes: dict[int, list[dict[str, Any]]]
+) -> dict[int, str]:
     given = part.get("labels")
     if given is not None and len(given) == len(part["objects_img"]):
         return {i: str(_plain(given[i])) for i in scenes}
     if given is not None:
-        log.warning("%s labels: %d for %d images; deriving labels from object sets instead",
-                    split, len(given), len(part["objects_img"]))
+        log.warning(
+            "%s labels: %d for %d images; deriving labels from object sets instead",
+            split,
+            len(given),
+            len(part["objects_img"]),
+        )
     first: dict[str, str] = {}
-    return {i: first.setdefault(scene_key(objects), _image_id(split, i))
-            for i, objects in scenes.items()}
+    return {
+        i: first.setdefault(scene_key(objects), _image_id(split, i))
+        for i, objects in scenes.items()
+    }
 
 
-def _pairs(mods: list[Any], split: str, images: dict[int, ImageSource],
-           writer: DatasetWriter) -> list[tuple[int, int, list[str]]]:
+def _pairs(
+    mods: list[Any], split: str, images: dict[int, ImageSource], writer: DatasetWriter
+) -> list[tuple[int, int, list[str]]]:
     """``(from, to, [to_str])`` of every mod whose two images are usable (others skipped)."""
     pairs = []
     for m, mod in enumerate(mods):
@@ -226,8 +282,9 @@ def _pairs(mods: list[Any], split: str, images: dict[int, ImageSource],
                 continue
             missing = [int(i) for i in (ref, tgt) if int(i) not in images]
             if missing:
-                writer.skip(f"{where} pair {k}",
-                            f"pair with unusable image: {_image_id(split, missing[0])}")
+                writer.skip(
+                    f"{where} pair {k}", f"pair with unusable image: {_image_id(split, missing[0])}"
+                )
                 continue
             pairs.append((int(ref), int(tgt), [text]))
     return pairs
@@ -253,10 +310,17 @@ def _plain(value: Any) -> Any:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = cli.converter_parser("python -m shards.css3d", __doc__.split("\n\n")[0])
-    parser.add_argument("--render-2d", action="store_true",
-                        help="store 2D scenes drawn from the objects instead of the PNGs")
-    parser.add_argument("--image-size", type=cli.positive_int, default=64,
-                        help="side of the --render-2d images in pixels")
+    parser.add_argument(
+        "--render-2d",
+        action="store_true",
+        help="store 2D scenes drawn from the objects instead of the PNGs",
+    )
+    parser.add_argument(
+        "--image-size",
+        type=cli.positive_int,
+        default=64,
+        help="side of the --render-2d images in pixels",
+    )
     return parser
 
 

@@ -48,8 +48,13 @@ from shards.conversion import (
 from shards.grouping import chunk_by_class, duplication
 from shards.writer import DatasetWriter
 
-PROTOCOL = {"name": "fashion200k", "ks": [1, 10, 50], "hit": "label",
-            "exclude_reference": True, "per_category": False}
+PROTOCOL = {
+    "name": "fashion200k",
+    "ks": [1, 10, 50],
+    "hit": "label",
+    "exclude_reference": True,
+    "per_category": False,
+}
 LABEL_FILE = re.compile(r"^(?P<category>.+)_(?P<split>train|test)_detect_all\.txt$")
 QUERIES_FILE = "test_queries.txt"
 
@@ -57,7 +62,7 @@ QUERIES_FILE = "test_queries.txt"
 def parent_captions(caption: str) -> set[str]:
     """Every caption with one word removed."""
     words = caption.split()
-    return {" ".join(words[:i] + words[i + 1:]) for i in range(len(words))}
+    return {" ".join(words[:i] + words[i + 1 :]) for i in range(len(words))}
 
 
 def replacement_text(source: str, target: str) -> str:
@@ -74,8 +79,9 @@ def read_label_files(src: Path, writer: DatasetWriter) -> dict[str, dict[str, di
 
     Lines with the wrong number of fields, empty captions and repeated paths are skipped.
     """
-    labels_dir = cli.require_dir(src / "labels",
-                                 "labels/<category>_<split>_detect_all.txt (Fashion200k)")
+    labels_dir = cli.require_dir(
+        src / "labels", "labels/<category>_<split>_detect_all.txt (Fashion200k)"
+    )
     files = sorted(p for p in labels_dir.iterdir() if LABEL_FILE.match(p.name))
     splits = {LABEL_FILE.match(p.name)["split"] for p in files}
     if splits != {"train", "test"}:
@@ -87,14 +93,19 @@ def read_label_files(src: Path, writer: DatasetWriter) -> dict[str, dict[str, di
     for path in files:
         match = LABEL_FILE.match(path.name)
         split, category = match["split"], match["category"]
-        for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        for number, line in enumerate(
+            path.read_text(encoding="utf-8", errors="replace").splitlines(), 1
+        ):
             where = f"labels/{path.name}:{number}"
             if not line.strip():
                 continue
             fields = line.split("\t")
             if len(fields) != 3:
-                writer.skip(where, f"bad caption line: expected 3 tab-separated fields "
-                                   f"(image path, detection score, caption), got {len(fields)}")
+                writer.skip(
+                    where,
+                    f"bad caption line: expected 3 tab-separated fields "
+                    f"(image path, detection score, caption), got {len(fields)}",
+                )
                 continue
             image, caption = fields[0].strip(), " ".join(fields[2].split())
             if not image or not caption:
@@ -107,8 +118,9 @@ def read_label_files(src: Path, writer: DatasetWriter) -> dict[str, dict[str, di
     return entries
 
 
-def train_groups(captions: dict[str, str], group_size: int) -> tuple[list[tuple[str, list[str]]],
-                                                                     int]:
+def train_groups(
+    captions: dict[str, str], group_size: int
+) -> tuple[list[tuple[str, list[str]]], int]:
     """``([(parent, member paths)], unusable image count)`` from usable ``path -> caption``.
 
     See the module docstring for how images are spread over parents and cut into groups.
@@ -138,63 +150,111 @@ def train_groups(captions: dict[str, str], group_size: int) -> tuple[list[tuple[
 
 def convert(args: argparse.Namespace) -> dict[str, Any]:
     src: Path = args.src
-    queries_file = cli.require_file(src / QUERIES_FILE,
-                                    "TIRG's test_queries.txt (source and target path per line)")
-    with DatasetWriter(args.out, "fashion200k", "shards.fashion200k",
-                       shard_size=args.shard_size, overwrite=args.overwrite) as writer:
+    queries_file = cli.require_file(
+        src / QUERIES_FILE, "TIRG's test_queries.txt (source and target path per line)"
+    )
+    with DatasetWriter(
+        args.out,
+        "fashion200k",
+        "shards.fashion200k",
+        shard_size=args.shard_size,
+        overwrite=args.overwrite,
+    ) as writer:
         entries = read_label_files(src, writer)
         table = ImageTable(writer, src, args.workers)
         for split in ("train", "test"):
             table.check((src / p for p in entries[split]), desc=f"checking {split} images")
-        usable = {split: {p: e for p, e in entries[split].items() if table.get(src / p)}
-                  for split in entries}
+        usable = {
+            split: {p: e for p, e in entries[split].items() if table.get(src / p)}
+            for split in entries
+        }
 
         parent_groups, unusable = train_groups(
-            {p: e["caption"] for p, e in usable["train"].items()}, args.group_size)
+            {p: e["caption"] for p, e in usable["train"].items()}, args.group_size
+        )
         groups = []
         for parent, paths in parent_groups:
-            members = [{"id": p, "label": usable["train"][p]["caption"],
-                        "caption": usable["train"][p]["caption"],
-                        "category": usable["train"][p]["category"]} for p in paths]
-            groups.append(({"members": members, "pairs": [], "derive": "replace_word",
-                            "parent": parent}, [table.get(src / p) for p in paths]))
+            members = [
+                {
+                    "id": p,
+                    "label": usable["train"][p]["caption"],
+                    "caption": usable["train"][p]["caption"],
+                    "category": usable["train"][p]["category"],
+                }
+                for p in paths
+            ]
+            groups.append(
+                (
+                    {"members": members, "pairs": [], "derive": "replace_word", "parent": parent},
+                    [table.get(src / p) for p in paths],
+                )
+            )
         writer.shard_sizes["train"] = group_shard_size(args.shard_size, groups)
         stored = write_groups(writer, "train", groups, workers=args.workers)
 
         gallery = usable["test"]
-        stored += write_gallery(writer, "gallery", [
-            ({"id": p, "label": e["caption"], "caption": e["caption"], "category": e["category"]},
-             table.get(src / p)) for p, e in gallery.items()
-        ], workers=args.workers)
+        stored += write_gallery(
+            writer,
+            "gallery",
+            [
+                (
+                    {
+                        "id": p,
+                        "label": e["caption"],
+                        "caption": e["caption"],
+                        "category": e["category"],
+                    },
+                    table.get(src / p),
+                )
+                for p, e in gallery.items()
+            ],
+            workers=args.workers,
+        )
         queries = read_queries(queries_file, entries["test"], gallery, table, writer)
         writer.set_queries("queries.json", queries)
 
         writer.image_ext = stored_ext(stored)
         annotations = [queries_file, *sorted((src / "labels").glob("*_detect_all.txt"))]
         return writer.finish(
-            {"test": {"gallery": "gallery", "queries": "queries.json", "count": len(queries),
-                      "protocol": PROTOCOL}},
+            {
+                "test": {
+                    "gallery": "gallery",
+                    "queries": "queries.json",
+                    "count": len(queries),
+                    "protocol": PROTOCOL,
+                }
+            },
             source=cli.source_info(src, annotations),
-            extra={"group_size": args.group_size,
-                   "groups": duplication([m["id"] for m in g["members"]] for g, _ in groups),
-                   "train_images_unmodifiable": unusable,
-                   "raw_bytes": raw_bytes(stored, annotations)},
+            extra={
+                "group_size": args.group_size,
+                "groups": duplication([m["id"] for m in g["members"]] for g, _ in groups),
+                "train_images_unmodifiable": unusable,
+                "raw_bytes": raw_bytes(stored, annotations),
+            },
         )
 
 
-def read_queries(path: Path, listed: dict[str, dict[str, str]],
-                 gallery: dict[str, dict[str, str]], table: ImageTable,
-                 writer: DatasetWriter) -> list[dict[str, Any]]:
+def read_queries(
+    path: Path,
+    listed: dict[str, dict[str, str]],
+    gallery: dict[str, dict[str, str]],
+    table: ImageTable,
+    writer: DatasetWriter,
+) -> list[dict[str, Any]]:
     """Queries from TIRG's ``test_queries.txt``; unknown or unusable images are skipped."""
     queries = []
-    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+    for number, line in enumerate(
+        path.read_text(encoding="utf-8", errors="replace").splitlines(), 1
+    ):
         where = f"{QUERIES_FILE}:{number}"
         fields = line.split()
         if not fields:
             continue
         if len(fields) != 2:
-            writer.skip(where, f"bad query line: expected '<source path> <target path>', "
-                               f"got {len(fields)} fields")
+            writer.skip(
+                where,
+                f"bad query line: expected '<source path> <target path>', got {len(fields)} fields",
+            )
             continue
         problem = None
         for image in fields:
@@ -208,10 +268,15 @@ def read_queries(path: Path, listed: dict[str, dict[str, str]],
             writer.skip(where, problem)
             continue
         source, target = fields
-        queries.append({"qid": f"test-{number:06d}", "ref_id": source,
-                        "text": replacement_text(gallery[source]["caption"],
-                                                 gallery[target]["caption"]),
-                        "target_ids": [target], "category": gallery[source]["category"]})
+        queries.append(
+            {
+                "qid": f"test-{number:06d}",
+                "ref_id": source,
+                "text": replacement_text(gallery[source]["caption"], gallery[target]["caption"]),
+                "target_ids": [target],
+                "category": gallery[source]["category"],
+            }
+        )
     return queries
 
 

@@ -46,8 +46,13 @@ from shards.grouping import duplication, group_pairs
 from shards.writer import DatasetWriter
 
 CATEGORIES = ("dress", "shirt", "toptee")
-PROTOCOL = {"name": "fashioniq", "ks": [10, 50], "hit": "id", "exclude_reference": True,
-            "per_category": True}
+PROTOCOL = {
+    "name": "fashioniq",
+    "ks": [10, 50],
+    "hit": "id",
+    "exclude_reference": True,
+    "per_category": True,
+}
 
 
 def read_json_list(path: Path) -> list:
@@ -78,8 +83,11 @@ def parse_triplet(entry: Any, test: bool) -> tuple[str, str | None, list[str]]:
     candidate, target, captions = entry.get("candidate"), entry.get("target"), entry.get("captions")
     if not isinstance(candidate, str) or (not test and not isinstance(target, str)):
         raise ValueError("expected 'candidate' and 'target' image names")
-    if (not isinstance(captions, list) or len(captions) != 2
-            or not all(isinstance(c, str) and c.strip() for c in captions)):
+    if (
+        not isinstance(captions, list)
+        or len(captions) != 2
+        or not all(isinstance(c, str) and c.strip() for c in captions)
+    ):
         raise ValueError(f"expected 'captions' with 2 texts, got {captions!r}")
     # Test targets are hidden by the benchmark: test queries never carry one.
     return candidate, None if test else target, [c.strip() for c in captions]
@@ -91,29 +99,43 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
     files = {}
     for category in categories:
         files[("cap", category, "train")] = cli.require_file(
-            src / "captions" / f"cap.{category}.train.json", "Fashion-IQ caption file")
+            src / "captions" / f"cap.{category}.train.json", "Fashion-IQ caption file"
+        )
         files[("cap", category, "val")] = cli.require_file(
-            src / "captions" / f"cap.{category}.val.json", "Fashion-IQ caption file")
+            src / "captions" / f"cap.{category}.val.json", "Fashion-IQ caption file"
+        )
         files[("split", category, "val")] = cli.require_file(
-            src / "image_splits" / f"split.{category}.val.json", "Fashion-IQ image split file")
-    test_categories = [c for c in categories
-                       if (src / "captions" / f"cap.{c}.test.json").is_file()]
+            src / "image_splits" / f"split.{category}.val.json", "Fashion-IQ image split file"
+        )
+    test_categories = [c for c in categories if (src / "captions" / f"cap.{c}.test.json").is_file()]
     for category in test_categories:
         files[("cap", category, "test")] = src / "captions" / f"cap.{category}.test.json"
         files[("split", category, "test")] = cli.require_file(
             src / "image_splits" / f"split.{category}.test.json",
-            "the test image split next to captions/cap.<category>.test.json")
+            "the test image split next to captions/cap.<category>.test.json",
+        )
     images = index_images(cli.require_dir(src / "images", "images/<asin>.jpg (Fashion-IQ)"))
 
-    with DatasetWriter(args.out, "fashioniq", "shards.fashioniq", shard_size=args.shard_size,
-                       overwrite=args.overwrite) as writer:
+    with DatasetWriter(
+        args.out,
+        "fashioniq",
+        "shards.fashioniq",
+        shard_size=args.shard_size,
+        overwrite=args.overwrite,
+    ) as writer:
         table = ImageTable(writer, src, args.workers)
         checker = NamedImages(images, table, missing_item="images/{name}.*")
-        triplets = {key: _read_triplets(path, key[2] == "test", writer, src)
-                    for key, path in files.items() if key[0] == "cap"}
+        triplets = {
+            key: _read_triplets(path, key[2] == "test", writer, src)
+            for key, path in files.items()
+            if key[0] == "cap"
+        }
         needed = {name for t in triplets.values() for c, g, _, _ in t for name in (c, g) if name}
-        split_lists = {key: [str(a) for a in read_json_list(path)]
-                       for key, path in files.items() if key[0] == "split"}
+        split_lists = {
+            key: [str(a) for a in read_json_list(path)]
+            for key, path in files.items()
+            if key[0] == "split"
+        }
         needed |= {a for names in split_lists.values() for a in names}
         checker.check(needed)
 
@@ -122,13 +144,20 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
             pairs = []
             for candidate, target, texts, where in triplets[("cap", category, "train")]:
                 if checker.usable(where, "triplet", candidate, target):
-                    pairs.append((candidate, target,
-                                  [" and ".join(texts), " and ".join(reversed(texts))]))
+                    pairs.append(
+                        (candidate, target, [" and ".join(texts), " and ".join(reversed(texts))])
+                    )
             for group in group_pairs(pairs, args.group_size):
-                groups.append(({
-                    "members": [{"id": m, "category": category} for m in group.members],
-                    "pairs": [{"ref": r, "tgt": t, "texts": x} for r, t, x in group.pairs],
-                    "derive": None}, [checker.image(m) for m in group.members]))
+                groups.append(
+                    (
+                        {
+                            "members": [{"id": m, "category": category} for m in group.members],
+                            "pairs": [{"ref": r, "tgt": t, "texts": x} for r, t, x in group.pairs],
+                            "derive": None,
+                        },
+                        [checker.image(m) for m in group.members],
+                    )
+                )
         writer.shard_sizes["train"] = group_shard_size(args.shard_size, groups)
         stored = write_groups(writer, "train", groups, workers=args.workers)
 
@@ -137,35 +166,53 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
             if not split_categories:
                 continue
             gallery = _gallery(split, split_categories, split_lists, checker, writer)
-            stored += write_gallery(writer, f"{split}-gallery", [
-                ({"id": a, "category": c}, checker.image(a)) for a, c in gallery.items()
-            ], workers=args.workers, desc=f"writing {split} gallery")
+            stored += write_gallery(
+                writer,
+                f"{split}-gallery",
+                [({"id": a, "category": c}, checker.image(a)) for a, c in gallery.items()],
+                workers=args.workers,
+                desc=f"writing {split} gallery",
+            )
             queries = []
             for category in split_categories:
                 for candidate, target, texts, where in triplets[("cap", category, split)]:
                     if not checker.in_gallery(where, "query", gallery, candidate, target):
                         continue
-                    queries.append({"qid": f"{split}-{category}-{len(queries):06d}",
-                                    "ref_id": candidate, "text": " and ".join(texts),
-                                    "texts": texts, "captions": texts,
-                                    "target_ids": [target] if target else [],
-                                    "category": category})
+                    queries.append(
+                        {
+                            "qid": f"{split}-{category}-{len(queries):06d}",
+                            "ref_id": candidate,
+                            "text": " and ".join(texts),
+                            "texts": texts,
+                            "captions": texts,
+                            "target_ids": [target] if target else [],
+                            "category": category,
+                        }
+                    )
             writer.set_queries(f"{split}-queries.json", queries)
-            evals[split] = {"gallery": f"{split}-gallery", "queries": f"{split}-queries.json",
-                            "count": len(queries),
-                            "protocol": {**PROTOCOL, "categories": list(split_categories)}}
+            evals[split] = {
+                "gallery": f"{split}-gallery",
+                "queries": f"{split}-queries.json",
+                "count": len(queries),
+                "protocol": {**PROTOCOL, "categories": list(split_categories)},
+            }
 
         writer.image_ext = stored_ext(stored)
         return writer.finish(
-            evals, source=cli.source_info(src, files.values()),
-            extra={"categories": list(categories), "group_size": args.group_size,
-                   "groups": duplication([m["id"] for m in g["members"]] for g, _ in groups),
-                   "raw_bytes": raw_bytes(stored, files.values())},
+            evals,
+            source=cli.source_info(src, files.values()),
+            extra={
+                "categories": list(categories),
+                "group_size": args.group_size,
+                "groups": duplication([m["id"] for m in g["members"]] for g, _ in groups),
+                "raw_bytes": raw_bytes(stored, files.values()),
+            },
         )
 
 
-def _read_triplets(path: Path, test: bool, writer: DatasetWriter, src: Path
-                   ) -> list[tuple[str, str | None, list[str], str]]:
+def _read_triplets(
+    path: Path, test: bool, writer: DatasetWriter, src: Path
+) -> list[tuple[str, str | None, list[str], str]]:
     out = []
     for k, entry in enumerate(read_json_list(path)):
         where = f"{path.relative_to(src)}[{k}]"
@@ -178,16 +225,23 @@ def _read_triplets(path: Path, test: bool, writer: DatasetWriter, src: Path
     return out
 
 
-def _gallery(split: str, categories: list[str], split_lists: dict, checker: NamedImages,
-             writer: DatasetWriter) -> dict[str, str]:
+def _gallery(
+    split: str,
+    categories: list[str],
+    split_lists: dict,
+    checker: NamedImages,
+    writer: DatasetWriter,
+) -> dict[str, str]:
     """``asin -> category`` of the usable images of a split (first category wins)."""
     gallery: dict[str, str] = {}
     for category in categories:
         for name in split_lists[("split", category, split)]:
             if name in gallery:
                 if gallery[name] != category:
-                    writer.skip(f"image_splits/split.{category}.{split}.json: {name}",
-                                f"duplicate entry: already in category {gallery[name]}")
+                    writer.skip(
+                        f"image_splits/split.{category}.{split}.json: {name}",
+                        f"duplicate entry: already in category {gallery[name]}",
+                    )
                 continue
             if checker.problem(name) is None:
                 gallery[name] = category
@@ -196,8 +250,13 @@ def _gallery(split: str, categories: list[str], split_lists: dict, checker: Name
 
 def build_parser() -> argparse.ArgumentParser:
     parser = cli.converter_parser("python -m shards.fashioniq", __doc__.split("\n\n")[0])
-    parser.add_argument("--categories", nargs="+", choices=CATEGORIES, default=list(CATEGORIES),
-                        help="categories to convert")
+    parser.add_argument(
+        "--categories",
+        nargs="+",
+        choices=CATEGORIES,
+        default=list(CATEGORIES),
+        help="categories to convert",
+    )
     return parser
 
 

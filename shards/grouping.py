@@ -124,5 +124,8 @@ def duplication(groups_members: Iterable[list[str]]) -> dict[str, float]:
     for members in groups_members:
         stored += len(members)
         unique.update(members)
-    return {"stored": stored, "unique": len(unique),
-            "ratio": round(stored / len(unique), 4) if unique else 0.0}
+    return {
+        "stored": stored,
+        "unique": len(unique),
+        "ratio": round(stored / len(unique), 4) if unique else 0.0,
+    }

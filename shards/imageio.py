@@ -107,23 +107,31 @@ def encoded_image(image: CheckedImage | EncodedImage) -> EncodedImage:
     return EncodedImage(out.getvalue(), "png")
 
 
-def check_images(paths: Iterable[str | Path], *, workers: int | None = None,
-                 desc: str = "checking images") -> dict[str, CheckedImage | ImageError]:
+def check_images(
+    paths: Iterable[str | Path], *, workers: int | None = None, desc: str = "checking images"
+) -> dict[str, CheckedImage | ImageError]:
     """Check many images in threads: path -> ``CheckedImage`` or the ``ImageError``."""
     unique = list(dict.fromkeys(str(p) for p in paths))
     results: dict[str, CheckedImage | ImageError] = {}
     with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:
         outcomes = pool.map(_check_or_error, unique)
-        for path, outcome in tqdm(zip(unique, outcomes), total=len(unique), desc=desc,
-                                  unit="img", leave=False, disable=None):
+        for path, outcome in tqdm(
+            zip(unique, outcomes),
+            total=len(unique),
+            desc=desc,
+            unit="img",
+            leave=False,
+            disable=None,
+        ):
             results[path] = outcome
     bad = sum(isinstance(r, ImageError) for r in results.values())
     log.info("%s: %d usable, %d unusable", desc, len(results) - bad, bad)
     return results
 
 
-def read_images(images: Iterable[CheckedImage | EncodedImage], *, workers: int | None = None,
-                window: int = 256) -> Iterator[EncodedImage]:
+def read_images(
+    images: Iterable[CheckedImage | EncodedImage], *, workers: int | None = None, window: int = 256
+) -> Iterator[EncodedImage]:
     """``encoded_image`` of each of ``images`` in order, read ahead by a thread pool.
 
     At most ``window`` images are held in memory at once.

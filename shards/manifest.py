@@ -121,7 +121,9 @@ def validate_manifest(manifest: dict[str, Any], where: str = "manifest") -> None
             if key not in ev:
                 raise ManifestError(f"{where}: eval {name!r} misses {key!r}")
         if ev["gallery"] not in manifest["splits"]:
-            raise ManifestError(f"{where}: eval {name!r} names unknown gallery split {ev['gallery']!r}")
+            raise ManifestError(
+                f"{where}: eval {name!r} names unknown gallery split {ev['gallery']!r}"
+            )
         protocol = ev["protocol"]
         if protocol.get("name") not in PROTOCOL_NAMES:
             raise ManifestError(
@@ -147,6 +149,8 @@ def default_eval(manifest: dict[str, Any]) -> str:
 def load_queries(dataset_dir: str | Path, manifest: dict[str, Any], eval_name: str) -> list[dict]:
     """The query list of one evaluation set."""
     if eval_name not in manifest["evals"]:
-        raise ManifestError(f"eval {eval_name!r} not in {dataset_dir!s}; it has {sorted(manifest['evals'])}")
+        raise ManifestError(
+            f"eval {eval_name!r} not in {dataset_dir!s}; it has {sorted(manifest['evals'])}"
+        )
     path = Path(dataset_dir) / manifest["evals"][eval_name]["queries"]
     return json.loads(path.read_text())

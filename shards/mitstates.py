@@ -47,22 +47,74 @@ from shards.grouping import chunk_by_class, duplication
 from shards.writer import DatasetWriter
 
 # TIRG's held-out test nouns (datasets.py, MITStates).
-TEST_NOUNS = frozenset({
-    "armor", "bracelet", "bush", "camera", "candy", "castle", "ceramic", "cheese", "clock",
-    "clothes", "coffee", "fan", "fig", "fish", "foam", "forest", "fruit", "furniture",
-    "garden", "gate", "glass", "horse", "island", "laptop", "lead", "lightning", "mirror",
-    "orange", "paint", "persimmon", "plastic", "plate", "potato", "road", "rubber", "sand",
-    "shell", "sky", "smoke", "steel", "stream", "table", "tea", "tomato", "vacuum", "wax",
-    "wheel", "window", "wool",
-})
+TEST_NOUNS = frozenset(
+    {
+        "armor",
+        "bracelet",
+        "bush",
+        "camera",
+        "candy",
+        "castle",
+        "ceramic",
+        "cheese",
+        "clock",
+        "clothes",
+        "coffee",
+        "fan",
+        "fig",
+        "fish",
+        "foam",
+        "forest",
+        "fruit",
+        "furniture",
+        "garden",
+        "gate",
+        "glass",
+        "horse",
+        "island",
+        "laptop",
+        "lead",
+        "lightning",
+        "mirror",
+        "orange",
+        "paint",
+        "persimmon",
+        "plastic",
+        "plate",
+        "potato",
+        "road",
+        "rubber",
+        "sand",
+        "shell",
+        "sky",
+        "smoke",
+        "steel",
+        "stream",
+        "table",
+        "tea",
+        "tomato",
+        "vacuum",
+        "wax",
+        "wheel",
+        "window",
+        "wool",
+    }
+)
 NO_STATE = "adj"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-PROTOCOL = {"name": "mitstates", "ks": [1, 5, 10], "hit": "label", "exclude_reference": True,
-            "per_category": False, "attribute_hits": ["adj", "noun"]}
+PROTOCOL = {
+    "name": "mitstates",
+    "ks": [1, 5, 10],
+    "hit": "label",
+    "exclude_reference": True,
+    "per_category": False,
+    "attribute_hits": ["adj", "noun"],
+}
 
 
-def list_images(src: Path, writer: DatasetWriter
-                ) -> tuple[dict[str, list[tuple[str, str, Path]]], dict[str, int]]:
+def list_images(
+    src: Path, writer: DatasetWriter
+) -> tuple[dict[str, list[tuple[str, str, Path]]], dict[str, int]]:
     """``({"train"|"test": [(adj, noun, path)]}, excluded counts)`` from ``images/``.
 
     Files that are not images are skipped; "adj <noun>" folders and folders that are not
@@ -71,8 +123,10 @@ def list_images(src: Path, writer: DatasetWriter
     images_dir = cli.require_dir(src / "images", "images/<adj> <noun>/*.jpg (MIT-States)")
     folders = sorted(p for p in images_dir.iterdir() if p.is_dir())
     if not any(len(p.name.split()) == 2 for p in folders):
-        raise cli.LayoutError(f"{images_dir}: expected folders named '<adj> <noun>', found "
-                              f"{[p.name for p in folders[:5]]}")
+        raise cli.LayoutError(
+            f"{images_dir}: expected folders named '<adj> <noun>', found "
+            f"{[p.name for p in folders[:5]]}"
+        )
     split_images: dict[str, list[tuple[str, str, Path]]] = {"train": [], "test": []}
     excluded = {"no_state_images": 0, "other_folders": 0}
     for folder in folders:
@@ -94,8 +148,9 @@ def list_images(src: Path, writer: DatasetWriter
     return split_images, excluded
 
 
-def noun_groups(images: list[tuple[str, str, Any]], group_size: int
-                ) -> tuple[list[tuple[str, list[tuple[str, str, Any]]]], int]:
+def noun_groups(
+    images: list[tuple[str, str, Any]], group_size: int
+) -> tuple[list[tuple[str, list[tuple[str, str, Any]]]], int]:
     """``([(noun, members)], images of nouns with a single adjective)``."""
     by_noun: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for entry in images:
@@ -122,16 +177,26 @@ def test_queries(gallery: list[tuple[str, str, str]]) -> list[dict[str, Any]]:
     for image_id, adj, noun in gallery:
         for target_adj in adjs_of[noun]:
             if target_adj != adj:
-                queries.append({"qid": f"test-{len(queries):07d}", "ref_id": image_id,
-                                "text": target_adj,
-                                "target_ids": [first_of[(target_adj, noun)]]})
+                queries.append(
+                    {
+                        "qid": f"test-{len(queries):07d}",
+                        "ref_id": image_id,
+                        "text": target_adj,
+                        "target_ids": [first_of[(target_adj, noun)]],
+                    }
+                )
     return queries
 
 
 def convert(args: argparse.Namespace) -> dict[str, Any]:
     src: Path = args.src
-    with DatasetWriter(args.out, "mitstates", "shards.mitstates", shard_size=args.shard_size,
-                       overwrite=args.overwrite) as writer:
+    with DatasetWriter(
+        args.out,
+        "mitstates",
+        "shards.mitstates",
+        shard_size=args.shard_size,
+        overwrite=args.overwrite,
+    ) as writer:
         listed, excluded = list_images(src, writer)
         table = ImageTable(writer, src, args.workers)
         usable = {}
@@ -145,35 +210,71 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
         groups_by_noun, single_state = noun_groups(usable["train"], args.group_size)
         groups = []
         for noun, members in groups_by_noun:
-            group = {"members": [{"id": image_id(p), "label": f"{a} {n}", "caption": f"{a} {n}",
-                                  "attributes": {"adj": a, "noun": n}} for a, n, p in members],
-                     "pairs": [], "derive": "change_state", "noun": noun}
+            group = {
+                "members": [
+                    {
+                        "id": image_id(p),
+                        "label": f"{a} {n}",
+                        "caption": f"{a} {n}",
+                        "attributes": {"adj": a, "noun": n},
+                    }
+                    for a, n, p in members
+                ],
+                "pairs": [],
+                "derive": "change_state",
+                "noun": noun,
+            }
             groups.append((group, [table.get(p) for _, _, p in members]))
         writer.shard_sizes["train"] = group_shard_size(args.shard_size, groups)
         stored = write_groups(writer, "train", groups, workers=args.workers)
 
-        stored += write_gallery(writer, "gallery", [
-            ({"id": image_id(p), "label": f"{a} {n}", "caption": f"{a} {n}", "adj": a,
-              "noun": n}, table.get(p)) for a, n, p in usable["test"]
-        ], workers=args.workers)
+        stored += write_gallery(
+            writer,
+            "gallery",
+            [
+                (
+                    {
+                        "id": image_id(p),
+                        "label": f"{a} {n}",
+                        "caption": f"{a} {n}",
+                        "adj": a,
+                        "noun": n,
+                    },
+                    table.get(p),
+                )
+                for a, n, p in usable["test"]
+            ],
+            workers=args.workers,
+        )
         queries = test_queries([(image_id(p), a, n) for a, n, p in usable["test"]])
         writer.set_queries("queries.json", queries)
 
         writer.image_ext = stored_ext(stored)
-        annotations = sorted(p for p in src.iterdir()
-                             if p.is_file() and p.suffix.lower() in (".txt", ".csv"))
+        annotations = sorted(
+            p for p in src.iterdir() if p.is_file() and p.suffix.lower() in (".txt", ".csv")
+        )
         file_list = "\n".join(sorted(image_id(p) for split in listed for _, _, p in listed[split]))
         source = cli.source_info(src, annotations)
         source["checksums"]["images/ (sorted file list)"] = hashlib.sha256(
-            file_list.encode()).hexdigest()
+            file_list.encode()
+        ).hexdigest()
         return writer.finish(
-            {"test": {"gallery": "gallery", "queries": "queries.json", "count": len(queries),
-                      "protocol": PROTOCOL}},
+            {
+                "test": {
+                    "gallery": "gallery",
+                    "queries": "queries.json",
+                    "count": len(queries),
+                    "protocol": PROTOCOL,
+                }
+            },
             source=source,
-            extra={"test_nouns": sorted(TEST_NOUNS), "group_size": args.group_size,
-                   "groups": duplication([m["id"] for m in g["members"]] for g, _ in groups),
-                   "excluded": {**excluded, "single_state_train_images": single_state},
-                   "raw_bytes": raw_bytes(stored, annotations)},
+            extra={
+                "test_nouns": sorted(TEST_NOUNS),
+                "group_size": args.group_size,
+                "groups": duplication([m["id"] for m in g["members"]] for g, _ in groups),
+                "excluded": {**excluded, "single_state_train_images": single_state},
+                "raw_bytes": raw_bytes(stored, annotations),
+            },
         )
 
 

@@ -47,8 +47,9 @@ class UniformSource(Protocol):
     def uniform(self, low: float, high: float) -> float: ...
 
 
-def render_scene(objects: Sequence[Mapping[str, Any]], image_size: int,
-                 rng_jitter: UniformSource | None = None) -> Image.Image:
+def render_scene(
+    objects: Sequence[Mapping[str, Any]], image_size: int, rng_jitter: UniformSource | None = None
+) -> Image.Image:
     """Draw ``objects`` on an ``image_size`` x ``image_size`` RGB canvas.
 
     Each object is ``{"shape": one of SHAPES, "color": one of COLORS, "size": "small" |
@@ -76,8 +77,9 @@ def render_scene(objects: Sequence[Mapping[str, Any]], image_size: int,
         elif shape == "circle":
             draw.ellipse((cx - half, cy - half, cx + half, cy + half), fill=fill)
         else:
-            draw.polygon([(cx, cy - half), (cx + half, cy + half), (cx - half, cy + half)],
-                         fill=fill)
+            draw.polygon(
+                [(cx, cy - half), (cx + half, cy + half), (cx - half, cy + half)], fill=fill
+            )
     return image.resize((image_size, image_size), Image.Resampling.LANCZOS)
 
 
@@ -97,7 +99,10 @@ def _checked(obj: Mapping[str, Any]) -> tuple[str, str, str, tuple[float, float]
     if size not in SIZES:
         raise ValueError(f"object {dict(obj)!r}: size must be one of {SIZES}")
     pos = obj.get("pos")
-    if (not isinstance(pos, Sequence) or len(pos) != 2
-            or not all(isinstance(v, int | float) and 0 <= v <= GRID - 1 for v in pos)):
+    if (
+        not isinstance(pos, Sequence)
+        or len(pos) != 2
+        or not all(isinstance(v, int | float) and 0 <= v <= GRID - 1 for v in pos)
+    ):
         raise ValueError(f"object {dict(obj)!r}: pos must be (row, col) with values in 0..2")
     return shape, color, size, (float(pos[0]), float(pos[1]))

@@ -37,7 +37,7 @@ from shards.manifest import MANIFEST_NAME, ManifestError, load_manifest
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 QUERY_FIELDS = ("qid", "ref_id", "text", "target_ids")
-MAX_LISTED = 50   # problems printed by the CLI before "... and N more"
+MAX_LISTED = 50  # problems printed by the CLI before "... and N more"
 
 
 @dataclass
@@ -58,16 +58,18 @@ def verify_dataset(dataset_dir: str | Path, *, progress: bool = False) -> list[s
         return [str(err)]
     problems: list[str] = []
     problems += _check_files(root, manifest)
-    labelled = {ev["gallery"] for ev in manifest["evals"].values()
-                if ev["protocol"].get("hit") == "label"}
+    labelled = {
+        ev["gallery"] for ev in manifest["evals"].values() if ev["protocol"].get("hit") == "label"
+    }
     contents = {}
     for split, info in manifest["splits"].items():
         contents[split] = _read_split(root, split, info, split in labelled, problems, progress)
         for key in ("samples", "images"):
             found = getattr(contents[split], key)
             if info.get(key) != found:
-                problems.append(f"split {split!r}: manifest says {info.get(key)} {key}, "
-                                f"the shards hold {found}")
+                problems.append(
+                    f"split {split!r}: manifest says {info.get(key)} {key}, the shards hold {found}"
+                )
     for name, ev in manifest["evals"].items():
         problems += _check_queries(root, name, ev, contents.get(ev["gallery"]))
     return problems
@@ -85,7 +87,8 @@ def _check_files(root: Path, manifest: dict[str, Any]) -> list[str]:
             problems.append(f"split {split!r}: shard {name} is present but not listed")
         listed_bytes += sum((root / n).stat().st_size for n in listed & present)
     other = {p.name for p in root.glob("*.tar")} - {
-        n for info in manifest["splits"].values() for n in info["shards"]}
+        n for info in manifest["splits"].values() for n in info["shards"]
+    }
     for name in sorted(other):
         if not any(_shard_of(split, name) for split in manifest["splits"]):
             problems.append(f"shard {name} belongs to no split of the manifest")
@@ -96,8 +99,10 @@ def _check_files(root: Path, manifest: dict[str, Any]) -> list[str]:
         else:
             problems.append(f"eval {name!r}: queries file {ev['queries']} is missing")
     if "bytes" in manifest and manifest["bytes"] != listed_bytes and not problems:
-        problems.append(f"manifest says {manifest['bytes']} bytes of shards and queries, "
-                        f"the files hold {listed_bytes}")
+        problems.append(
+            f"manifest says {manifest['bytes']} bytes of shards and queries, "
+            f"the files hold {listed_bytes}"
+        )
     return problems
 
 
@@ -107,12 +112,19 @@ def _shard_of(split: str, name: str) -> bool:
     return re.fullmatch(rf"{re.escape(split)}-\d+\.tar", name) is not None
 
 
-def _read_split(root: Path, split: str, info: dict[str, Any], need_label: bool,
-                problems: list[str], progress: bool) -> SplitContents:
+def _read_split(
+    root: Path,
+    split: str,
+    info: dict[str, Any],
+    need_label: bool,
+    problems: list[str],
+    progress: bool,
+) -> SplitContents:
     contents = SplitContents()
     ids: Counter = Counter()
-    bar = tqdm(total=info.get("samples"), unit="sample", desc=f"verify {split}",
-               disable=not progress)
+    bar = tqdm(
+        total=info.get("samples"), unit="sample", desc=f"verify {split}", disable=not progress
+    )
     for shard in info["shards"]:
         path = root / shard
         if not path.is_file():
@@ -169,7 +181,11 @@ def _samples(path: Path) -> Iterator[tuple[str, dict[str, bytes], str | None]]:
     with path.open("rb") as stream:
         stream.seek(end)
         if stream.read(2 * tarfile.BLOCKSIZE) != bytes(2 * tarfile.BLOCKSIZE):
-            yield key or "", files, f"unreadable tar: truncated after sample {key!r} (no end marker)"
+            yield (
+                key or "",
+                files,
+                f"unreadable tar: truncated after sample {key!r} (no end marker)",
+            )
             return
     if key is not None:
         yield key, files, None
@@ -200,8 +216,9 @@ def _decodes(data: bytes, where: str, problems: list[str]) -> bool:
     return True
 
 
-def _check_gallery_sample(meta: dict | None, files: dict[str, bytes], where: str,
-                          problems: list[str], ids: Counter) -> int:
+def _check_gallery_sample(
+    meta: dict | None, files: dict[str, bytes], where: str, problems: list[str], ids: Counter
+) -> int:
     images = [s for s in files if s.startswith("img.") and s.split(".", 1)[1] in IMAGE_EXTS]
     if len(images) != 1:
         problems.append(f"{where}: expected one img.<ext> image, found {sorted(files)}")
@@ -215,10 +232,10 @@ def _check_gallery_sample(meta: dict | None, files: dict[str, bytes], where: str
     return len(images)
 
 
-def _check_group_sample(meta: dict | None, files: dict[str, bytes], where: str,
-                        problems: list[str]) -> int:
-    images = {s.split(".", 1)[0]: s for s in files
-              if "." in s and s.split(".", 1)[1] in IMAGE_EXTS}
+def _check_group_sample(
+    meta: dict | None, files: dict[str, bytes], where: str, problems: list[str]
+) -> int:
+    images = {s.split(".", 1)[0]: s for s in files if "." in s and s.split(".", 1)[1] in IMAGE_EXTS}
     for suffix in images.values():
         _decodes(files[suffix], f"{where} {suffix}", problems)
     if meta is None:
@@ -240,16 +257,21 @@ def _check_group_sample(meta: dict | None, files: dict[str, bytes], where: str,
     for pair in pairs:
         ref, tgt, texts = pair.get("ref"), pair.get("tgt"), pair.get("texts")
         if not all(isinstance(i, int) and 0 <= i < len(members) for i in (ref, tgt)) or ref == tgt:
-            problems.append(f"{where}: pair {ref}->{tgt} does not name two of "
-                            f"{len(members)} members")
-        if (not isinstance(texts, list) or not texts
-                or not all(isinstance(t, str) and t.strip() for t in texts)):
+            problems.append(
+                f"{where}: pair {ref}->{tgt} does not name two of {len(members)} members"
+            )
+        if (
+            not isinstance(texts, list)
+            or not texts
+            or not all(isinstance(t, str) and t.strip() for t in texts)
+        ):
             problems.append(f"{where}: pair {ref}->{tgt} has no texts")
     return len(images)
 
 
-def _check_queries(root: Path, name: str, ev: dict[str, Any],
-                   gallery: SplitContents | None) -> list[str]:
+def _check_queries(
+    root: Path, name: str, ev: dict[str, Any], gallery: SplitContents | None
+) -> list[str]:
     path = root / ev["queries"]
     if not path.is_file():
         return []  # reported by _check_files
@@ -261,8 +283,10 @@ def _check_queries(root: Path, name: str, ev: dict[str, Any],
         return [f"eval {name!r}: {ev['queries']} holds {type(queries).__name__}, expected a list"]
     problems = []
     if "count" in ev and ev["count"] != len(queries):
-        problems.append(f"eval {name!r}: manifest says {ev['count']} queries, "
-                        f"{ev['queries']} holds {len(queries)}")
+        problems.append(
+            f"eval {name!r}: manifest says {ev['count']} queries, "
+            f"{ev['queries']} holds {len(queries)}"
+        )
     qids: Counter = Counter()
     known = gallery.gallery_ids if gallery is not None else set()
     for i, query in enumerate(queries):
@@ -275,22 +299,25 @@ def _check_queries(root: Path, name: str, ev: dict[str, Any],
         if not isinstance(query["text"], str):
             problems.append(f"{where}: text is not a string")
         if str(query["ref_id"]) not in known:
-            problems.append(f"{where}: ref_id {query['ref_id']!r} is not in gallery "
-                            f"split {ev['gallery']!r}")
+            problems.append(
+                f"{where}: ref_id {query['ref_id']!r} is not in gallery split {ev['gallery']!r}"
+            )
         if not isinstance(query["target_ids"], list):
             problems.append(f"{where}: target_ids is not a list")
             continue
         for target in query["target_ids"]:
             if str(target) not in known:
-                problems.append(f"{where}: target id {target!r} is not in gallery "
-                                f"split {ev['gallery']!r}")
+                problems.append(
+                    f"{where}: target id {target!r} is not in gallery split {ev['gallery']!r}"
+                )
     problems += [f"eval {name!r}: qid {q!r} occurs {n} times" for q, n in qids.items() if n > 1]
     return problems
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m shards.verify",
-                                     description="Decode and cross-check a shard dataset.")
+    parser = argparse.ArgumentParser(
+        prog="python -m shards.verify", description="Decode and cross-check a shard dataset."
+    )
     parser.add_argument("dataset", help="dataset directory (holds manifest.json)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     args = parser.parse_args(argv)
@@ -305,8 +332,10 @@ def main(argv: list[str] | None = None) -> int:
     manifest = json.loads((Path(args.dataset) / MANIFEST_NAME).read_text())
     print(f"{args.dataset}: OK ({manifest['name']}, {manifest.get('bytes', 0) / 1e6:.1f} MB)")
     for split, info in manifest["splits"].items():
-        print(f"  {split:<12} {info['kind']:<8} {len(info['shards']):4d} shards "
-              f"{info['samples']:8d} samples {info['images']:8d} images")
+        print(
+            f"  {split:<12} {info['kind']:<8} {len(info['shards']):4d} shards "
+            f"{info['samples']:8d} samples {info['images']:8d} images"
+        )
     for name, ev in manifest["evals"].items():
         print(f"  eval {name:<7} {ev.get('count', 0):8d} queries over {ev['gallery']!r}")
     return 0

@@ -40,14 +40,21 @@ class DatasetWriter:
     integer because a fractional mtime makes tarfile add a 1 KiB PAX header to every entry.
     """
 
-    def __init__(self, out_dir: str | Path, name: str, created_by: str, *,
-                 shard_size: int = 1000, image_ext: str = "png", overwrite: bool = False,
-                 shard_sizes: dict[str, int] | None = None, mtime: float | None = None):
+    def __init__(
+        self,
+        out_dir: str | Path,
+        name: str,
+        created_by: str,
+        *,
+        shard_size: int = 1000,
+        image_ext: str = "png",
+        overwrite: bool = False,
+        shard_sizes: dict[str, int] | None = None,
+        mtime: float | None = None,
+    ):
         self.out_dir = Path(out_dir)
         if self.out_dir.exists() and not overwrite:
-            raise FileExistsError(
-                f"{self.out_dir} already exists; pass --overwrite to replace it"
-            )
+            raise FileExistsError(f"{self.out_dir} already exists; pass --overwrite to replace it")
         if shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {shard_size}")
         for split, size in (shard_sizes or {}).items():
@@ -86,15 +93,17 @@ class DatasetWriter:
                 raise ValueError(f"split name {split!r} must be letters, digits, '-' or '_'")
             pattern = str(self.tmp_dir / f"{split}-%06d.tar")
             maxcount = self.shard_sizes.get(split, self.shard_size)
-            self._writers[split] = wds.ShardWriter(pattern, maxcount=maxcount, verbose=0,
-                                                   mtime=self.mtime)
+            self._writers[split] = wds.ShardWriter(
+                pattern, maxcount=maxcount, verbose=0, mtime=self.mtime
+            )
             self._kinds[split] = kind
         elif self._kinds[split] != kind:
             raise ValueError(f"split {split!r} is {self._kinds[split]!r}, not {kind!r}")
         return self._writers[split]
 
-    def add_group(self, split: str, key: str, group: dict[str, Any],
-                  images: list[tuple[bytes, str]]) -> None:
+    def add_group(
+        self, split: str, key: str, group: dict[str, Any], images: list[tuple[bytes, str]]
+    ) -> None:
         """One training group: ``group`` JSON (members, pairs, derive) and member images.
 
         ``images[i]`` is ``(encoded bytes, extension)`` of ``group['members'][i]``.
@@ -110,8 +119,9 @@ class DatasetWriter:
         self._samples[split] += 1
         self._images[split] += len(images)
 
-    def add_gallery(self, split: str, key: str, meta: dict[str, Any], image: bytes,
-                    ext: str) -> None:
+    def add_gallery(
+        self, split: str, key: str, meta: dict[str, Any], image: bytes, ext: str
+    ) -> None:
         """One catalogue image with ``meta`` = ``{"id", "label"?, "caption"?, "category"?}``."""
         if "id" not in meta:
             raise ValueError(f"gallery sample {key!r} has no 'id'")
@@ -135,19 +145,30 @@ class DatasetWriter:
         log.debug("skipped %s: %s", item, reason)
 
     # -- finishing -------------------------------------------------------------------
-    def finish(self, evals: dict[str, Any], *, source: dict[str, Any] | None = None,
-               extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    def finish(
+        self,
+        evals: dict[str, Any],
+        *,
+        source: dict[str, Any] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         """Close shards, write ``manifest.json`` and move the directory into place."""
         for writer in self._writers.values():
             writer.close()
         splits = {}
         for split, kind in self._kinds.items():
             shards = sorted(p.name for p in self.tmp_dir.glob(f"{split}-*.tar"))
-            splits[split] = {"kind": kind, "shards": shards, "samples": self._samples[split],
-                             "images": self._images[split]}
+            splits[split] = {
+                "kind": kind,
+                "shards": shards,
+                "samples": self._samples[split],
+                "images": self._images[split],
+            }
         for name, ev in evals.items():
             if ev["queries"] not in self._queries:
-                raise ValueError(f"eval {name!r} names queries file {ev['queries']!r} never written")
+                raise ValueError(
+                    f"eval {name!r} names queries file {ev['queries']!r} never written"
+                )
         total = sum(p.stat().st_size for p in self.tmp_dir.iterdir())
         manifest = {
             "format_version": FORMAT_VERSION,

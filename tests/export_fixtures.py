@@ -20,12 +20,25 @@ from pipeline.vocab import Vocabulary
 
 IMAGE_SIZE = 32
 EMBED_DIM = 32
-SMALL_SIZES = {"embed_dim": EMBED_DIM, "word_dim": 16, "text_hidden_dim": 16,
-               "image_backbone": "resnet18", "object_dim": 16, "relation_dim": 16,
-               "mutan_rank": 2, "hashed_params": 64, "depth": 1}
+SMALL_SIZES = {
+    "embed_dim": EMBED_DIM,
+    "word_dim": 16,
+    "text_hidden_dim": 16,
+    "image_backbone": "resnet18",
+    "object_dim": 16,
+    "relation_dim": 16,
+    "mutan_rank": 2,
+    "hashed_params": 64,
+    "depth": 1,
+}
 ID_PROTOCOL = {"name": "css", "ks": [1, 2, 5], "hit": "id", "exclude_reference": True}
-TEXTS = ["make it color0", "turn it color1", "add shape2", "remove the red circle",
-         "put a blue square left"]
+TEXTS = [
+    "make it color0",
+    "turn it color1",
+    "add shape2",
+    "remove the red circle",
+    "put a blue square left",
+]
 
 
 def limit_threads() -> None:
@@ -45,18 +58,30 @@ def tiny_checkpoint(directory: Path, name: str, seed: int = 0) -> Path:
     kwargs = {k: v for k, v in SMALL_SIZES.items() if k in accepted}
     torch.manual_seed(seed)
     model = create_model(name, vocab_size=len(vocab), **kwargs)
-    config = {"name": f"export-test-{name}", "model": {"name": name, **kwargs},
-              "image": {"size": IMAGE_SIZE}}
+    config = {
+        "name": f"export-test-{name}",
+        "model": {"name": name, **kwargs},
+        "image": {"size": IMAGE_SIZE},
+    }
     return save_checkpoint(directory, model, vocab, config)
 
 
 def tiny_dataset(directory: Path, gallery_size: int = 12) -> Path:
     """Shards with ``gallery_size`` gallery images (shards of 4) and 8 id-hit queries."""
-    path = write_dataset(directory, explicit_groups=1, derived_groups=False,
-                         gallery_size=gallery_size, gallery_shard_size=4, query_count=8,
-                         image_size=IMAGE_SIZE, protocol=ID_PROTOCOL)
-    assert json.loads((path / "manifest.json").read_text())["splits"]["gallery"]["samples"] \
+    path = write_dataset(
+        directory,
+        explicit_groups=1,
+        derived_groups=False,
+        gallery_size=gallery_size,
+        gallery_shard_size=4,
+        query_count=8,
+        image_size=IMAGE_SIZE,
+        protocol=ID_PROTOCOL,
+    )
+    assert (
+        json.loads((path / "manifest.json").read_text())["splits"]["gallery"]["samples"]
         == gallery_size
+    )
     return path
 
 
@@ -70,6 +95,12 @@ def cached_export(tmp_path_factory, name: str, image_size: int | None = None) ->
     art, ckpt = base / "art", base / "ckpt"
     if not (art / "artifacts.json").is_file():
         tiny_checkpoint(ckpt, name)
-        export_artifacts(ckpt, art, image_size=image_size, threads=1,
-                         parity_batches=(1, 3), parity_lengths=(1, 5))
+        export_artifacts(
+            ckpt,
+            art,
+            image_size=image_size,
+            threads=1,
+            parity_batches=(1, 3),
+            parity_lengths=(1, 5),
+        )
     return art, ckpt

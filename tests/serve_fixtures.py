@@ -38,8 +38,11 @@ def serving_artifacts(base: Path, model_name: str = "tirg") -> tuple[Path, Path]
     vocab = Vocabulary.build([q["text"] for q in queries] + ["make it red", "add a circle"])
     torch.manual_seed(0)
     model = create_model(model_name, vocab_size=len(vocab), embed_dim=EMBED_DIM)
-    config = {"name": f"serve-test-{model_name}", "model": {"name": model_name},
-              "image": {"size": IMAGE_SIZE}}
+    config = {
+        "name": f"serve-test-{model_name}",
+        "model": {"name": model_name},
+        "image": {"size": IMAGE_SIZE},
+    }
     save_checkpoint(base / "checkpoint", model, vocab, config)
     export_artifacts(base / "checkpoint", art_dir, image_size=IMAGE_SIZE, threads=1)
     build_index(art_dir, data_dir, threads=1, batch_size=16, show_progress=False)

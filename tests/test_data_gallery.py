@@ -17,8 +17,12 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    return write_dataset(tmp_path_factory.mktemp("gal") / "ds", explicit_groups=1,
-                         gallery_size=11, gallery_shard_size=4)
+    return write_dataset(
+        tmp_path_factory.mktemp("gal") / "ds",
+        explicit_groups=1,
+        gallery_size=11,
+        gallery_shard_size=4,
+    )
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -83,13 +87,16 @@ def test_preprocess_resizes_shorter_side_and_center_crops():
 
 def test_decode_on_device_batch_drops_corrupt_triplets():
     vocab_tokens = torch.tensor([[2, 3], [4, 0], [5, 0]])
-    batch = {"ref_bytes": [image_bytes(1), image_bytes(2), image_bytes(3, ext="jpg")],
-             "target_bytes": [image_bytes(4), b"broken", image_bytes(6, ext="jpg")],
-             "tokens": vocab_tokens, "lengths": torch.tensor([2, 1, 1]),
-             "texts": ["a b", "c", "d"], "ref_ids": ["r0", "r1", "r2"],
-             "target_ids": ["t0", "t1", "t2"]}
-    out = _decode_batch_on_device(batch, ImagePreprocess(16), torch.device("cpu"),
-                                  random.Random(0))
+    batch = {
+        "ref_bytes": [image_bytes(1), image_bytes(2), image_bytes(3, ext="jpg")],
+        "target_bytes": [image_bytes(4), b"broken", image_bytes(6, ext="jpg")],
+        "tokens": vocab_tokens,
+        "lengths": torch.tensor([2, 1, 1]),
+        "texts": ["a b", "c", "d"],
+        "ref_ids": ["r0", "r1", "r2"],
+        "target_ids": ["t0", "t1", "t2"],
+    }
+    out = _decode_batch_on_device(batch, ImagePreprocess(16), torch.device("cpu"), random.Random(0))
     assert out["ref_ids"] == ["r0", "r2"] and out["texts"] == ["a b", "d"]
     assert out["ref_images"].shape == out["target_images"].shape == (2, 3, 16, 16)
     assert out["tokens"].tolist() == [[2, 3], [5, 0]] and out["lengths"].tolist() == [2, 1]

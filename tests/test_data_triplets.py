@@ -43,25 +43,40 @@ def group_of(member_id: str) -> str:
 
 
 def test_replace_word_pairs_follow_parent_captions():
-    group = {"group": "f", "derive": "replace_word",
-             "members": [{"id": str(i), "caption": c} for i, c in enumerate(REPLACE_WORD_CAPTIONS)]}
+    group = {
+        "group": "f",
+        "derive": "replace_word",
+        "members": [{"id": str(i), "caption": c} for i, c in enumerate(REPLACE_WORD_CAPTIONS)],
+    }
     pairs = {(r, t): texts for r, t, texts in derive_pairs(group)}
-    assert pairs == {(0, 1): ["replace red with blue"], (1, 0): ["replace blue with red"],
-                     (0, 2): ["replace leather with cotton"], (2, 0): ["replace cotton with leather"]}
+    assert pairs == {
+        (0, 1): ["replace red with blue"],
+        (1, 0): ["replace blue with red"],
+        (0, 2): ["replace leather with cotton"],
+        (2, 0): ["replace cotton with leather"],
+    }
 
 
 def test_change_state_pairs_need_same_noun():
-    group = {"group": "m", "derive": "change_state",
-             "members": [{"id": str(i), "attributes": a} for i, a in enumerate(CHANGE_STATE_ATTRIBUTES)]}
+    group = {
+        "group": "m",
+        "derive": "change_state",
+        "members": [{"id": str(i), "attributes": a} for i, a in enumerate(CHANGE_STATE_ATTRIBUTES)],
+    }
     assert derive_pairs(group) == [(0, 1, ["unripe"]), (1, 0, ["ripe"])]
-    listed = {"group": "m", "derive": "change_state",
-              "members": [{"attributes": ["old", "car"]}, {"attributes": ["new", "car"]}]}
+    listed = {
+        "group": "m",
+        "derive": "change_state",
+        "members": [{"attributes": ["old", "car"]}, {"attributes": ["new", "car"]}],
+    }
     assert derive_pairs(listed) == [(0, 1, ["new"]), (1, 0, ["old"])]
 
 
 def test_malformed_groups_raise_naming_the_group():
     with pytest.raises(ValueError, match="g9.*outside"):
-        derive_pairs({"group": "g9", "members": [{}], "pairs": [{"ref": 0, "tgt": 3, "texts": ["x"]}]})
+        derive_pairs(
+            {"group": "g9", "members": [{}], "pairs": [{"ref": 0, "tgt": 3, "texts": ["x"]}]}
+        )
     with pytest.raises(ValueError, match="unknown derive"):
         derive_pairs({"group": "g9", "members": [], "derive": "swap"})
     with pytest.raises(ValueError, match="adj"):
@@ -69,15 +84,16 @@ def test_malformed_groups_raise_naming_the_group():
 
 
 def test_draw_triplets_each_pair_once_or_one_per_member():
-    explicit = {"members": [{}, {}, {}], "pairs": [{"ref": 0, "tgt": 1, "texts": ["a", "b"]},
-                                                   {"ref": 2, "tgt": 1, "texts": ["c"]}]}
+    explicit = {
+        "members": [{}, {}, {}],
+        "pairs": [{"ref": 0, "tgt": 1, "texts": ["a", "b"]}, {"ref": 2, "tgt": 1, "texts": ["c"]}],
+    }
     drawn = draw_triplets(explicit, random.Random(0))
     assert [(r, t) for r, t, _ in drawn] == [(0, 1), (2, 1)]
     assert drawn[0][2] in ("a", "b") and drawn[1][2] == "c"
     texts = {draw_triplets(explicit, random.Random(s))[0][2] for s in range(20)}
     assert texts == {"a", "b"}
-    derived = {"derive": "replace_word",
-               "members": [{"caption": c} for c in REPLACE_WORD_CAPTIONS]}
+    derived = {"derive": "replace_word", "members": [{"caption": c} for c in REPLACE_WORD_CAPTIONS]}
     targets = set()
     for s in range(30):
         drawn = draw_triplets(derived, random.Random(s))
@@ -96,8 +112,9 @@ def test_vocabulary_and_epoch_length(dataset, vocab):
 
 
 def test_batch_shapes_and_derived_texts(dataset, vocab):
-    loader = triplet_loader(dataset, vocab, batch_size=5, image_size=32, shuffle_buffer=10,
-                            batches_per_epoch=8)
+    loader = triplet_loader(
+        dataset, vocab, batch_size=5, image_size=32, shuffle_buffer=10, batches_per_epoch=8
+    )
     batches = list(loader)
     assert len(batches) == len(loader) == 8
     b = batches[0]
@@ -126,8 +143,17 @@ def test_batch_shapes_and_derived_texts(dataset, vocab):
 def test_ranks_yield_same_batch_count_from_disjoint_shards(dataset, vocab):
     per_rank = []
     for rank in range(2):
-        loader = triplet_loader(dataset, vocab, batch_size=3, image_size=32, rank=rank,
-                                world_size=2, loader_workers=2, shuffle_buffer=4, seed=3)
+        loader = triplet_loader(
+            dataset,
+            vocab,
+            batch_size=3,
+            image_size=32,
+            rank=rank,
+            world_size=2,
+            loader_workers=2,
+            shuffle_buffer=4,
+            seed=3,
+        )
         batches = list(loader)
         assert len(batches) == len(loader) == default_batches_per_epoch(dataset, 3, 2)
         assert all(len(b["texts"]) == 3 for b in batches)
@@ -136,8 +162,17 @@ def test_ranks_yield_same_batch_count_from_disjoint_shards(dataset, vocab):
 
 
 def test_more_batches_than_data_repeats_without_hanging(dataset, vocab):
-    loader = triplet_loader(dataset, vocab, batch_size=4, image_size=32, rank=1, world_size=2,
-                            loader_workers=2, batches_per_epoch=12, shuffle_buffer=1)
+    loader = triplet_loader(
+        dataset,
+        vocab,
+        batch_size=4,
+        image_size=32,
+        rank=1,
+        world_size=2,
+        loader_workers=2,
+        batches_per_epoch=12,
+        shuffle_buffer=1,
+    )
     assert sum(1 for _ in loader) == 12
 
 
@@ -145,38 +180,70 @@ def test_reader_shards_partition_and_epoch_shuffle():
     shards = [f"s{i}" for i in range(10)]
     orders = []
     for epoch in range(2):
-        parts = [reader_shards(shards, seed=1, epoch=epoch, rank=r, world_size=2, worker=w,
-                               num_workers=2) for r in range(2) for w in range(2)]
+        parts = [
+            reader_shards(
+                shards, seed=1, epoch=epoch, rank=r, world_size=2, worker=w, num_workers=2
+            )
+            for r in range(2)
+            for w in range(2)
+        ]
         assert all(stride == 1 for _, stride, _ in parts)
         flat = [s for part, _, _ in parts for s in part]
         assert sorted(flat) == sorted(shards)  # disjoint and complete
         orders.append(flat)
     assert orders[0] != orders[1]
     # too few shards: a sample split (auto) or an error (shards)
-    part, stride, offset = reader_shards(shards[:3], seed=1, epoch=0, rank=1, world_size=2,
-                                         worker=1, num_workers=2)
+    part, stride, offset = reader_shards(
+        shards[:3], seed=1, epoch=0, rank=1, world_size=2, worker=1, num_workers=2
+    )
     assert (sorted(part), stride, offset) == (shards[:3], 4, 3)
     with pytest.raises(ValueError, match="3 shard.*4 readers"):
-        reader_shards(shards[:3], seed=1, epoch=0, rank=0, world_size=2, worker=0, num_workers=2,
-                      split_by="shards")
+        reader_shards(
+            shards[:3],
+            seed=1,
+            epoch=0,
+            rank=0,
+            world_size=2,
+            worker=0,
+            num_workers=2,
+            split_by="shards",
+        )
 
 
 def test_sample_split_fallback_covers_disjoint_groups(dataset, vocab):
     seen = []
     for rank in range(2):
-        loader = triplet_loader(dataset, vocab, batch_size=2, image_size=32, rank=rank,
-                                world_size=2, loader_workers=2, split_by="samples",
-                                batches_per_epoch=3, shuffle_buffer=1)
+        loader = triplet_loader(
+            dataset,
+            vocab,
+            batch_size=2,
+            image_size=32,
+            rank=rank,
+            world_size=2,
+            loader_workers=2,
+            split_by="samples",
+            batches_per_epoch=3,
+            shuffle_buffer=1,
+        )
         seen.append({group_of(i) for b in loader for i in b["ref_ids"]})
     assert seen[0] and seen[1] and not seen[0] & seen[1]
 
 
 def test_epochs_reshuffle_and_runs_are_reproducible(dataset, vocab):
     def run(epoch_count):
-        loader = triplet_loader(dataset, vocab, batch_size=4, image_size=32, seed=7,
-                                shuffle_buffer=8, batches_per_epoch=4)
-        return [[(r, t) for b in loader for r, t in zip(b["ref_ids"], b["texts"])]
-                for _ in range(epoch_count)]
+        loader = triplet_loader(
+            dataset,
+            vocab,
+            batch_size=4,
+            image_size=32,
+            seed=7,
+            shuffle_buffer=8,
+            batches_per_epoch=4,
+        )
+        return [
+            [(r, t) for b in loader for r, t in zip(b["ref_ids"], b["texts"])]
+            for _ in range(epoch_count)
+        ]
 
     first, second = run(2), run(2)
     assert first == second  # same seed, same epochs -> same batches
@@ -184,12 +251,20 @@ def test_epochs_reshuffle_and_runs_are_reproducible(dataset, vocab):
 
 
 def test_corrupt_samples_are_skipped_and_counted(tmp_path, caplog):
-    data = write_dataset(tmp_path / "bad", explicit_groups=2, derived_groups=False,
-                         corrupt_image=True, corrupt_json=True)
+    data = write_dataset(
+        tmp_path / "bad",
+        explicit_groups=2,
+        derived_groups=False,
+        corrupt_image=True,
+        corrupt_json=True,
+    )
     vocab = build_vocabulary(data)
     with caplog.at_level(logging.WARNING, logger="pipeline.data"):
-        batches = list(triplet_loader(data, vocab, batch_size=2, image_size=32,
-                                      batches_per_epoch=4, shuffle_buffer=1))
+        batches = list(
+            triplet_loader(
+                data, vocab, batch_size=2, image_size=32, batches_per_epoch=4, shuffle_buffer=1
+            )
+        )
     assert len(batches) == 4 and all(len(b["texts"]) == 2 for b in batches)
     assert not any(i.startswith("bad") for b in batches for i in b["ref_ids"])
     messages = [r.getMessage() for r in caplog.records if "corrupt sample" in r.getMessage()]

@@ -56,8 +56,9 @@ class ColourModel(ComposedRetrievalModel):
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    return write_dataset(tmp_path_factory.mktemp("ev") / "ds", explicit_groups=3,
-                         gallery_size=16, query_count=12)
+    return write_dataset(
+        tmp_path_factory.mktemp("ev") / "ds", explicit_groups=3, gallery_size=16, query_count=12
+    )
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +73,9 @@ def brute_force_hits(model, vocab, dataset, rerank_top=0):
     preprocess = ImagePreprocess(SIZE)
     ids = list(gallery)
     with torch.no_grad():
-        feats = {i: model.encode_image(preprocess(decode_image(gallery[i][0])).unsqueeze(0))
-                 for i in ids}
+        feats = {
+            i: model.encode_image(preprocess(decode_image(gallery[i][0])).unsqueeze(0)) for i in ids
+        }
         targets = {i: model.embed_target(feats[i])[0] for i in ids}
         ranked = []
         for q in queries:
@@ -98,8 +100,10 @@ def brute_recalls(dataset, queries, ranked, ks):
     metas = {meta["id"]: meta for meta, _, _ in iter_gallery_samples(dataset, "gallery")}
     out = {}
     for k in ks:
-        hits = sum(any(metas[i]["label"] == metas[q["target_ids"][0]]["label"] for i in order[:k])
-                   for q, order in zip(queries, ranked))
+        hits = sum(
+            any(metas[i]["label"] == metas[q["target_ids"][0]]["label"] for i in order[:k])
+            for q, order in zip(queries, ranked)
+        )
         out[f"R@{k}"] = 100.0 * hits / len(queries)
     return out
 
@@ -135,11 +139,17 @@ def test_rerank_with_correction_orders_by_both_softmaxes():
     ref, text = (torch.zeros(1, 12),), (torch.zeros(1, 8),)
     candidates = torch.tensor([[0, 2, 3, -1]])
     scores = torch.tensor([[0.9, 0.8, 0.1, float("-inf")]])
-    order, total = rerank_with_correction(model, ref_repr=ref, text_repr=text,
-                                          gallery_repr=gallery, candidates=candidates,
-                                          candidate_scores=scores, logit_scale=1.0)
+    order, total = rerank_with_correction(
+        model,
+        ref_repr=ref,
+        text_repr=text,
+        gallery_repr=gallery,
+        candidates=candidates,
+        candidate_scores=scores,
+        logit_scale=1.0,
+    )
     corr = 30.0 * torch.tensor([0.0, 0.1, 0.5])
-    expected = (torch.log_softmax(scores[0, :3], 0) + torch.log_softmax(corr, 0))
+    expected = torch.log_softmax(scores[0, :3], 0) + torch.log_softmax(corr, 0)
     best = expected.argsort(descending=True)
     assert order[0].tolist() == candidates[0, best].tolist() + [-1]
     assert torch.allclose(total[0, :3], expected[best], atol=1e-5)
@@ -148,14 +158,28 @@ def test_rerank_with_correction_orders_by_both_softmaxes():
 
 
 def test_cirr_submission_files(tmp_path, vocab):
-    queries = [{"qid": q, "pairid": 500 + q, "ref_id": f"gal_{q:04d}", "text": "make it color1",
-                "target_ids": [f"gal_{q + 1:04d}"] if q < 3 else [],
-                "members": [f"gal_{(q + j) % 8:04d}" for j in range(5)]} for q in range(5)]
-    data = write_dataset(tmp_path / "cirr", explicit_groups=1, gallery_size=8,
-                         protocol={"name": "cirr"}, queries=queries)
+    queries = [
+        {
+            "qid": q,
+            "pairid": 500 + q,
+            "ref_id": f"gal_{q:04d}",
+            "text": "make it color1",
+            "target_ids": [f"gal_{q + 1:04d}"] if q < 3 else [],
+            "members": [f"gal_{(q + j) % 8:04d}" for j in range(5)],
+        }
+        for q in range(5)
+    ]
+    data = write_dataset(
+        tmp_path / "cirr",
+        explicit_groups=1,
+        gallery_size=8,
+        protocol={"name": "cirr"},
+        queries=queries,
+    )
     model = ColourModel(len(vocab)).eval()
-    metrics = evaluate_model(model, vocab, data, image_size=SIZE, batch_size=2,
-                             submission_dir=tmp_path / "submit")
+    metrics = evaluate_model(
+        model, vocab, data, image_size=SIZE, batch_size=2, submission_dir=tmp_path / "submit"
+    )
     assert {"R@1", "R@50", "Rsubset@1", "Rsubset@3"} <= metrics.keys() and metrics["queries"] == 3
     recall = json.loads((tmp_path / "submit" / "test-recall.json").read_text())
     subset = json.loads((tmp_path / "submit" / "test-recall_subset.json").read_text())
@@ -173,12 +197,28 @@ def cli_model(vocab: Vocabulary):
 
 def test_cli_on_a_checkpoint(tmp_path, dataset, vocab, capsys):
     model = cli_model(vocab)
-    config = {"image": {"size": SIZE, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
-              "eval": {"rerank_top": 10}}
+    config = {
+        "image": {"size": SIZE, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+        "eval": {"rerank_top": 10},
+    }
     save_checkpoint(tmp_path / "ckpt", model, vocab, config, step=7)
     out_json, grid = tmp_path / "m.json", tmp_path / "grid.png"
-    main(["--checkpoint", str(tmp_path / "ckpt"), "--data", str(dataset), "--batch-size", "4",
-          "--device", "cpu", "--json-out", str(out_json), "--grid", str(grid)])
+    main(
+        [
+            "--checkpoint",
+            str(tmp_path / "ckpt"),
+            "--data",
+            str(dataset),
+            "--batch-size",
+            "4",
+            "--device",
+            "cpu",
+            "--json-out",
+            str(out_json),
+            "--grid",
+            str(grid),
+        ]
+    )
     printed = capsys.readouterr().out
     assert "protocol: css(ks=1,5,10,50, hit=label, exclude_reference=true)" in printed
     assert "R@10" in printed
@@ -189,11 +229,26 @@ def test_cli_on_a_checkpoint(tmp_path, dataset, vocab, capsys):
     assert saved["step"] == 7
     assert grid.stat().st_size > 1000 and grid.read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match="does not apply to 'css'"):
-        main(["--checkpoint", str(tmp_path / "ckpt"), "--data", str(dataset),
-              "--device", "cpu", "--protocol-option", "gallery=triplets"])
+        main(
+            [
+                "--checkpoint",
+                str(tmp_path / "ckpt"),
+                "--data",
+                str(dataset),
+                "--device",
+                "cpu",
+                "--protocol-option",
+                "gallery=triplets",
+            ]
+        )
 
 
 def test_unknown_protocol_option_is_rejected(dataset, vocab):
     with pytest.raises(ValueError, match="does not apply to 'css'"):
-        evaluate_model(ColourModel(len(vocab)), vocab, dataset, image_size=SIZE,
-                       protocol_options={"caption_orders": 2})
+        evaluate_model(
+            ColourModel(len(vocab)),
+            vocab,
+            dataset,
+            image_size=SIZE,
+            protocol_options={"caption_orders": 2},
+        )

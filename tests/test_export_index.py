@@ -24,8 +24,15 @@ def setup(tmp_path_factory):
     base = tmp_path_factory.mktemp("index")
     data = tiny_dataset(base / "shards", gallery_size=GALLERY)
     art, _ = cached_export(tmp_path_factory, "tirg")
-    reference = build_index(art, data, out=base / "reference", dtype="float32", batch_size=5,
-                            threads=1, show_progress=False)
+    reference = build_index(
+        art,
+        data,
+        out=base / "reference",
+        dtype="float32",
+        batch_size=5,
+        threads=1,
+        show_progress=False,
+    )
     return art, data, base / "reference", reference
 
 
@@ -34,7 +41,8 @@ def _arrays(index_dir):
     return {n: np.load(index_dir / n) for n in names} | {
         "images.bin": (index_dir / "images.bin").read_bytes(),
         "meta.jsonl": (index_dir / "meta.jsonl").read_text(),
-        "ids.json": json.loads((index_dir / "ids.json").read_text())}
+        "ids.json": json.loads((index_dir / "ids.json").read_text()),
+    }
 
 
 def test_index_layout_matches_shards_and_model(setup):
@@ -55,7 +63,7 @@ def test_index_layout_matches_shards_and_model(setup):
     offsets = arrays["image_offsets.npy"]
     assert offsets.shape == (GALLERY + 1,) and offsets[0] == 0
     for row, gid in enumerate(ids):
-        assert arrays["images.bin"][offsets[row]:offsets[row + 1]] == raw[gid][0]
+        assert arrays["images.bin"][offsets[row] : offsets[row + 1]] == raw[gid][0]
     emb = arrays["embeddings.npy"]
     assert emb.shape == (GALLERY, 32) and emb.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
@@ -67,8 +75,15 @@ def test_index_layout_matches_shards_and_model(setup):
 
 def test_float16_index_with_torch_backend_agrees(setup, tmp_path):
     art, data, reference, _ = setup
-    info = build_index(art, data, out=tmp_path / "idx", dtype="float16", batch_size=7,
-                       backend="torch", show_progress=False)
+    info = build_index(
+        art,
+        data,
+        out=tmp_path / "idx",
+        dtype="float16",
+        batch_size=7,
+        backend="torch",
+        show_progress=False,
+    )
     assert info["dtype"] == "float16"
     emb = np.load(tmp_path / "idx" / "embeddings.npy", mmap_mode="r")
     assert emb.dtype == np.float16
@@ -95,8 +110,9 @@ def test_interrupted_build_resumes_at_last_completed_batch(setup, tmp_path):
     out = tmp_path / "idx"
     first = Interrupting(art, stop=2)
     with pytest.raises(KeyboardInterrupt):
-        build_index(art, data, out=out, dtype="float32", batch_size=5, runtime=first,
-                    show_progress=False)
+        build_index(
+            art, data, out=out, dtype="float32", batch_size=5, runtime=first, show_progress=False
+        )
     progress = json.loads((out / "progress.json").read_text())
     assert progress["rows"] == 5 and not (out / "index.json").exists()
     # a crash between writing rows and recording them leaves bytes that must be cut off
@@ -106,8 +122,9 @@ def test_interrupted_build_resumes_at_last_completed_batch(setup, tmp_path):
         fh.write('{"id": "partial"')
 
     second = Interrupting(art)
-    info = build_index(art, data, out=out, dtype="float32", batch_size=5, runtime=second,
-                       show_progress=False)
+    info = build_index(
+        art, data, out=out, dtype="float32", batch_size=5, runtime=second, show_progress=False
+    )
     assert second.batches == 2  # rows 5-9 and 10-11; rows 0-4 were kept
     assert info["complete"] is True and not (out / "progress.json").exists()
     got, want = _arrays(out), _arrays(reference)
@@ -119,11 +136,13 @@ def test_interrupted_build_resumes_at_last_completed_batch(setup, tmp_path):
 
     # a finished index is not rebuilt; other settings start over
     third = Interrupting(art)
-    build_index(art, data, out=out, dtype="float32", batch_size=5, runtime=third,
-                show_progress=False)
+    build_index(
+        art, data, out=out, dtype="float32", batch_size=5, runtime=third, show_progress=False
+    )
     assert third.batches == 0
-    build_index(art, data, out=out, dtype="float16", batch_size=5, runtime=third,
-                show_progress=False)
+    build_index(
+        art, data, out=out, dtype="float16", batch_size=5, runtime=third, show_progress=False
+    )
     assert third.batches == 3
     assert np.load(out / "embeddings.npy").dtype == np.float16
 

@@ -50,14 +50,18 @@ def test_every_model_exports_and_matches_pytorch(exported, name):
         proto = onnx.load(str(art / info["file"]))
         onnx.checker.check_model(proto)
         assert [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")] == [17]
-        dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
-                for i in proto.graph.input}
+        dims = {
+            i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+            for i in proto.graph.input
+        }
         assert dims == {n: s for n, s in info["inputs"].items()}, graph
         assert all(shape[0] == "batch" for shape in info["inputs"].values())
         assert arts["parity"][graph]["max_abs_diff"] <= 1e-4
     if "text_encoder" in arts["graphs"]:
-        assert arts["graphs"]["text_encoder"]["inputs"] == {"tokens": ["batch", "length"],
-                                                           "lengths": ["batch"]}
+        assert arts["graphs"]["text_encoder"]["inputs"] == {
+            "tokens": ["batch", "length"],
+            "lengths": ["batch"],
+        }
     assert arts["preprocess"]["crop"] == arts["preprocess"]["image_size"]
     assert arts["tokenizer"]["vocab_size"] == len(vocab)
 
@@ -65,8 +69,15 @@ def test_every_model_exports_and_matches_pytorch(exported, name):
     runtime = OnnxRuntimeModel(art, threads=1)
     size = arts["preprocess"]["crop"]
     images = torch.randn(5, 3, size, size, generator=torch.Generator().manual_seed(3))
-    tokens, lengths = vocab.encode(["make it color0 and add shape2 then remove the red circle",
-                                    "turn", "", "add shape2", "put a blue square left"])
+    tokens, lengths = vocab.encode(
+        [
+            "make it color0 and add shape2 then remove the red circle",
+            "turn",
+            "",
+            "add shape2",
+            "put a blue square left",
+        ]
+    )
     ort_img = runtime.encode_image(images.numpy())
     ort_txt = runtime.encode_text(tokens.numpy(), lengths.numpy())
     query = runtime.compose(ort_img, ort_txt)
@@ -99,8 +110,9 @@ def test_torch_backend_of_the_artifacts_matches_onnxruntime(exported):
 def test_recall_through_onnxruntime_equals_checkpoint(tmp_path):
     data = tiny_dataset(tmp_path / "shards")
     ckpt = tiny_checkpoint(tmp_path / "ckpt", "tirg")
-    arts = export_onnx.export_artifacts(ckpt, tmp_path / "art", verify_recall=str(data),
-                                        **FAST_PARITY)
+    arts = export_onnx.export_artifacts(
+        ckpt, tmp_path / "art", verify_recall=str(data), **FAST_PARITY
+    )
     recall = arts["recall"]
     assert set(recall["torch"]) >= {"R@1", "R@2", "R@5"}
     assert recall["torch"] == recall["onnxruntime"]
@@ -126,8 +138,9 @@ def _leftovers(directory):
 
 def test_wrong_model_corrupt_or_missing_checkpoint_exit_2(tmp_path, capsys):
     ckpt = tiny_checkpoint(tmp_path / "ckpt", "concat")
-    code, err = _run_cli(["--checkpoint", ckpt, "--out", tmp_path / "a", "--expect-model",
-                          "tirg"], capsys)
+    code, err = _run_cli(
+        ["--checkpoint", ckpt, "--out", tmp_path / "a", "--expect-model", "tirg"], capsys
+    )
     assert code == 2 and len(err) == 1
     assert "checkpoint" in err[0] and "'concat'" in err[0] and "expected 'tirg'" in err[0]
 

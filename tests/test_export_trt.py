@@ -134,8 +134,17 @@ def fake_tensorrt(version: str, calls: list) -> types.ModuleType:
             return Profile()
 
         def build_serialized_network(self, network, config):
-            calls.append(("build", network.path, sorted(config.flags), sorted(config.cleared),
-                          dict(config.pools), config.profiles[0].shapes, config.cache.data))
+            calls.append(
+                (
+                    "build",
+                    network.path,
+                    sorted(config.flags),
+                    sorted(config.cleared),
+                    dict(config.pools),
+                    config.profiles[0].shapes,
+                    config.cache.data,
+                )
+            )
             return b"ENGINE:" + network.path.encode()
 
     trt.Logger, trt.Builder, trt.OnnxParser = Logger, Builder, OnnxParser
@@ -148,7 +157,7 @@ class OrtEngine:
     noise = 0.0
 
     def __init__(self, trt, engine_bytes, name="engine", logger=None, device="cuda"):
-        path = engine_bytes[len(b"ENGINE:"):].decode()
+        path = engine_bytes[len(b"ENGINE:") :].decode()
         self.session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
         self.names = [o.name for o in self.session.get_outputs()]
 
@@ -182,19 +191,21 @@ def test_missing_tensorrt_exits_3_with_install_instructions(art_dir, monkeypatch
 
 def test_profiles_and_engine_names_follow_artifacts(art_dir):
     arts = load_artifacts(art_dir)
-    shapes = export_trt.profile_shapes(arts["graphs"]["text_encoder"], max_batch=64,
-                                       opt_batch=8, max_text_len=40)
+    shapes = export_trt.profile_shapes(
+        arts["graphs"]["text_encoder"], max_batch=64, opt_batch=8, max_text_len=40
+    )
     assert shapes == {"tokens": ((1, 1), (8, 16), (64, 40)), "lengths": ((1,), (8,), (64,))}
     image = export_trt.profile_shapes(arts["graphs"]["image_encoder"], 16, 4, 40)
     assert image == {"images": ((1, 3, 32, 32), (4, 3, 32, 32), (16, 3, 32, 32))}
-    assert export_trt.profile_shapes(arts["graphs"]["text_encoder"], 4, 2, 8)["tokens"][1] \
-        == (2, 8)
+    assert export_trt.profile_shapes(arts["graphs"]["text_encoder"], 4, 2, 8)["tokens"][1] == (2, 8)
     with pytest.raises(ValueError, match="opt batch"):
         export_trt.profile_shapes(arts["graphs"]["composer"], 4, 8, 16)
     name = export_trt.engine_file_name("composer", "10.13.0.35", (9, 0), "ab" * 32)
     assert name == "composer.trt10.13.0.35.sm90.abababababab.engine"
-    assert export_trt.engine_file_name("composer", "11.4.0", (8, 9), "cd" * 32, fp16=True) \
+    assert (
+        export_trt.engine_file_name("composer", "11.4.0", (8, 9), "cd" * 32, fp16=True)
         == "composer.trt11.4.0.sm89.cdcdcdcdcdcd.fp16.engine"
+    )
 
 
 def test_trt10_build_sequence_uses_explicit_batch_and_fp16_flag(art_dir):
@@ -203,8 +214,9 @@ def test_trt10_build_sequence_uses_explicit_batch_and_fp16_flag(art_dir):
     arts = load_artifacts(art_dir)
     info = arts["graphs"]["composer"]
     shapes = export_trt.profile_shapes(info, 32, 8, 64)
-    engine, cache = export_trt.build_engine(trt, art_dir / "composer.onnx", info, shapes,
-                                            fp16=True, workspace_gb=2, timing_cache=b"old")
+    engine, cache = export_trt.build_engine(
+        trt, art_dir / "composer.onnx", info, shapes, fp16=True, workspace_gb=2, timing_cache=b"old"
+    )
     assert ("create_network", 1 << 0) in calls
     build = next(c for c in calls if c[0] == "build")
     _, path, flags, cleared, pools, profile, cache_in = build
@@ -213,8 +225,9 @@ def test_trt10_build_sequence_uses_explicit_batch_and_fp16_flag(art_dir):
     assert engine == b"ENGINE:" + str(art_dir / "composer.onnx").encode()
 
     calls.clear()
-    export_trt.build_engine(trt, art_dir / "composer.onnx", info, shapes, fp16=False,
-                            workspace_gb=1, timing_cache=b"")
+    export_trt.build_engine(
+        trt, art_dir / "composer.onnx", info, shapes, fp16=False, workspace_gb=1, timing_cache=b""
+    )
     build = next(c for c in calls if c[0] == "build")
     assert build[2] == [] and build[3] == ["TF32"]  # fp32 parity needs TF32 off
 
@@ -222,11 +235,16 @@ def test_trt10_build_sequence_uses_explicit_batch_and_fp16_flag(art_dir):
 def test_trt11_fp16_build_converts_onnx_and_records_engines(art_dir, gpu):
     calls = []
     trt = fake_tensorrt("11.4.0.106", calls)
-    entries = export_trt.build_all(art_dir, fp16=True, max_batch=8, opt_batch=4,
-                                   max_text_len=12, workspace_gb=1, trt=trt)
+    entries = export_trt.build_all(
+        art_dir, fp16=True, max_batch=8, opt_batch=4, max_text_len=12, workspace_gb=1, trt=trt
+    )
     engine_dir = art_dir / "engines"
-    assert [e["graph"] for e in entries] == ["image_encoder", "text_encoder", "composer",
-                                            "target_head"]
+    assert [e["graph"] for e in entries] == [
+        "image_encoder",
+        "text_encoder",
+        "composer",
+        "target_head",
+    ]
     assert all(c[1] == 0 for c in calls if c[0] == "create_network")  # strongly typed
     builds = [c for c in calls if c[0] == "build"]
     assert all(b[2] == [] for b in builds)  # no FP16 flag on TensorRT 11
@@ -236,12 +254,17 @@ def test_trt11_fp16_build_converts_onnx_and_records_engines(art_dir, gpu):
     for entry in entries:
         fp16_onnx = engine_dir / f"{entry['graph']}.fp16.onnx"
         assert entry["onnx"] == fp16_onnx.name
-        assert re.fullmatch(rf"{entry['graph']}\.trt11\.4\.0\.106\.sm89\.[0-9a-f]{{12}}"
-                            r"\.fp16\.engine", entry["file"])
+        assert re.fullmatch(
+            rf"{entry['graph']}\.trt11\.4\.0\.106\.sm89\.[0-9a-f]{{12}}"
+            r"\.fp16\.engine",
+            entry["file"],
+        )
         assert entry["file"].split(".")[-3] == export_trt.onnx_sha256(fp16_onnx)[:12]
         model = onnx.load(str(fp16_onnx))
-        assert all(i.type.tensor_type.elem_type != onnx.TensorProto.FLOAT16
-                   for i in list(model.graph.input) + list(model.graph.output))
+        assert all(
+            i.type.tensor_type.elem_type != onnx.TensorProto.FLOAT16
+            for i in list(model.graph.input) + list(model.graph.output)
+        )
         weights = {w.data_type for w in model.graph.initializer}
         assert onnx.TensorProto.FLOAT16 in weights or entry["graph"] == "target_head"
         assert entry["parity"]["max_abs_diff"] <= 2e-2 and entry["parity"]["min_cosine"] > 0.999
@@ -257,9 +280,10 @@ def test_trt11_fp16_build_converts_onnx_and_records_engines(art_dir, gpu):
 def test_engine_failing_parity_is_not_written(art_dir, gpu, monkeypatch, capsys):
     monkeypatch.setattr(OrtEngine, "noise", 5e-3)  # > 1e-3 fp32 tolerance
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt("10.13.0.35", []))
-    before = set((art_dir / "engines").glob("*.engine")) if (art_dir / "engines").exists() else set()
-    code = export_trt.main(["--onnx", str(art_dir), "--graphs", "target_head",
-                            "--max-batch", "4"])
+    before = (
+        set((art_dir / "engines").glob("*.engine")) if (art_dir / "engines").exists() else set()
+    )
+    code = export_trt.main(["--onnx", str(art_dir), "--graphs", "target_head", "--max-batch", "4"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and "target_head.trt10.13.0.35.sm89" in err[0]
     assert "max abs diff" in err[0]
@@ -279,13 +303,26 @@ def test_parser_errors_and_input_mismatch_are_reported(art_dir, tmp_path):
     shapes = export_trt.profile_shapes(info, 4, 2, 8)
     trt.OnnxParser = FailingParser
     with pytest.raises(export_trt.EngineBuildError, match="Unsupported op: Foo; node 3"):
-        export_trt.build_engine(trt, art_dir / "composer.onnx", info, shapes, fp16=False,
-                                workspace_gb=1, timing_cache=b"")
+        export_trt.build_engine(
+            trt,
+            art_dir / "composer.onnx",
+            info,
+            shapes,
+            fp16=False,
+            workspace_gb=1,
+            timing_cache=b"",
+        )
     trt = fake_tensorrt("10.13.0.35", [])
     with pytest.raises(ArtifactError, match="composer.onnx: network inputs"):
-        export_trt.build_engine(trt, art_dir / "composer.onnx",
-                                arts["graphs"]["target_head"], shapes, fp16=False,
-                                workspace_gb=1, timing_cache=b"")
+        export_trt.build_engine(
+            trt,
+            art_dir / "composer.onnx",
+            arts["graphs"]["target_head"],
+            shapes,
+            fp16=False,
+            workspace_gb=1,
+            timing_cache=b"",
+        )
 
 
 def test_parity_gate_tolerances():
@@ -302,8 +339,9 @@ def test_parity_gate_tolerances():
     stats = export_trt.check_engine_parity(reference, reference, info, cases, 10, False, "same")
     assert stats == {"max_abs_diff": 0.0, "min_cosine": pytest.approx(1.0)}
     with pytest.raises(ParityError, match="fp32 engine"):
-        export_trt.check_engine_parity(noisy(5e-3), reference, info, cases, 10, False,
-                                       "fp32 engine")
+        export_trt.check_engine_parity(
+            noisy(5e-3), reference, info, cases, 10, False, "fp32 engine"
+        )
     export_trt.check_engine_parity(noisy(5e-3), reference, info, cases, 10, True, "fp16")
     with pytest.raises(ParityError, match="max abs diff"):
         export_trt.check_engine_parity(noisy(5e-2), reference, info, cases, 10, True, "fp16")
@@ -315,8 +353,10 @@ def test_fp16_conversion_keeps_float32_io_and_accuracy(art_dir, tmp_path):
     fp32 = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])
     fp16 = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
-    feeds = {"tokens": rng.integers(2, 8, (3, 6)).astype(np.int64),
-             "lengths": np.array([6, 2, 4], dtype=np.int64)}
+    feeds = {
+        "tokens": rng.integers(2, 8, (3, 6)).astype(np.int64),
+        "lengths": np.array([6, 2, 4], dtype=np.int64),
+    }
     want, got = fp32.run(None, feeds)[0], fp16.run(None, feeds)[0]
     assert got.dtype == np.float32
     assert np.abs(want - got).max() < 2e-2

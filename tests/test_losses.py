@@ -44,8 +44,9 @@ def test_soft_triplet_samples_negatives_with_the_seed():
     b = soft_triplet_loss(query, target, 4.0, negatives_per_anchor=3)
     assert torch.equal(a, b) and torch.isfinite(a)
     # perfectly separated pairs give a small loss, swapped pairs a large one
-    assert soft_triplet_loss(query, query, 4.0, None) < soft_triplet_loss(query, query.roll(1, 0),
-                                                                          4.0, None)
+    assert soft_triplet_loss(query, query, 4.0, None) < soft_triplet_loss(
+        query, query.roll(1, 0), 4.0, None
+    )
 
 
 def test_batch_classification_is_cross_entropy_on_the_diagonal():
@@ -59,9 +60,11 @@ def test_compute_loss_uses_the_model_scale_and_adds_correction():
     query, target = unit(4, 8), unit(4, 8, seed=3)
     scale = torch.tensor(2.0, requires_grad=True)
     correction = torch.randn(4, 4, requires_grad=True)
-    loss, logs = compute_loss({"query": query, "target": target, "loss_scale": scale,
-                               "correction_logits": correction}, "batch_classification",
-                              correction_weight=0.5)
+    loss, logs = compute_loss(
+        {"query": query, "target": target, "loss_scale": scale, "correction_logits": correction},
+        "batch_classification",
+        correction_weight=0.5,
+    )
     main = batch_classification_loss(query, target, 2.0)
     corr = F.cross_entropy(correction, torch.arange(4))
     torch.testing.assert_close(loss, main + 0.5 * corr)
@@ -80,7 +83,9 @@ def test_compute_loss_rejects_bad_inputs():
     with pytest.raises(ValueError, match="B >= 2"):
         compute_loss({"query": query[:1], "target": query[:1]}, "soft_triplet")
     with pytest.raises(ValueError, match="correction_logits"):
-        compute_loss({"query": query, "target": query, "correction_logits": torch.zeros(4, 3)},
-                     "batch_classification")
+        compute_loss(
+            {"query": query, "target": query, "correction_logits": torch.zeros(4, 3)},
+            "batch_classification",
+        )
     with pytest.raises(TypeError):
         compute_loss({"query": query, "target": query}, "soft_triplet", margin=1.0)

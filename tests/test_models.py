@@ -59,7 +59,7 @@ def triplets(batch: int = 8, text_len: int = 5, seed: int = 0, size: int = SIZE)
     for i in range(batch):
         y, x = divmod(i % 8, 4)
         top, left = y * cell_h + cell_h // 4, x * cell_w + cell_w // 4
-        targets[i, i % 3, top: top + cell_h // 2, left: left + cell_w // 2] += 2.0
+        targets[i, i % 3, top : top + cell_h // 2, left : left + cell_w // 2] += 2.0
     tokens = torch.randint(2, VOCAB, (batch, text_len), generator=gen)
     tokens[:, 0] = torch.arange(batch) % (VOCAB - 2) + 2
     lengths = torch.randint(1, text_len + 1, (batch,), generator=gen)
@@ -83,8 +83,9 @@ def test_forward_shapes_unit_norm_and_reuse(models, name):
         assert len(ref_repr) == len(model.image_repr_names)
         query = model.compose(ref_repr, model.encode_text(tokens, lengths))
         assert torch.allclose(query, out["query"], atol=1e-5)
-        assert torch.allclose(model.embed_target(model.encode_image(targets)), out["target"],
-                              atol=1e-5)
+        assert torch.allclose(
+            model.embed_target(model.encode_image(targets)), out["target"], atol=1e-5
+        )
         if model.has_correction:
             logits = out["correction_logits"]
             assert logits.shape == (4, 4) and torch.isfinite(logits).all()
@@ -103,8 +104,11 @@ def test_every_trainable_parameter_gets_a_gradient(models, name):
     loss, logs = compute_loss(model(*triplets(4)), loss_name)
     loss.backward()
     assert np.isfinite(logs["loss"])
-    missing = [n for n, p in model.named_parameters()
-               if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all())]
+    missing = [
+        n
+        for n, p in model.named_parameters()
+        if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all())
+    ]
     assert not missing, f"no/NaN gradient for {missing}"
     model.zero_grad(set_to_none=True)
 
@@ -156,8 +160,9 @@ def test_overfits_a_batch_of_eight_triplets(name):
     model.eval()
     with torch.no_grad():
         out = model(*batch)
-    recall_at_1 = float(((out["query"] @ out["target"].T).argmax(1) == torch.arange(8)).float()
-                        .mean())
+    recall_at_1 = float(
+        ((out["query"] @ out["target"].T).argmax(1) == torch.arange(8)).float().mean()
+    )
     assert losses[-1] < 0.5 * losses[0], losses
     assert recall_at_1 == 1.0, (recall_at_1, losses)
 
@@ -180,12 +185,14 @@ def test_graphs_export_to_onnx_and_match_pytorch(models, name, tmp_path):
             with torch.no_grad():
                 ref = graph.module(*inputs)
             ref = ref if isinstance(ref, tuple) else (ref,)
-            got = session.run(graph.output_names,
-                              {n: x.numpy() for n, x in zip(graph.input_names, inputs)})
+            got = session.run(
+                graph.output_names, {n: x.numpy() for n, x in zip(graph.input_names, inputs)}
+            )
             for out_name, g, r in zip(graph.output_names, got, ref):
                 assert g.shape == tuple(r.shape), (graph_name, out_name)
-                np.testing.assert_allclose(g, r.numpy(), atol=1e-4, rtol=1e-4,
-                                           err_msg=f"{name}/{graph_name}/{out_name}")
+                np.testing.assert_allclose(
+                    g, r.numpy(), atol=1e-4, rtol=1e-4, err_msg=f"{name}/{graph_name}/{out_name}"
+                )
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -215,8 +222,9 @@ def test_unknown_kwarg_is_named(name):
 
 
 def test_tirg_weights_init_and_freeze():
-    model = create_model("tirg", vocab_size=VOCAB, embed_dim=DIM, w_g_init=2.0, w_r_init=5.0,
-                         learn_weights=False)
+    model = create_model(
+        "tirg", vocab_size=VOCAB, embed_dim=DIM, w_g_init=2.0, w_r_init=5.0, learn_weights=False
+    )
     assert model.weights.w_g.item() == 2.0 and model.weights.w_r.item() == 5.0
     assert not model.weights.w_g.requires_grad and not model.weights.w_r.requires_grad
 
@@ -224,14 +232,16 @@ def test_tirg_weights_init_and_freeze():
 def test_ccnet_mutan_fusion_gets_gradients_and_exports(tmp_path):
     ort = pytest.importorskip("onnxruntime")
     torch.manual_seed(0)
-    model = create_model("ccnet", fusion="mutan", mutan_rank=16, mutan_heads=2,
-                         **small_kwargs("ccnet"))
+    model = create_model(
+        "ccnet", fusion="mutan", mutan_rank=16, mutan_heads=2, **small_kwargs("ccnet")
+    )
     loss, _ = compute_loss(model(*triplets(4)), "batch_classification")
     loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     graph = graph_modules(model.eval(), image_size=SIZE)["composer"]
-    session = ort.InferenceSession(str(export_graph(graph, tmp_path / "composer.onnx")),
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(export_graph(graph, tmp_path / "composer.onnx")), providers=["CPUExecutionProvider"]
+    )
     inputs = graph.example_inputs(3, 6)
     with torch.no_grad():
         expected = graph.module(*inputs).numpy()
@@ -243,13 +253,22 @@ def test_ccnet_loads_local_word_vectors(tmp_path):
     words = ["<pad>", "<unk>", "red", "blue"] + [f"w{i}" for i in range(VOCAB - 4)]
     glove = tmp_path / "glove.txt"
     glove.write_text("red " + " ".join(["0.5"] * 32) + "\nzebra " + " ".join(["1"] * 32) + "\n")
-    model = create_model("ccnet", word_vectors_path=str(glove), vocab_words=words,
-                         freeze_word_vectors=True, **small_kwargs("ccnet"))
+    model = create_model(
+        "ccnet",
+        word_vectors_path=str(glove),
+        vocab_words=words,
+        freeze_word_vectors=True,
+        **small_kwargs("ccnet"),
+    )
     table = model.text_encoder.embedding.weight
     assert torch.equal(table[2], torch.full((32,), 0.5)) and not table.requires_grad
     with pytest.raises(FileNotFoundError, match="nowhere.txt"):
-        create_model("ccnet", word_vectors_path=str(tmp_path / "nowhere.txt"),
-                     vocab_words=words, **small_kwargs("ccnet"))
+        create_model(
+            "ccnet",
+            word_vectors_path=str(tmp_path / "nowhere.txt"),
+            vocab_words=words,
+            **small_kwargs("ccnet"),
+        )
     with pytest.raises(ValueError, match="vocab_words"):
         create_model("ccnet", word_vectors_path=str(glove), **small_kwargs("ccnet"))
 
@@ -261,11 +280,11 @@ def test_pretrained_weights_come_only_from_local_files(tmp_path, monkeypatch):
     torch.save(weights, path)
     model = create_model("tirg", pretrained_path=str(path), **small_kwargs("tirg"))
     assert torch.equal(model.image_encoder.backbone.stem[0].weight, weights["conv1.weight"])
-    assert torch.equal(model.image_encoder.backbone.head[0].conv1.weight,
-                       weights["layer4.0.conv1.weight"])
+    assert torch.equal(
+        model.image_encoder.backbone.head[0].conv1.weight, weights["layer4.0.conv1.weight"]
+    )
     with pytest.raises(FileNotFoundError, match="missing.pth"):
-        create_model("tirg", pretrained_path=str(tmp_path / "missing.pth"),
-                     **small_kwargs("tirg"))
+        create_model("tirg", pretrained_path=str(tmp_path / "missing.pth"), **small_kwargs("tirg"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
     with pytest.raises(FileNotFoundError, match=r"hub/checkpoints/resnet18-f37072fd\.pth"):
         create_model("tirg", pretrained_path="torch_hub", **small_kwargs("tirg"))

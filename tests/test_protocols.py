@@ -30,8 +30,11 @@ def rank_all(protocol, queries, ids, metas, scores, k, chunk=7):
             subset_ranking.append(np.pad(sub, ((0, 0), (0, 8 - sub.shape[1])), constant_values=-1))
     ranking = np.concatenate(ranking)
     subset_ranking = np.concatenate(subset_ranking) if subset_ranking else None
-    return protocols.compute_metrics(protocol, queries, ids, metas, ranking, subset_ranking), \
-        ranking, subset_ranking
+    return (
+        protocols.compute_metrics(protocol, queries, ids, metas, ranking, subset_ranking),
+        ranking,
+        subset_ranking,
+    )
 
 
 def brute_ranked(q, scores_row, ids, metas, *, exclude_ref, allowed=None):
@@ -56,8 +59,10 @@ def random_scores(m, n, seed):
 
 def make_gallery(label_fn, n=N_GALLERY, **extra):
     ids = [f"img{i:03d}" for i in range(n)]
-    metas = [{"id": ids[i], "label": label_fn(i), **{k: f(i) for k, f in extra.items()}}
-             for i in range(n)]
+    metas = [
+        {"id": ids[i], "label": label_fn(i), **{k: f(i) for k, f in extra.items()}}
+        for i in range(n)
+    ]
     return ids, metas
 
 
@@ -70,8 +75,15 @@ def assert_same(metrics, expected):
 def test_label_hit_protocols(name):
     rng = random.Random(1)
     ids, metas = make_gallery(lambda i: f"scene {i % 7}")
-    queries = [{"qid": q, "ref_id": ids[rng.randrange(N_GALLERY)], "text": "t",
-                "target_ids": [ids[rng.randrange(N_GALLERY)]]} for q in range(40)]
+    queries = [
+        {
+            "qid": q,
+            "ref_id": ids[rng.randrange(N_GALLERY)],
+            "text": "t",
+            "target_ids": [ids[rng.randrange(N_GALLERY)]],
+        }
+        for q in range(40)
+    ]
     protocol = protocols.resolve_protocol({"name": name})
     scores = random_scores(len(queries), N_GALLERY, 2)
     metrics, _, _ = rank_all(protocol, queries, ids, metas, scores, max(protocol["ks"]))
@@ -102,8 +114,15 @@ def test_mitstates_composition_adjective_and_noun_recalls():
     adjs, nouns = ["ripe", "old", "sliced", "wet"], ["apple", "car", "tomato"]
     ids, metas = make_gallery(lambda i: f"{adjs[i % 4]} {nouns[(i // 4) % 3]}")
     rng = random.Random(3)
-    queries = [{"qid": q, "ref_id": ids[rng.randrange(N_GALLERY)], "text": "x",
-                "target_ids": [ids[rng.randrange(N_GALLERY)]]} for q in range(50)]
+    queries = [
+        {
+            "qid": q,
+            "ref_id": ids[rng.randrange(N_GALLERY)],
+            "text": "x",
+            "target_ids": [ids[rng.randrange(N_GALLERY)]],
+        }
+        for q in range(50)
+    ]
     protocol = protocols.resolve_protocol({"name": "mitstates"})
     scores = random_scores(len(queries), N_GALLERY, 4)
     metrics, _, _ = rank_all(protocol, queries, ids, metas, scores, 10)
@@ -134,14 +153,28 @@ def fashioniq_data():
         cat = cats[q % 3]
         members = [i for i in ids if metas[int(i[3:])]["category"] == cat]
         ref, tgt = rng.sample(members[:12], 2)
-        queries.append({"qid": q, "ref_id": ref, "target_ids": [tgt], "category": cat,
-                        "captions": [f"is red {q}", f"has sleeves {q}"],
-                        "text": f"is red {q} and has sleeves {q}"})
+        queries.append(
+            {
+                "qid": q,
+                "ref_id": ref,
+                "target_ids": [tgt],
+                "category": cat,
+                "captions": [f"is red {q}", f"has sleeves {q}"],
+                "text": f"is red {q} and has sleeves {q}",
+            }
+        )
     return cats, ids, metas, queries
 
 
-@pytest.mark.parametrize("options", [{}, {"gallery": "triplets"}, {"caption_orders": 2},
-                                     {"exclude_reference": False, "gallery": "triplets"}])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"gallery": "triplets"},
+        {"caption_orders": 2},
+        {"exclude_reference": False, "gallery": "triplets"},
+    ],
+)
 def test_fashioniq_per_category_recalls(options):
     cats, ids, metas, raw_queries = fashioniq_data()
     protocol = protocols.resolve_protocol({"name": "fashioniq"}, options)
@@ -153,15 +186,18 @@ def test_fashioniq_per_category_recalls(options):
     expected = {}
     for cat in cats:
         if protocol["gallery"] == "triplets":
-            allowed = {i for q in queries if q["category"] == cat for i in [q["ref_id"], *q["target_ids"]]}
+            allowed = {
+                i for q in queries if q["category"] == cat for i in [q["ref_id"], *q["target_ids"]]
+            }
         else:
             allowed = {i for i in ids if category[i] == cat}
         hit_lists = []
         for q, row in zip(queries, scores):
             if q["category"] != cat:
                 continue
-            order = brute_ranked(q, row, ids, metas, exclude_ref=protocol["exclude_reference"],
-                                 allowed=allowed)
+            order = brute_ranked(
+                q, row, ids, metas, exclude_ref=protocol["exclude_reference"], allowed=allowed
+            )
             hit_lists.append([ids[j] in q["target_ids"] for j in order])
         for k in (10, 50):
             expected[f"{cat}/R@{k}"] = brute_recall(hit_lists, k)
@@ -177,7 +213,9 @@ def test_fashioniq_per_category_recalls(options):
 
 def test_fashioniq_caption_orders_swap_the_captions():
     protocol = protocols.resolve_protocol({"name": "fashioniq"}, {"caption_orders": 2})
-    out = protocols.expand_queries(protocol, [{"qid": 1, "captions": ["a", "b"], "text": "a and b"}])
+    out = protocols.expand_queries(
+        protocol, [{"qid": 1, "captions": ["a", "b"], "text": "a and b"}]
+    )
     assert [q["text"] for q in out] == ["a and b", "b and a"]
     with pytest.raises(ValueError, match="captions"):
         protocols.expand_queries(protocol, [{"qid": 2, "text": "x"}])
@@ -191,8 +229,16 @@ def cirr_data():
         members = rng.sample(ids, 6)
         ref = members[0]
         target = [members[rng.randrange(1, 6)]] if q < 24 else []  # 6 test-server queries
-        queries.append({"qid": q, "pairid": 1000 + q, "ref_id": ref, "text": "t",
-                        "target_ids": target, "members": members})
+        queries.append(
+            {
+                "qid": q,
+                "pairid": 1000 + q,
+                "ref_id": ref,
+                "text": "t",
+                "target_ids": target,
+                "members": members,
+            }
+        )
     return ids, metas, queries
 
 
@@ -236,5 +282,9 @@ def test_options_and_inputs_are_validated():
     assert protocols.parse_option("exclude_reference=false") == ("exclude_reference", False)
     ids, metas = make_gallery(lambda i: "x", n=3)
     with pytest.raises(ValueError, match="'missing' is not in the gallery"):
-        protocols.build_plan(protocols.resolve_protocol({"name": "css"}),
-                             [{"qid": 9, "ref_id": "missing", "target_ids": []}], ids, metas)
+        protocols.build_plan(
+            protocols.resolve_protocol({"name": "css"}),
+            [{"qid": 9, "ref_id": "missing", "target_ids": []}],
+            ids,
+            metas,
+        )

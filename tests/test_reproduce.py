@@ -23,23 +23,32 @@ from pipeline.config import dump_config
 
 
 def fake_run(model: str, seed: int, r1: float, steps: int = 100) -> dict:
-    return {"model": model, "seed": seed, "wall_s": 1.0,
-            "metrics": {"R@1": r1, "R@5": r1 + 10, "R@10": r1 + 20, "R@50": 99.0},
-            "config": {"train": {"steps": steps}}}
+    return {
+        "model": model,
+        "seed": seed,
+        "wall_s": 1.0,
+        "metrics": {"R@1": r1, "R@5": r1 + 10, "R@10": r1 + 20, "R@50": 99.0},
+        "config": {"train": {"steps": steps}},
+    }
 
 
 def test_mean_std_is_sample_std():
     mean, std = mean_std([1.0, 2.0, 6.0])
     assert mean == pytest.approx(3.0)
-    assert std == pytest.approx(math.sqrt(((2 ** 2) + 1 + 3 ** 2) / 2))
+    assert std == pytest.approx(math.sqrt(((2**2) + 1 + 3**2) / 2))
     assert mean_std([4.0]) == (4.0, 0.0)
     with pytest.raises(ValueError):
         mean_std([])
 
 
 def test_summarize_rows_in_paper_order_with_spread():
-    runs = [fake_run("text_only", 0, 0.5), fake_run("tirg", 0, 50.0), fake_run("tirg", 1, 60.0),
-            fake_run("ccnet", 0, 40.0, steps=200), fake_run("concat", 1, 30.0)]
+    runs = [
+        fake_run("text_only", 0, 0.5),
+        fake_run("tirg", 0, 50.0),
+        fake_run("tirg", 1, 60.0),
+        fake_run("ccnet", 0, 40.0, steps=200),
+        fake_run("concat", 1, 30.0),
+    ]
     rows = summarize(runs)
     assert [r["model"] for r in rows] == ["tirg", "concat", "text_only", "ccnet"]
     tirg = rows[0]
@@ -100,14 +109,34 @@ def fake_training(calls: list):
 
 
 def test_resume_skips_finished_runs(tmp_path, fake_dataset, monkeypatch):
-    argv = ["--dataset", str(fake_dataset), "--models", "tirg,concat", "--seeds", "2",
-            "--iterations", "3", "--in-process", "--cpu-scale", "--out", str(tmp_path / "out")]
+    argv = [
+        "--dataset",
+        str(fake_dataset),
+        "--models",
+        "tirg,concat",
+        "--seeds",
+        "2",
+        "--iterations",
+        "3",
+        "--in-process",
+        "--cpu-scale",
+        "--out",
+        str(tmp_path / "out"),
+    ]
     _, args = reproduce.parse_args(argv)
     runs = reproduce.plan_runs(args, ["tirg", "concat"])
-    assert [(r.model, r.seed) for r in runs] == [("tirg", 0), ("tirg", 1), ("concat", 0),
-                                                ("concat", 1)]
-    assert all(r.config["train"]["workers"] == 0 and r.config["train"]["steps"] == 3
-               and r.config["image"]["size"] == 32 for r in runs)
+    assert [(r.model, r.seed) for r in runs] == [
+        ("tirg", 0),
+        ("tirg", 1),
+        ("concat", 0),
+        ("concat", 1),
+    ]
+    assert all(
+        r.config["train"]["workers"] == 0
+        and r.config["train"]["steps"] == 3
+        and r.config["image"]["size"] == 32
+        for r in runs
+    )
     calls: list = []
     monkeypatch.setattr(reproduce, "train_timed", fake_training(calls))
     reproduce.train_timed(runs[1].config)  # a finished run from an earlier invocation
@@ -117,8 +146,12 @@ def test_resume_skips_finished_runs(tmp_path, fake_dataset, monkeypatch):
     assert failures == []
     assert sorted(calls) == [("concat", 0), ("concat", 1), ("tirg", 0)]
     reused = {(r["model"], r["seed"]): r["reused"] for r in results}
-    assert reused == {("tirg", 1): True, ("tirg", 0): False, ("concat", 0): False,
-                      ("concat", 1): False}
+    assert reused == {
+        ("tirg", 1): True,
+        ("tirg", 0): False,
+        ("concat", 0): False,
+        ("concat", 1): False,
+    }
 
     calls.clear()
     results, _ = reproduce.run_all(runs, args)  # everything finished: nothing trains
@@ -126,8 +159,19 @@ def test_resume_skips_finished_runs(tmp_path, fake_dataset, monkeypatch):
 
 
 def test_report_only_trains_nothing(tmp_path, fake_dataset, monkeypatch):
-    argv = ["--dataset", str(fake_dataset), "--models", "tirg", "--seeds", "2", "--in-process",
-            "--iterations", "3", "--out", str(tmp_path / "out")]
+    argv = [
+        "--dataset",
+        str(fake_dataset),
+        "--models",
+        "tirg",
+        "--seeds",
+        "2",
+        "--in-process",
+        "--iterations",
+        "3",
+        "--out",
+        str(tmp_path / "out"),
+    ]
     _, args = reproduce.parse_args(argv)
     runs = reproduce.plan_runs(args, ["tirg"])
     calls: list = []
@@ -142,8 +186,17 @@ def test_report_only_trains_nothing(tmp_path, fake_dataset, monkeypatch):
 
 
 def test_finished_run_with_other_settings_is_an_error(tmp_path, fake_dataset, monkeypatch):
-    base = ["--dataset", str(fake_dataset), "--models", "tirg", "--seeds", "1", "--in-process",
-            "--out", str(tmp_path / "out")]
+    base = [
+        "--dataset",
+        str(fake_dataset),
+        "--models",
+        "tirg",
+        "--seeds",
+        "1",
+        "--in-process",
+        "--out",
+        str(tmp_path / "out"),
+    ]
     _, args = reproduce.parse_args([*base, "--iterations", "3"])
     monkeypatch.setattr(reproduce, "train_timed", fake_training([]))
     reproduce.run_all(reproduce.plan_runs(args, ["tirg"]), args)
@@ -163,8 +216,21 @@ def test_failed_run_is_reported_and_others_kept(tmp_path, fake_dataset, monkeypa
 
     monkeypatch.setattr(reproduce, "train_timed", flaky)
     out = tmp_path / "out"
-    code = reproduce.main(["--dataset", str(fake_dataset), "--models", "tirg,concat",
-                           "--seeds", "2", "--iterations", "3", "--in-process", "--out", str(out)])
+    code = reproduce.main(
+        [
+            "--dataset",
+            str(fake_dataset),
+            "--models",
+            "tirg,concat",
+            "--seeds",
+            "2",
+            "--iterations",
+            "3",
+            "--in-process",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 1
     assert "concat seed 0, concat seed 1" in capsys.readouterr().err
     payload = json.loads((out / "runs.json").read_text())
@@ -176,13 +242,16 @@ def test_failed_run_is_reported_and_others_kept(tmp_path, fake_dataset, monkeypa
     assert (out / "recalls.png").stat().st_size > 0
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--models", "tirg,no_such_model"], "unknown model(s) ['no_such_model']"),
-    (["--seeds", "0"], "--seeds must be >= 1"),
-    (["--workers", "0"], "use --in-process"),
-    (["--paper-scale", "--cpu-scale"], "not allowed with argument"),
-    (["--iterations", "0"], "--iterations must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--models", "tirg,no_such_model"], "unknown model(s) ['no_such_model']"),
+        (["--seeds", "0"], "--seeds must be >= 1"),
+        (["--workers", "0"], "use --in-process"),
+        (["--paper-scale", "--cpu-scale"], "not allowed with argument"),
+        (["--iterations", "0"], "--iterations must be >= 1"),
+    ],
+)
 def test_cli_argument_errors(tmp_path, fake_dataset, capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
         reproduce.main(["--dataset", str(fake_dataset), "--out", str(tmp_path / "o"), *argv])
@@ -191,8 +260,17 @@ def test_cli_argument_errors(tmp_path, fake_dataset, capsys, argv, message):
 
 
 def test_missing_dataset_is_an_error(tmp_path, capsys):
-    code = reproduce.main(["--dataset", str(tmp_path / "nowhere"), "--models", "tirg",
-                           "--in-process", "--out", str(tmp_path / "o")])
+    code = reproduce.main(
+        [
+            "--dataset",
+            str(tmp_path / "nowhere"),
+            "--models",
+            "tirg",
+            "--in-process",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     assert code == 2
     assert "no manifest.json" in capsys.readouterr().err
 
@@ -202,12 +280,39 @@ def test_real_tiny_run_in_process(tmp_path):
     from shards.css import CssConfig, generate_css
 
     data = tmp_path / "css"
-    generate_css(data, CssConfig(train_scenes=6, test_scenes=3, mods_per_scene=2, mod_pool=40,
-                                 image_size=32, shard_size=20), workers=1)
+    generate_css(
+        data,
+        CssConfig(
+            train_scenes=6,
+            test_scenes=3,
+            mods_per_scene=2,
+            mod_pool=40,
+            image_size=32,
+            shard_size=20,
+        ),
+        workers=1,
+    )
     out = tmp_path / "out"
-    argv = ["--dataset", str(data), "--models", "image_only", "--seeds", "1", "--iterations",
-            "2", "--in-process", "--cpu-scale", "--out", str(out), "--set", "train.batch_size=4",
-            "--set", "model.embed_dim=16", "--set", "train.threads=1"]
+    argv = [
+        "--dataset",
+        str(data),
+        "--models",
+        "image_only",
+        "--seeds",
+        "1",
+        "--iterations",
+        "2",
+        "--in-process",
+        "--cpu-scale",
+        "--out",
+        str(out),
+        "--set",
+        "train.batch_size=4",
+        "--set",
+        "model.embed_dim=16",
+        "--set",
+        "train.threads=1",
+    ]
     assert reproduce.main(argv) == 0
     payload = json.loads((out / "runs.json").read_text())
     (run,) = payload["runs"]
@@ -243,10 +348,13 @@ def test_oracle_ceilings_on_a_hand_made_gallery():
     scenes = {"ref": ref, "tgt": target, "other": other, "far": far}
     ids = list(scenes)
     objects = np.stack([object_row(s) for s in scenes.values()])
-    add = {"type": "add", "object": {"shape": "triangle", "color": "blue", "size": "large",
-                                     "pos": [1, 1]}}
-    result = ceilings(ids, objects, [{"ref_id": "ref", "target_ids": ["tgt"], "mod": add}],
-                      ks=(1, 2))
+    add = {
+        "type": "add",
+        "object": {"shape": "triangle", "color": "blue", "size": "large", "pos": [1, 1]},
+    }
+    result = ceilings(
+        ids, objects, [{"ref_id": "ref", "target_ids": ["tgt"], "mod": add}], ks=(1, 2)
+    )
     assert result["image oracle"]["all"]["R@1"] == pytest.approx(100.0)  # 1 object differs
     assert result["text oracle"]["add"]["R@1"] == pytest.approx(50.0)  # tgt and other fit
     assert result["text oracle"]["add"]["R@2"] == pytest.approx(100.0)

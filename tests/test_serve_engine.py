@@ -41,8 +41,9 @@ def engine(art_dir):
 
 @pytest.fixture(scope="module")
 def ort_engine(art_dir):
-    engine = QueryEngine(art_dir, backend="onnxruntime", device="cpu",
-                         backend_options={"threads": 1})
+    engine = QueryEngine(
+        art_dir, backend="onnxruntime", device="cpu", backend_options={"threads": 1}
+    )
     yield engine
     engine.close()
 
@@ -81,8 +82,10 @@ def test_engine_equals_brute_force(art_dir, engine):
 
 def test_torch_and_onnxruntime_backends_agree(engine, ort_engine):
     queries = [Query("make it color1", ref_id=engine.index.ids[i]) for i in (0, 5, 11)]
-    queries += [Query("add shape2", image=engine.prepare_image(engine.index.image_bytes(i)))
-                for i in (3, 20)]
+    queries += [
+        Query("add shape2", image=engine.prepare_image(engine.index.image_bytes(i)))
+        for i in (3, 20)
+    ]
     a = engine.search(queries, k=10).hits
     b = ort_engine.search(queries, k=10).hits
     for hits_a, hits_b in zip(a, b):
@@ -91,9 +94,11 @@ def test_torch_and_onnxruntime_backends_agree(engine, ort_engine):
 
 
 def test_batch_answers_equal_single_answers(engine):
-    queries = [Query("make it color0", ref_id=engine.index.ids[2]),
-               Query("put shape4", image=engine.prepare_image(engine.index.image_bytes(9))),
-               Query("turn it color2", ref_id=engine.index.ids[30])]
+    queries = [
+        Query("make it color0", ref_id=engine.index.ids[2]),
+        Query("put shape4", image=engine.prepare_image(engine.index.image_bytes(9))),
+        Query("turn it color2", ref_id=engine.index.ids[30]),
+    ]
     batch = engine.search(queries, k=5)
     assert set(batch.timing_ms) >= {"encode_ms", "search_ms", "engine_ms"}
     for query, hits in zip(queries, batch.hits):
@@ -107,7 +112,8 @@ def test_text_padding_leaves_the_query_unchanged(engine):
     do not change its query embedding."""
     tokens, lengths = engine.vocab.encode(["make it color1", "add shape2 to it"])
     image_repr = engine.backend.encode_image(
-        torch.stack([engine.prepare_image(engine.index.image_bytes(i)) for i in (0, 1)]))
+        torch.stack([engine.prepare_image(engine.index.image_bytes(i)) for i in (0, 1)])
+    )
     query, _ = engine.backend.compose_query(image_repr, tokens, lengths)
     padded = torch.nn.functional.pad(tokens, (0, 32 - tokens.shape[1]))
     query_padded, _ = engine.backend.compose_query(image_repr, padded, lengths)
@@ -124,8 +130,9 @@ def test_bucket_and_batch_padding_helpers():
 
 
 def test_chunked_search_over_the_memory_map_gives_the_same_answers(art_dir, engine):
-    chunked = QueryEngine(art_dir, backend="torch", device="cpu", chunk_rows=6,
-                          max_resident_bytes=0)
+    chunked = QueryEngine(
+        art_dir, backend="torch", device="cpu", chunk_rows=6, max_resident_bytes=0
+    )
     assert chunked.gallery.layout == "chunked-mmap-fp32"
     for ref in (1, 17):
         want = engine.query("make it color4", ref_id=engine.index.ids[ref], k=12)
@@ -184,13 +191,15 @@ def test_ccnet_reranks_like_the_evaluation(tmp_path_factory):
 
     art_dir = serving_artifacts(tmp_path_factory.getbasetemp(), "ccnet")[0]
     torch_engine = QueryEngine(art_dir, backend="torch", device="cpu", rerank_top=10)
-    ort_engine = QueryEngine(art_dir, backend="onnxruntime", device="cpu", rerank_top=10,
-                             backend_options={"threads": 1})
+    ort_engine = QueryEngine(
+        art_dir, backend="onnxruntime", device="cpu", rerank_top=10, backend_options={"threads": 1}
+    )
     assert torch_engine.has_correction and torch_engine.rerank_top == 10
     model = torch_engine.backend.model
     names = torch_engine.arts["image_repr_names"]
-    gallery_repr = tuple(torch.from_numpy(np.asarray(torch_engine.index.reprs[n], np.float32))
-                         for n in names)
+    gallery_repr = tuple(
+        torch.from_numpy(np.asarray(torch_engine.index.reprs[n], np.float32)) for n in names
+    )
     targets = torch.from_numpy(np.asarray(torch_engine.index.embeddings, np.float32))
     ref_rows = [2, 13, 31]
     texts = ["make it color1", "add shape3", "turn it color4"]
@@ -202,13 +211,20 @@ def test_ccnet_reranks_like_the_evaluation(tmp_path_factory):
         scores[torch.arange(3), torch.tensor(ref_rows)] = -torch.inf  # reference excluded
         top_scores, top_rows = torch.topk(scores, 10, dim=1)
     want_rows, want_scores = rerank_with_correction(
-        model, ref_repr=ref_repr, text_repr=text_repr, gallery_repr=gallery_repr,
-        candidates=top_rows, candidate_scores=top_scores, logit_scale=composition_logit_scale(model))
+        model,
+        ref_repr=ref_repr,
+        text_repr=text_repr,
+        gallery_repr=gallery_repr,
+        candidates=top_rows,
+        candidate_scores=top_scores,
+        logit_scale=composition_logit_scale(model),
+    )
     queries = [Query(t, ref_id=torch_engine.index.ids[r]) for t, r in zip(texts, ref_rows)]
     for engine in (torch_engine, ort_engine):
         hits = engine.search(queries, k=6).hits
         for b in range(3):
             assert [h.id for h in hits[b]] == [engine.index.ids[r] for r in want_rows[b, :6]]
-            np.testing.assert_allclose([h.score for h in hits[b]], want_scores[b, :6].numpy(),
-                                       atol=1e-4)
+            np.testing.assert_allclose(
+                [h.score for h in hits[b]], want_scores[b, :6].numpy(), atol=1e-4
+            )
         engine.close()

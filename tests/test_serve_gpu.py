@@ -64,8 +64,13 @@ def test_gpu_engine_answers_like_the_cpu_engine(art_dir):
     gpu = QueryEngine(art_dir, backend="torch", device="cuda")
     gpu.warmup((1, 4))
     queries = [Query("make it color1", ref_id=cpu.index.ids[i]) for i in range(0, 40, 7)]
-    queries += [Query("add shape3 and make it color2 please",
-                      image=cpu.prepare_image(cpu.index.image_bytes(i))) for i in (2, 9)]
+    queries += [
+        Query(
+            "add shape3 and make it color2 please",
+            image=cpu.prepare_image(cpu.index.image_bytes(i)),
+        )
+        for i in (2, 9)
+    ]
     for batch in ([queries[0]], queries[:3], queries, (queries * 10)[:64]):
         want = cpu.search(batch, k=10).hits
         got = gpu.search(batch, k=10).hits

@@ -67,11 +67,16 @@ def test_search_by_gallery_id(client, engine):
 
 def test_search_by_upload(client, engine):
     upload = engine.index.image_bytes(9)
-    response = client.post("/search", data={"text": "add shape1", "k": "3"},
-                           files={"image": ("query.png", upload, "image/png")})
+    response = client.post(
+        "/search",
+        data={"text": "add shape1", "k": "3"},
+        files={"image": ("query.png", upload, "image/png")},
+    )
     assert response.status_code == 200, response.text
     body = response.json()
-    assert [r["id"] for r in body["results"]] == [h.id for h in engine.query("add shape1", image=upload, k=3)]
+    assert [r["id"] for r in body["results"]] == [
+        h.id for h in engine.query("add shape1", image=upload, k=3)
+    ]
     assert body["reference"]["upload"] == {"filename": "query.png", "bytes": len(upload)}
 
 
@@ -80,8 +85,10 @@ def test_gallery_sample_healthz_demo_page_and_docs(client, engine):
     ids = [item["id"] for item in sample["items"]]
     assert len(ids) == len(set(ids)) == 12 and set(ids) <= set(engine.index.ids)
     assert sample["gallery_size"] == GALLERY_SIZE
-    assert all(item["image_url"] == f"/images/{item['id']}" and "caption" in item
-               for item in sample["items"])
+    assert all(
+        item["image_url"] == f"/images/{item['id']}" and "caption" in item
+        for item in sample["items"]
+    )
     assert client.get("/gallery/sample", params={"n": 12, "seed": 3}).json() == sample
     health = client.get("/healthz").json()
     assert health["status"] == "ok" and health["gallery_size"] == GALLERY_SIZE
@@ -101,47 +108,67 @@ def test_demo_page_loads_nothing_from_other_hosts():
         assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}", text, re.I), path.name
 
 
-@pytest.mark.parametrize("fields, files, status, code", [
-    ({"ref_id": "gal_0001"}, None, 422, "empty_text"),
-    ({"ref_id": "gal_0001", "text": "   "}, None, 422, "empty_text"),
-    ({"ref_id": "gal_0001", "text": "x" * 81}, None, 422, "text_too_long"),
-    ({"ref_id": "no_such_id", "text": "make it red"}, None, 404, "unknown_ref_id"),
-    ({"ref_id": "../index/ids.json", "text": "make it red"}, None, 404, "unknown_ref_id"),
-    ({"ref_id": "gal_0001", "text": "make it red", "k": "0"}, None, 422, "k_out_of_range"),
-    ({"ref_id": "gal_0001", "text": "make it red", "k": "21"}, None, 422, "k_out_of_range"),
-    ({"ref_id": "gal_0001", "text": "make it red", "k": "ten"}, None, 422, "invalid_request"),
-    ({"text": "make it red"}, None, 422, "reference_required"),
-    ({"ref_id": "gal_0001", "text": "make it red"}, "valid", 422, "reference_conflict"),
-    ({"text": "make it red"}, b"not an image at all", 400, "invalid_image"),
-    ({"text": "make it red"}, b"", 400, "invalid_image"),
-    ({"text": "make it red"}, "truncated", 400, "invalid_image"),
-    ({"text": "make it red"}, "too_many_pixels", 413, "image_too_large"),
-    ({"text": "make it red"}, "too_many_bytes", 413, "image_too_large"),
-])
+@pytest.mark.parametrize(
+    "fields, files, status, code",
+    [
+        ({"ref_id": "gal_0001"}, None, 422, "empty_text"),
+        ({"ref_id": "gal_0001", "text": "   "}, None, 422, "empty_text"),
+        ({"ref_id": "gal_0001", "text": "x" * 81}, None, 422, "text_too_long"),
+        ({"ref_id": "no_such_id", "text": "make it red"}, None, 404, "unknown_ref_id"),
+        ({"ref_id": "../index/ids.json", "text": "make it red"}, None, 404, "unknown_ref_id"),
+        ({"ref_id": "gal_0001", "text": "make it red", "k": "0"}, None, 422, "k_out_of_range"),
+        ({"ref_id": "gal_0001", "text": "make it red", "k": "21"}, None, 422, "k_out_of_range"),
+        ({"ref_id": "gal_0001", "text": "make it red", "k": "ten"}, None, 422, "invalid_request"),
+        ({"text": "make it red"}, None, 422, "reference_required"),
+        ({"ref_id": "gal_0001", "text": "make it red"}, "valid", 422, "reference_conflict"),
+        ({"text": "make it red"}, b"not an image at all", 400, "invalid_image"),
+        ({"text": "make it red"}, b"", 400, "invalid_image"),
+        ({"text": "make it red"}, "truncated", 400, "invalid_image"),
+        ({"text": "make it red"}, "too_many_pixels", 413, "image_too_large"),
+        ({"text": "make it red"}, "too_many_bytes", 413, "image_too_large"),
+    ],
+)
 def test_bad_search_inputs(client, engine, fields, files, status, code):
-    uploads = {"valid": engine.index.image_bytes(0),
-               "truncated": engine.index.image_bytes(0)[:60],
-               "too_many_pixels": png(400, 400),  # 160k pixels > max_image_pixels
-               "too_many_bytes": bytes(MAX_IMAGE_BYTES + 1)}
+    uploads = {
+        "valid": engine.index.image_bytes(0),
+        "truncated": engine.index.image_bytes(0)[:60],
+        "too_many_pixels": png(400, 400),  # 160k pixels > max_image_pixels
+        "too_many_bytes": bytes(MAX_IMAGE_BYTES + 1),
+    }
     data = uploads.get(files, files) if files is not None else None
-    response = client.post("/search", data=fields,
-                           files={"image": ("x.png", data, "image/png")} if data is not None else None)
+    response = client.post(
+        "/search",
+        data=fields,
+        files={"image": ("x.png", data, "image/png")} if data is not None else None,
+    )
     assert_error(response, status, code)
 
 
 def test_other_bad_requests(client):
-    assert_error(client.post("/search", json={"ref_id": "gal_0001", "text": "red"}), 415,
-                 "unsupported_media_type")
+    assert_error(
+        client.post("/search", json={"ref_id": "gal_0001", "text": "red"}),
+        415,
+        "unsupported_media_type",
+    )
     huge = bytes(MAX_IMAGE_BYTES + BODY_OVERHEAD_BYTES + 1000)
-    assert_error(client.post("/search", data={"text": "red"},
-                             files={"image": ("big.png", huge, "image/png")}),
-                 413, "request_too_large")
+    assert_error(
+        client.post(
+            "/search", data={"text": "red"}, files={"image": ("big.png", huge, "image/png")}
+        ),
+        413,
+        "request_too_large",
+    )
     assert_error(client.get("/search"), 405, "method_not_allowed")
     assert_error(client.get("/gallery/sample", params={"n": 0}), 422, "invalid_request")
     assert_error(client.get("/gallery/sample", params={"n": 31}), 422, "invalid_request")
     assert_error(client.get("/no/such/page"), 404, "not_found")
-    for path in ("/images/nope", "/images/..%2Fartifacts.json", "/images/../../etc/passwd",
-                 "/images/%2E%2E/index.json", "/static/../app.py"):
+    for path in (
+        "/images/nope",
+        "/images/..%2Fartifacts.json",
+        "/images/../../etc/passwd",
+        "/images/%2E%2E/index.json",
+        "/static/../app.py",
+    ):
         response = client.get(path)
         assert response.status_code == 404, (path, response.text)
         assert response.headers["content-type"] == "application/json"
@@ -149,13 +176,14 @@ def test_other_bad_requests(client):
 
 def test_chunked_upload_over_the_limit_is_cut_off(client):
     def body():
-        yield b"--b\r\nContent-Disposition: form-data; name=\"text\"\r\n\r\nred\r\n"
-        yield b"--b\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n\r\n"
+        yield b'--b\r\nContent-Disposition: form-data; name="text"\r\n\r\nred\r\n'
+        yield b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n'
         for _ in range(40):
             yield bytes(4096)
         yield b"\r\n--b--\r\n"
 
-    response = client.post("/search", content=body(),
-                           headers={"content-type": "multipart/form-data; boundary=b"})
+    response = client.post(
+        "/search", content=body(), headers={"content-type": "multipart/form-data; boundary=b"}
+    )
     assert_error(response, 413, "request_too_large")
     assert client.get("/healthz").status_code == 200

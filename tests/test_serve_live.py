@@ -20,16 +20,30 @@ from serve.app import ServiceLimits, create_app
 from serve.engine import QueryEngine
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 class ServerThread:
     """uvicorn serving ``app`` on 127.0.0.1:<free port> in a background thread."""
 
     def __init__(self, app):
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
-                                lifespan="on", timeout_graceful_shutdown=5)
+        config = uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=0,
+            log_level="warning",
+            lifespan="on",
+            timeout_graceful_shutdown=5,
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
 
@@ -51,8 +65,9 @@ class ServerThread:
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
     limit_threads()
-    engine = QueryEngine(serving_artifacts(tmp_path_factory.getbasetemp())[0], backend="torch",
-                         device="cpu")
+    engine = QueryEngine(
+        serving_artifacts(tmp_path_factory.getbasetemp())[0], backend="torch", device="cpu"
+    )
     yield engine
     engine.close()
 
@@ -72,6 +87,7 @@ async def _drive(base_url: str, requests: list[dict], concurrency: int, timeout_
     cursor = iter(range(len(requests)))
     limits = httpx.Limits(max_connections=concurrency)
     async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=30) as client:
+
         async def worker():
             for i in cursor:
                 began = time.perf_counter()
@@ -89,16 +105,31 @@ def test_load_200_requests_from_8_clients(base_url, engine, record_property):
     requests = []
     for i in range(200):
         if i % 4 == 3:
-            requests.append({"data": {"text": f"add shape{i % 7}", "k": "10"},
-                             "files": {"image": ("ref.png", upload, "image/png")}})
+            requests.append(
+                {
+                    "data": {"text": f"add shape{i % 7}", "k": "10"},
+                    "files": {"image": ("ref.png", upload, "image/png")},
+                }
+            )
         else:
-            requests.append({"data": {"ref_id": engine.index.ids[i % len(engine.index)],
-                                      "text": f"make it color{i % 5}", "k": "10"}})
+            requests.append(
+                {
+                    "data": {
+                        "ref_id": engine.index.ids[i % len(engine.index)],
+                        "text": f"make it color{i % 5}",
+                        "k": "10",
+                    }
+                }
+            )
     statuses, latencies, wall = asyncio.run(_drive(base_url, requests, 8, timeout_s=60))
     assert statuses == [200] * 200, {s: statuses.count(s) for s in set(statuses)}
-    report = {"requests": 200, "concurrency": 8, "requests_per_s": round(200 / wall, 1),
-              "p50_ms": round(float(np.percentile(latencies, 50)) * 1e3, 2),
-              "p99_ms": round(float(np.percentile(latencies, 99)) * 1e3, 2)}
+    report = {
+        "requests": 200,
+        "concurrency": 8,
+        "requests_per_s": round(200 / wall, 1),
+        "p50_ms": round(float(np.percentile(latencies, 50)) * 1e3, 2),
+        "p99_ms": round(float(np.percentile(latencies, 99)) * 1e3, 2),
+    }
     record_property("serve_load", json.dumps(report))
     print("serve load test:", json.dumps(report))
     health = httpx.get(f"{base_url}/healthz").json()
@@ -106,14 +137,19 @@ def test_load_200_requests_from_8_clients(base_url, engine, record_property):
 
 
 def test_flood_of_bad_requests_leaves_the_service_serving(base_url, engine):
-    bad = [{"data": {"text": "red"}, "files": {"image": ("x.png", b"garbage" * 10, "image/png")}},
-           {"data": {"ref_id": "missing", "text": "red"}},
-           {"data": {"ref_id": engine.index.ids[0], "text": ""}},
-           {"data": {"ref_id": engine.index.ids[0], "text": "red", "k": "-3"}},
-           {"data": {"text": "red"}},
-           {"content": b"\x00\x01 not multipart", "headers": {"content-type": "multipart/form-data; boundary=zz"}},
-           {"data": {"text": "red"}, "files": {"image": ("x.png", bytes(70 * 1024), "image/png")}},
-           {"json": {"text": "red"}}]
+    bad = [
+        {"data": {"text": "red"}, "files": {"image": ("x.png", b"garbage" * 10, "image/png")}},
+        {"data": {"ref_id": "missing", "text": "red"}},
+        {"data": {"ref_id": engine.index.ids[0], "text": ""}},
+        {"data": {"ref_id": engine.index.ids[0], "text": "red", "k": "-3"}},
+        {"data": {"text": "red"}},
+        {
+            "content": b"\x00\x01 not multipart",
+            "headers": {"content-type": "multipart/form-data; boundary=zz"},
+        },
+        {"data": {"text": "red"}, "files": {"image": ("x.png", bytes(70 * 1024), "image/png")}},
+        {"json": {"text": "red"}},
+    ]
     statuses, _, _ = asyncio.run(_drive(base_url, bad * 25, 8, timeout_s=60))
     assert all(400 <= s < 500 for s in statuses), sorted(set(statuses))
     response = httpx.post(f"{base_url}/search", data={"ref_id": engine.index.ids[1], "text": "red"})
@@ -123,14 +159,18 @@ def test_flood_of_bad_requests_leaves_the_service_serving(base_url, engine):
 
 def test_demo_page_in_headless_chromium(base_url):
     if not (os.path.exists(CHROMIUM) or shutil.which("chromium")):
-        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium; CI runs .ci/install-browser)")
+        pytest.skip(
+            f"no Chromium at {CHROMIUM} (apt-get install chromium; CI runs .ci/install-browser)"
+        )
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         try:
             page = browser.new_page()
             outside = []
-            page.on("request", lambda r: None if r.url.startswith(base_url) else outside.append(r.url))
+            page.on(
+                "request", lambda r: None if r.url.startswith(base_url) else outside.append(r.url)
+            )
             page.goto(base_url + "/", timeout=20_000)
             page.wait_for_selector("#samples figure img", timeout=20_000)
             assert page.locator("#samples figure").count() == 12
@@ -142,7 +182,9 @@ def test_demo_page_in_headless_chromium(base_url):
             page.wait_for_selector("#results figure.result img", timeout=20_000)
             page.wait_for_function(
                 "() => [...document.querySelectorAll('#results img')].every("
-                "i => i.complete && i.naturalWidth > 0)", timeout=20_000)
+                "i => i.complete && i.naturalWidth > 0)",
+                timeout=20_000,
+            )
             results = page.locator("#results figure.result img")
             assert results.count() == 6
             shown = [results.nth(i).get_attribute("alt") for i in range(6)]

@@ -35,8 +35,9 @@ def brute_force(gallery: np.ndarray, queries: np.ndarray, k: int, exclude=None):
 def test_search_equals_brute_force(layout, dtype):
     gallery = unit_rows(300, 16, seed=0, dtype=dtype)
     queries = unit_rows(5, 16, seed=1, dtype=np.float32)
-    search = GallerySearch(gallery, "cpu", chunk_rows=37,
-                           max_resident_bytes=0 if layout == "chunked" else 1 << 30)
+    search = GallerySearch(
+        gallery, "cpu", chunk_rows=37, max_resident_bytes=0 if layout == "chunked" else 1 << 30
+    )
     assert search.layout.startswith(layout)
     exclude = [None, 3, None, 299, 0]
     scores, rows = search.search(torch.from_numpy(queries), 10, exclude)
@@ -53,7 +54,9 @@ def test_ties_break_by_lower_row_in_every_layout():
     gallery[[5, 17, 30]] = gallery[22]  # four identical rows
     query = torch.from_numpy(gallery[22:23].astype(np.float32))
     for budget in (0, 1 << 30):
-        _, rows = GallerySearch(gallery, "cpu", chunk_rows=7, max_resident_bytes=budget).search(query, 4)
+        _, rows = GallerySearch(gallery, "cpu", chunk_rows=7, max_resident_bytes=budget).search(
+            query, 4
+        )
         assert rows[0].tolist() == [5, 17, 22, 30]
 
 

@@ -25,6 +25,7 @@ def convert(module, src, out, *extra):
 
 # -- CSS -----------------------------------------------------------------------------------
 
+
 def test_css3d_release_to_shards(tmp_path):
     broken = make_css3d(tmp_path / "raw")
     manifest = convert(css3d, tmp_path / "raw", tmp_path / "out")
@@ -39,7 +40,8 @@ def test_css3d_release_to_shards(tmp_path):
     assert skipped["test mod 1 pair 0"] == "pair with unusable image: css_test_000004"
     assert manifest["skipped_count"] == 4
     assert manifest["source"]["checksums"] == {
-        css3d.DATA_FILE: sha256(tmp_path / "raw" / css3d.DATA_FILE)}
+        css3d.DATA_FILE: sha256(tmp_path / "raw" / css3d.DATA_FILE)
+    }
 
     gallery = {s["json"]["id"]: s["json"] for s in read_split(tmp_path / "out", "gallery")}
     assert sorted(gallery) == [f"css_test_{i:06d}" for i in (0, 1, 2, 3, 5)]
@@ -52,7 +54,9 @@ def test_css3d_release_to_shards(tmp_path):
     assert [(q["ref_id"][-1], q["target_ids"][0][-1], q["text"]) for q in queries] == [
         ("0", "2", "add green triangle to bottom-right"),
         ("1", "5", "add green triangle to bottom-right"),
-        ("5", "1", "remove green triangle"), ("1", "3", "remove green triangle")]
+        ("5", "1", "remove green triangle"),
+        ("1", "3", "remove green triangle"),
+    ]
 
     # train: pairs (0,2) (1,3) (2,4) (3,4) form one component -> one group, images as on disk
     [group] = read_split(tmp_path / "out", "train")
@@ -71,8 +75,9 @@ def test_css3d_render_2d_with_dataset_labels(tmp_path):
     for png in (tmp_path / "raw" / "images").iterdir():
         png.unlink()  # --render-2d needs no image files
     (tmp_path / "raw" / "images").rmdir()
-    manifest = convert(css3d, tmp_path / "raw", tmp_path / "out", "--render-2d",
-                       "--image-size", "32")
+    manifest = convert(
+        css3d, tmp_path / "raw", tmp_path / "out", "--render-2d", "--image-size", "32"
+    )
     check_dataset(tmp_path / "out")
     assert manifest["skipped"] == [] and manifest["extra"]["render_2d"] is True
     gallery = read_split(tmp_path / "out", "gallery")
@@ -88,8 +93,9 @@ def test_css3d_render_2d_with_dataset_labels(tmp_path):
 
 def test_css3d_small_groups_keep_every_pair(tmp_path):
     make_css3d(tmp_path / "raw")
-    manifest = convert(css3d, tmp_path / "raw", tmp_path / "out", "--group-size", "2",
-                       "--shard-size", "2")
+    manifest = convert(
+        css3d, tmp_path / "raw", tmp_path / "out", "--group-size", "2", "--shard-size", "2"
+    )
     groups = read_split(tmp_path / "out", "train")
     assert all(len(g["json"]["members"]) <= 2 for g in groups)
     pairs = set()
@@ -103,13 +109,18 @@ def test_css3d_small_groups_keep_every_pair(tmp_path):
 
 # -- Fashion200k ---------------------------------------------------------------------------
 
+
 def test_fashion200k_to_shards(tmp_path):
     broken = make_fashion200k(tmp_path / "raw")
     manifest = convert(fashion200k, tmp_path / "raw", tmp_path / "out")
     check_dataset(tmp_path / "out")
     assert manifest["evals"]["test"]["protocol"] == {
-        "name": "fashion200k", "ks": [1, 10, 50], "hit": "label", "exclude_reference": True,
-        "per_category": False}
+        "name": "fashion200k",
+        "ks": [1, 10, 50],
+        "hit": "label",
+        "exclude_reference": True,
+        "per_category": False,
+    }
 
     skipped = skipped_reasons(manifest)
     assert skipped["labels/dress_train_detect_all.txt:6"].startswith("bad caption line")
@@ -121,9 +132,12 @@ def test_fashion200k_to_shards(tmp_path):
     assert skipped["test_queries.txt:5"].startswith("bad query line")
     assert manifest["skipped_count"] == 7
     assert set(manifest["source"]["checksums"]) == {
-        "test_queries.txt", "labels/dress_train_detect_all.txt",
-        "labels/dress_test_detect_all.txt", "labels/skirt_train_detect_all.txt",
-        "labels/skirt_test_detect_all.txt"}
+        "test_queries.txt",
+        "labels/dress_train_detect_all.txt",
+        "labels/dress_test_detect_all.txt",
+        "labels/skirt_train_detect_all.txt",
+        "labels/skirt_test_detect_all.txt",
+    }
 
     gallery = {s["json"]["id"]: s["json"] for s in read_split(tmp_path / "out", "gallery")}
     assert sorted(gallery) == sorted(p for _, p, _ in F200K_TEST[:4])
@@ -131,7 +145,8 @@ def test_fashion200k_to_shards(tmp_path):
     queries = load_queries(tmp_path / "out", manifest, "test")
     assert [(q["text"], q["target_ids"]) for q in queries] == [
         ("replace white with green", [F200K_TEST[1][1]]),
-        ("replace green with white", [F200K_TEST[0][1]])]
+        ("replace green with white", [F200K_TEST[0][1]]),
+    ]
 
     # "blue lace gown" has no sibling caption: not modifiable, left out of training
     assert manifest["extra"]["train_images_unmodifiable"] == 1
@@ -143,18 +158,29 @@ def test_fashion200k_to_shards(tmp_path):
         assert len(captions) >= 2
         assert all(g["json"]["parent"] in fashion200k.parent_captions(c) for c in captions)
         texts |= {t for _, _, ts in derive_pairs(g["json"]) for t in ts}
-    assert texts == {"replace midi with maxi", "replace maxi with midi",
-                     "replace black with red", "replace red with black",
-                     "replace leather with pleated", "replace pleated with leather"}
+    assert texts == {
+        "replace midi with maxi",
+        "replace maxi with midi",
+        "replace black with red",
+        "replace red with black",
+        "replace leather with pleated",
+        "replace pleated with leather",
+    }
     stored = [m["id"] for g in groups for m in g["json"]["members"]]
     usable = {p for _, p, c in F200K_TRAIN[:7] if c != "blue lace gown"}
     assert set(stored) == usable and len(stored) == len(usable)  # every image once
 
 
 def test_fashion200k_groups_spread_images_over_parents():
-    captions = {f"img{i}": c for i, c in enumerate(
-        ["black midi dress"] * 4 + ["red midi dress"] * 3 + ["black maxi dress"]
-        + ["red mini skirt"])}
+    captions = {
+        f"img{i}": c
+        for i, c in enumerate(
+            ["black midi dress"] * 4
+            + ["red midi dress"] * 3
+            + ["black maxi dress"]
+            + ["red mini skirt"]
+        )
+    }
     groups, unusable = fashion200k.train_groups(captions, group_size=4)
     assert unusable == 1
     stored = [p for _, members in groups for p in members]
@@ -170,6 +196,7 @@ def test_fashion200k_groups_spread_images_over_parents():
 
 # -- MIT-States ----------------------------------------------------------------------------
 
+
 def test_mitstates_to_shards(tmp_path):
     broken = make_mitstates(tmp_path / "raw")
     manifest = convert(mitstates, tmp_path / "raw", tmp_path / "out", "--group-size", "3")
@@ -182,16 +209,27 @@ def test_mitstates_to_shards(tmp_path):
     assert skipped[broken["truncated"][0]].startswith("truncated image")
     assert skipped[broken["not_image"][0]].startswith("not an image file")
     assert manifest["skipped_count"] == 2
-    assert manifest["extra"]["excluded"] == {"no_state_images": 2, "other_folders": 1,
-                                             "single_state_train_images": 2}
+    assert manifest["extra"]["excluded"] == {
+        "no_state_images": 2,
+        "other_folders": 1,
+        "single_state_train_images": 2,
+    }
 
     gallery = {s["json"]["id"]: s["json"] for s in read_split(tmp_path / "out", "gallery")}
-    assert sorted(gallery) == ["cloudy sky/img_0.jpg", "fresh fish/img_0.jpg",
-                               "fried fish/img_0.jpg", "raw fish/img_0.jpg",
-                               "sunny sky/img_0.jpg"]
+    assert sorted(gallery) == [
+        "cloudy sky/img_0.jpg",
+        "fresh fish/img_0.jpg",
+        "fried fish/img_0.jpg",
+        "raw fish/img_0.jpg",
+        "sunny sky/img_0.jpg",
+    ]
     assert gallery["fried fish/img_0.jpg"] == {
-        "id": "fried fish/img_0.jpg", "label": "fried fish", "caption": "fried fish",
-        "adj": "fried", "noun": "fish"}
+        "id": "fried fish/img_0.jpg",
+        "label": "fried fish",
+        "caption": "fried fish",
+        "adj": "fried",
+        "noun": "fish",
+    }
     queries = load_queries(tmp_path / "out", manifest, "test")
     assert len(queries) == 8  # fish: 3 images x 2 other states, sky: 2 x 1
     for q in queries:
@@ -204,9 +242,12 @@ def test_mitstates_to_shards(tmp_path):
         assert g["json"]["derive"] == "change_state" and g["json"]["noun"] == "building"
         assert 2 <= len(g["json"]["members"]) <= 4
         assert len({m["attributes"]["adj"] for m in g["json"]["members"]}) >= 2
-        assert all(texts[0] in {"ancient", "modern", "ruined"}
-                   for _, _, texts in derive_pairs(g["json"]))
+        assert all(
+            texts[0] in {"ancient", "modern", "ruined"} for _, _, texts in derive_pairs(g["json"])
+        )
         stored += [m["id"] for m in g["json"]["members"]]
     assert sorted(set(stored)) == sorted(
-        f"{adj} building/img_{k}.jpg" for adj, n in (("ancient", 2), ("modern", 3),
-                                                      ("ruined", 1)) for k in range(n))
+        f"{adj} building/img_{k}.jpg"
+        for adj, n in (("ancient", 2), ("modern", 3), ("ruined", 1))
+        for k in range(n)
+    )

@@ -20,6 +20,7 @@ CONVERTERS = [css3d, fashion200k, mitstates, fashioniq, cirr]
 
 # -- image checks --------------------------------------------------------------------------
 
+
 def test_jpeg_and_png_are_kept_byte_for_byte(tmp_path):
     for fmt, ext in (("JPEG", "jpg"), ("PNG", "png")):
         path = write_image(tmp_path / f"x.{ext}", seed=1, fmt=fmt, size=32)
@@ -44,10 +45,16 @@ def test_formats_the_reader_cannot_take_become_png(tmp_path):
             assert (image.format, image.mode, image.size) == ("PNG", "RGB", (8, 8))
 
 
-@pytest.mark.parametrize("damage, reason", [
-    ("truncate_jpeg", "truncated image"), ("truncate_png", "truncated image"),
-    ("empty", "empty image file"), ("text", "not an image"), ("missing", "missing image file"),
-])
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        ("truncate_jpeg", "truncated image"),
+        ("truncate_png", "truncated image"),
+        ("empty", "empty image file"),
+        ("text", "not an image"),
+        ("missing", "missing image file"),
+    ],
+)
 def test_unusable_images_name_the_reason(tmp_path, damage, reason):
     path = tmp_path / "img"
     if damage.startswith("truncate"):
@@ -71,6 +78,7 @@ def test_check_images_in_threads_keeps_every_path(tmp_path):
 
 
 # -- grouping ------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("max_members", [2, 3, 8])
 def test_group_pairs_keeps_every_pair_within_the_size(max_members):
@@ -108,6 +116,7 @@ def test_chunk_by_class_mixes_classes_and_stores_items_once(sizes):
 
 
 # -- errors and atomicity ------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("module", CONVERTERS, ids=lambda m: m.__name__)
 def test_wrong_layout_is_one_error_with_exit_code_2(module, tmp_path, capsys):
@@ -163,4 +172,3 @@ def test_interrupted_conversion_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         mitstates.main(["--src", str(tmp_path / "raw"), "--out", str(tmp_path / "out")])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]
-

@@ -21,16 +21,22 @@ def test_fashioniq_to_shards(tmp_path):
     assert list(manifest["evals"]) == ["val", "test"]
     val = manifest["evals"]["val"]
     assert val["gallery"] == "val-gallery" and val["count"] == 8
-    assert val["protocol"] == {"name": "fashioniq", "ks": [10, 50], "hit": "id",
-                               "exclude_reference": True, "per_category": True,
-                               "categories": ["dress", "shirt", "toptee"]}
+    assert val["protocol"] == {
+        "name": "fashioniq",
+        "ks": [10, 50],
+        "hit": "id",
+        "exclude_reference": True,
+        "per_category": True,
+        "categories": ["dress", "shirt", "toptee"],
+    }
 
     skipped = skipped_reasons(manifest)
     assert skipped[broken["missing"][0]] == "missing image file"
     assert skipped[broken["truncated"][0]].startswith("truncated image")
     assert skipped["captions/cap.toptee.train.json[4]"].startswith("bad caption entry")
     assert skipped["captions/cap.dress.train.json[3]"] == (
-        "triplet with unusable image: image dtr4 missing")
+        "triplet with unusable image: image dtr4 missing"
+    )
     assert "sva3 unusable (truncated image" in skipped["captions/cap.shirt.val.json[1]"]
     assert "ttr0 is not in the split's image list" in skipped["captions/cap.toptee.val.json[3]"]
     assert manifest["skipped_count"] == 6
@@ -41,10 +47,15 @@ def test_fashioniq_to_shards(tmp_path):
     assert gallery["tva2"] == {"id": "tva2", "category": "toptee"}
     queries = load_queries(tmp_path / "out", manifest, "val")
     first = queries[0]
-    assert first == {"qid": "val-dress-000000", "ref_id": "dva0",
-                     "text": "is green and has buttons", "texts": ["is green", "has buttons"],
-                     "captions": ["is green", "has buttons"], "target_ids": ["dva1"],
-                     "category": "dress"}
+    assert first == {
+        "qid": "val-dress-000000",
+        "ref_id": "dva0",
+        "text": "is green and has buttons",
+        "texts": ["is green", "has buttons"],
+        "captions": ["is green", "has buttons"],
+        "target_ids": ["dva1"],
+        "category": "dress",
+    }
     assert all(gallery[q["target_ids"][0]]["category"] == q["category"] for q in queries)
 
     test_queries = load_queries(tmp_path / "out", manifest, "test")
@@ -58,8 +69,10 @@ def test_fashioniq_to_shards(tmp_path):
     dress = next(g for g in groups if g["json"]["members"][0]["id"] == "dtr0")
     ids = [m["id"] for m in dress["json"]["members"]]
     assert ids == ["dtr0", "dtr1", "dtr2"]
-    assert {(ids[r], ids[t]): x for r, t, x in derive_pairs(dress["json"])}[("dtr0", "dtr1")] \
-        == ["is red and has no sleeves", "has no sleeves and is red"]
+    assert {(ids[r], ids[t]): x for r, t, x in derive_pairs(dress["json"])}[("dtr0", "dtr1")] == [
+        "is red and has no sleeves",
+        "has no sleeves and is red",
+    ]
     assert member_images(dress)[0] == (tmp_path / "raw" / "images" / "dtr0.jpg").read_bytes()
 
 
@@ -69,8 +82,7 @@ def test_fashioniq_one_category_without_test(tmp_path):
     check_dataset(tmp_path / "out")
     assert list(manifest["evals"]) == ["val"]
     assert manifest["evals"]["val"]["protocol"]["categories"] == ["shirt"]
-    assert {s["json"]["category"] for s in read_split(tmp_path / "out", "val-gallery")} == {
-        "shirt"}
+    assert {s["json"]["category"] for s in read_split(tmp_path / "out", "val-gallery")} == {"shirt"}
 
 
 def test_cirr_to_shards(tmp_path):
@@ -78,8 +90,13 @@ def test_cirr_to_shards(tmp_path):
     manifest = convert(cirr, tmp_path / "raw", tmp_path / "out")
     check_dataset(tmp_path / "out")
     assert manifest["evals"]["val"]["protocol"] == {
-        "name": "cirr", "ks": [1, 5, 10, 50], "subset_ks": [1, 2, 3], "hit": "id",
-        "exclude_reference": True, "per_category": False}
+        "name": "cirr",
+        "ks": [1, 5, 10, 50],
+        "subset_ks": [1, 2, 3],
+        "hit": "id",
+        "exclude_reference": True,
+        "per_category": False,
+    }
 
     skipped = skipped_reasons(manifest)
     assert skipped[broken["missing"][0]] == "missing image file"
@@ -89,21 +106,29 @@ def test_cirr_to_shards(tmp_path):
     assert skipped["captions/cap.rc2.val.json[1]"].startswith("query with unknown or unusable")
     assert "dev-77-0-img1 missing" in skipped["captions/cap.rc2.val.json[4]"]
     assert skipped["captions/cap.rc2.val.json[2] member dev-99-0-img0"].startswith(
-        "set member not in the gallery")
+        "set member not in the gallery"
+    )
     assert set(manifest["source"]["checksums"]) == {
-        f"{kind}/{prefix}.rc2.{s}.json" for kind, prefix in (("captions", "cap"),
-                                                             ("image_splits", "split"))
-        for s in ("train", "val", "test1")}
+        f"{kind}/{prefix}.rc2.{s}.json"
+        for kind, prefix in (("captions", "cap"), ("image_splits", "split"))
+        for s in ("train", "val", "test1")
+    }
 
     val = load_queries(tmp_path / "out", manifest, "val")
     assert [q["pairid"] for q in val] == [10, 12, 13]
-    assert val[1] == {"qid": "val-12", "ref_id": "dev-4-1-img0", "text": "close up",
-                      "target_ids": ["dev-5-1-img1"], "pairid": 12,
-                      "members": ["dev-1-1-img1", "dev-2-1-img0", "dev-4-1-img0",
-                                  "dev-5-1-img1"]}
+    assert val[1] == {
+        "qid": "val-12",
+        "ref_id": "dev-4-1-img0",
+        "text": "close up",
+        "target_ids": ["dev-5-1-img1"],
+        "pairid": 12,
+        "members": ["dev-1-1-img1", "dev-2-1-img0", "dev-4-1-img0", "dev-5-1-img1"],
+    }
     test = load_queries(tmp_path / "out", manifest, "test")
     assert [(q["qid"], q["target_ids"], len(q["members"])) for q in test] == [
-        ("test-20", [], 4), ("test-21", [], 4)]
+        ("test-20", [], 4),
+        ("test-21", [], 4),
+    ]
     assert len(read_split(tmp_path / "out", "test-gallery")) == 4
 
     groups = read_split(tmp_path / "out", "train")

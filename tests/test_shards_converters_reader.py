@@ -13,8 +13,8 @@ from shards import cirr, css3d, fashion200k, fashioniq, mitstates
 from shards.manifest import load_manifest, load_queries
 
 CASES = {
-    "css3d": (css3d, make_css3d, 4),          # 4 usable train pairs
-    "fashion200k": (fashion200k, make_fashion200k, 6),   # one triplet per member
+    "css3d": (css3d, make_css3d, 4),  # 4 usable train pairs
+    "fashion200k": (fashion200k, make_fashion200k, 6),  # one triplet per member
     "mitstates": (mitstates, make_mitstates, 6),
     "fashioniq": (fashioniq, make_fashioniq, 11),
     "cirr": (cirr, make_cirr, 4),
@@ -31,8 +31,9 @@ def test_reader_streams_converted_dataset(name, tmp_path):
     assert count_triplets(out) == triplets
 
     vocab = build_vocabulary(out)
-    loader = triplet_loader(out, vocab, batch_size=2, image_size=32, shuffle_buffer=4,
-                            batches_per_epoch=triplets // 2)
+    loader = triplet_loader(
+        out, vocab, batch_size=2, image_size=32, shuffle_buffer=4, batches_per_epoch=triplets // 2
+    )
     batches = list(loader)
     assert len(batches) == triplets // 2
     for batch in batches:
@@ -44,8 +45,9 @@ def test_reader_streams_converted_dataset(name, tmp_path):
     manifest = load_manifest(out)
     for eval_name, ev in manifest["evals"].items():
         ids, metas = [], []
-        for batch_ids, images, batch_metas in gallery_loader(out, ev["gallery"], batch_size=4,
-                                                             image_size=32):
+        for batch_ids, images, batch_metas in gallery_loader(
+            out, ev["gallery"], batch_size=4, image_size=32
+        ):
             assert images.shape[1:] == (3, 32, 32)
             ids += batch_ids
             metas += batch_metas

@@ -21,8 +21,15 @@ from shards import css
 from shards.manifest import load_manifest, load_queries, shard_paths
 from shards.render import COLORS, RGB, SHAPES, SIZES, render_scene
 
-TINY = css.CssConfig(seed=3, train_scenes=12, test_scenes=8, mods_per_scene=6, mod_pool=60,
-                     image_size=32, shard_size=30)
+TINY = css.CssConfig(
+    seed=3,
+    train_scenes=12,
+    test_scenes=8,
+    mods_per_scene=6,
+    mod_pool=60,
+    image_size=32,
+    shard_size=30,
+)
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -69,9 +76,29 @@ def expected_target(ref: frozenset, mod: dict) -> frozenset:
 
 def test_same_seed_gives_same_bytes_for_any_worker_count(tiny, tmp_path):
     again = tmp_path / "again"
-    cmd = [sys.executable, "-m", "shards.css", "--out", str(again), "--seed", "3",
-           "--train-scenes", "12", "--test-scenes", "8", "--mods-per-scene", "6",
-           "--mod-pool", "60", "--image-size", "32", "--shard-size", "30", "--workers", "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "shards.css",
+        "--out",
+        str(again),
+        "--seed",
+        "3",
+        "--train-scenes",
+        "12",
+        "--test-scenes",
+        "8",
+        "--mods-per-scene",
+        "6",
+        "--mod-pool",
+        "60",
+        "--image-size",
+        "32",
+        "--shard-size",
+        "30",
+        "--workers",
+        "2",
+    ]
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     subprocess.run(cmd, check=True, cwd=REPO, env=env, capture_output=True, timeout=120)
     names = sorted(p.name for p in tiny.iterdir())
@@ -96,14 +123,20 @@ def test_counts_match_the_configuration_and_the_manifest(tiny):
     assert len(groups) == TINY.train_scenes == manifest["splits"]["train"]["samples"]
     images = sum(len(json.loads(g["json"])["members"]) for g in groups)
     assert images == manifest["splits"]["train"]["images"]
-    assert all(f"{i}.png" in g for g in groups for i in range(len(json.loads(g["json"])["members"])))
+    assert all(
+        f"{i}.png" in g for g in groups for i in range(len(json.loads(g["json"])["members"]))
+    )
     assert len(gallery) == manifest["splits"]["gallery"]["images"]
     assert len(queries) == manifest["evals"]["test"]["count"]
     assert len(gallery) == TINY.test_scenes + len(queries)
     # every source gets mods_per_scene queries here (the tiny pool has enough candidates)
     assert len(queries) == TINY.test_scenes * TINY.mods_per_scene
-    assert manifest["evals"]["test"]["protocol"] == {"name": "css", "ks": [1, 5, 10, 50],
-                                                     "hit": "label", "exclude_reference": True}
+    assert manifest["evals"]["test"]["protocol"] == {
+        "name": "css",
+        "ks": [1, 5, 10, 50],
+        "hit": "label",
+        "exclude_reference": True,
+    }
     ids = {json.loads(s["json"])["id"] for s in gallery}
     assert len(ids) == len(gallery)
     assert all(q["ref_id"] in ids and set(q["target_ids"]) <= ids for q in queries)
@@ -113,8 +146,9 @@ def test_counts_match_the_configuration_and_the_manifest(tiny):
 
 
 def test_held_out_combinations_never_appear_in_train(tiny):
-    held_out_words = ([f"{c} {s}" for s, c in css.HELD_OUT_SHAPE_COLOR]
-                      + [f"{z} {c}" for c, z in css.HELD_OUT_COLOR_SIZE])
+    held_out_words = [f"{c} {s}" for s, c in css.HELD_OUT_SHAPE_COLOR] + [
+        f"{z} {c}" for c, z in css.HELD_OUT_COLOR_SIZE
+    ]
     for group in read_groups(tiny):
         meta = json.loads(group["json"])
         for member in meta["members"]:
@@ -126,8 +160,9 @@ def test_held_out_combinations_never_appear_in_train(tiny):
         meta = json.loads(sample["json"])
         assert meta["objects"]
     queries = load_queries(tiny, load_manifest(tiny), "test")
-    objects = {json.loads(s["json"])["id"]: json.loads(s["json"])["objects"]
-               for s in read_gallery(tiny)}
+    objects = {
+        json.loads(s["json"])["id"]: json.loads(s["json"])["objects"] for s in read_gallery(tiny)
+    }
     for ref_id in {q["ref_id"] for q in queries}:
         assert any(css.is_held_out(o) for o in objects[ref_id]), ref_id
     recorded = load_manifest(tiny)["extra"]["held_out"]
@@ -143,8 +178,10 @@ def test_every_pair_and_query_applies_its_mod(tiny):
             assert pair["ref"] == 0 and len(pair["texts"]) >= 2
             assert sets[pair["tgt"]] != sets[0]
             assert expected_target(sets[0], pair["mod"]) == sets[pair["tgt"]]
-    objects = {json.loads(s["json"])["id"]: object_set(json.loads(s["json"])["objects"])
-               for s in read_gallery(tiny)}
+    objects = {
+        json.loads(s["json"])["id"]: object_set(json.loads(s["json"])["objects"])
+        for s in read_gallery(tiny)
+    }
     queries = load_queries(tiny, load_manifest(tiny), "test")
     kinds = Counter(q["mod"]["type"] for q in queries)
     assert set(kinds) == {"add", "remove", "change"}, kinds
@@ -189,15 +226,18 @@ def test_labels_are_object_sets(tiny):
     scene = ((("circle", "red", "large", 0, 0)), ("rectangle", "blue", "small", 2, 1))
     assert css.scene_label(tuple(sorted(scene))) == "large-red-circle@00 small-blue-rectangle@21"
     queries = load_queries(tiny, load_manifest(tiny), "test")
-    labels = {json.loads(s["json"])["id"]: json.loads(s["json"])["label"]
-              for s in read_gallery(tiny)}
+    labels = {
+        json.loads(s["json"])["id"]: json.loads(s["json"])["label"] for s in read_gallery(tiny)
+    }
     assert all(labels[q["ref_id"]] != labels[q["target_ids"][0]] for q in queries)
 
 
 @pytest.mark.parametrize("size", [32, 64, 128, 224])
 def test_render_scene_draws_every_object_anti_aliased(size):
-    objects = [{"shape": s, "color": c, "size": "large", "pos": (i // 3, i % 3)}
-               for i, (s, c) in enumerate(zip(SHAPES * 3, COLORS))]
+    objects = [
+        {"shape": s, "color": c, "size": "large", "pos": (i // 3, i % 3)}
+        for i, (s, c) in enumerate(zip(SHAPES * 3, COLORS))
+    ]
     image = render_scene(objects, size)
     assert image.size == (size, size) and image.mode == "RGB"
     pixels = np.asarray(image)

@@ -12,8 +12,15 @@ import pytest
 
 from shards import css, verify
 
-TINY = css.CssConfig(seed=5, train_scenes=6, test_scenes=5, mods_per_scene=4, mod_pool=40,
-                     image_size=32, shard_size=10)
+TINY = css.CssConfig(
+    seed=5,
+    train_scenes=6,
+    test_scenes=5,
+    mods_per_scene=4,
+    mod_pool=40,
+    image_size=32,
+    shard_size=10,
+)
 
 
 @pytest.fixture(scope="module")

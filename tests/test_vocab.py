@@ -5,7 +5,15 @@ from pipeline.vocab import PAD_ID, UNK_ID, Vocabulary, tokenize
 
 
 def test_tokenize_lowercases_and_splits_punctuation():
-    assert tokenize("Make the RED circle, blue!") == ["make", "the", "red", "circle", ",", "blue", "!"]
+    assert tokenize("Make the RED circle, blue!") == [
+        "make",
+        "the",
+        "red",
+        "circle",
+        ",",
+        "blue",
+        "!",
+    ]
 
 
 def test_encode_pads_and_reports_lengths():

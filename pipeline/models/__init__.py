@@ -7,5 +7,10 @@ from pipeline.models import ccnet, composers  # noqa: F401  (importing registers
 from pipeline.models.base import ComposedRetrievalModel
 from pipeline.models.registry import accepted_kwargs, create_model, list_models, register_model
 
-__all__ = ["ComposedRetrievalModel", "accepted_kwargs", "create_model", "list_models",
-           "register_model"]
+__all__ = [
+    "ComposedRetrievalModel",
+    "accepted_kwargs",
+    "create_model",
+    "list_models",
+    "register_model",
+]

@@ -54,8 +54,13 @@ class ComposedRetrievalModel(nn.Module):
     def correct(self, ref_repr: Repr, cand_repr: Repr, text_repr: Repr) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} has no correction network")
 
-    def forward(self, ref_images: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor,
-                target_images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        ref_images: torch.Tensor,
+        tokens: torch.Tensor,
+        lengths: torch.Tensor,
+        target_images: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
         ref_repr = self.encode_image(ref_images)
         tgt_repr = self.encode_image(target_images)
         text_repr = self.encode_text(tokens, lengths)

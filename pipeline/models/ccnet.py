@@ -81,8 +81,8 @@ class ExpertImageEncoder(nn.Module):
         rows = adaptive_pool_weights(last.shape[2], 7, last)  # (7, h)
         cols = adaptive_pool_weights(last.shape[3], 7, last)  # (7, w)
         # each window's weights over the original map: mean of its 3 pooled rows/columns
-        win_rows = torch.stack([rows[r:r + 3].mean(0) for r, _ in SPATIAL_WINDOWS])  # (5, h)
-        win_cols = torch.stack([cols[c:c + 3].mean(0) for _, c in SPATIAL_WINDOWS])  # (5, w)
+        win_rows = torch.stack([rows[r : r + 3].mean(0) for r, _ in SPATIAL_WINDOWS])  # (5, h)
+        win_cols = torch.stack([cols[c : c + 3].mean(0) for _, c in SPATIAL_WINDOWS])  # (5, w)
         spatial = torch.einsum("bchw,sh,sw->sbc", last, win_rows, win_cols)  # (5, B, C)
         pooled = [last.mean(dim=(2, 3)), mid.mean(dim=(2, 3)), *spatial.unbind(0)]
         return torch.stack([embed(self.dropout(p)) for embed, p in zip(self.embed, pooled)], 1)
@@ -99,8 +99,9 @@ class ExpertTextEncoder(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.expert_queries = nn.Parameter(nn.init.xavier_uniform_(torch.empty(experts, dim)))
         self.attention = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, 1))
-        self.embed = nn.ModuleList(nn.Sequential(nn.Linear(dim, dim), nn.ReLU())
-                                   for _ in range(experts))
+        self.embed = nn.ModuleList(
+            nn.Sequential(nn.Linear(dim, dim), nn.ReLU()) for _ in range(experts)
+        )
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         words = self.embedding(tokens)  # (B, T, E)
@@ -154,9 +155,13 @@ class ExpertComposer(nn.Module):
         self.w_g = nn.Parameter(torch.tensor(float(w_g_init)))
         self.w_r = nn.Parameter(torch.tensor(float(w_r_init)))
         self.gate = nn.Sequential(nn.BatchNorm1d(3 * dim), nn.ReLU(), nn.Linear(3 * dim, dim))
-        self.residual = nn.Sequential(nn.BatchNorm1d(3 * dim), nn.ReLU(),
-                                      nn.Linear(3 * dim, 2 * dim), nn.ReLU(),
-                                      nn.Linear(2 * dim, dim))
+        self.residual = nn.Sequential(
+            nn.BatchNorm1d(3 * dim),
+            nn.ReLU(),
+            nn.Linear(3 * dim, 2 * dim),
+            nn.ReLU(),
+            nn.Linear(2 * dim, dim),
+        )
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         joint = torch.cat([x, t, self.fusion(x, t)], dim=1)
@@ -187,30 +192,51 @@ class CCNet(ComposedRetrievalModel):
     text_repr_names = ("experts",)
     has_correction = True
 
-    def __init__(self, vocab_size: int, embed_dim: int = 512, image_backbone: str = "resnet18",
-                 pretrained_path: str | None = None, fusion: str = "hadamard",
-                 word_dim: int = 300, word_vectors_path: str | None = None,
-                 vocab_words: list[str] | None = None, freeze_word_vectors: bool = False,
-                 dropout: float = 0.2, norm_scale_init: float = 5.0, w_g_init: float = 1.0,
-                 w_r_init: float = 10.0, mutan_rank: int = 256, mutan_heads: int = 4,
-                 loss_scale_init: float | None = None, learn_loss_scale: bool = True):
+    def __init__(
+        self,
+        vocab_size: int,
+        embed_dim: int = 512,
+        image_backbone: str = "resnet18",
+        pretrained_path: str | None = None,
+        fusion: str = "hadamard",
+        word_dim: int = 300,
+        word_vectors_path: str | None = None,
+        vocab_words: list[str] | None = None,
+        freeze_word_vectors: bool = False,
+        dropout: float = 0.2,
+        norm_scale_init: float = 5.0,
+        w_g_init: float = 1.0,
+        w_r_init: float = 10.0,
+        mutan_rank: int = 256,
+        mutan_heads: int = 4,
+        loss_scale_init: float | None = None,
+        learn_loss_scale: bool = True,
+    ):
         super().__init__()
-        check_positive(vocab_size=vocab_size, embed_dim=embed_dim, word_dim=word_dim,
-                       mutan_rank=mutan_rank, mutan_heads=mutan_heads, dropout=dropout)
+        check_positive(
+            vocab_size=vocab_size,
+            embed_dim=embed_dim,
+            word_dim=word_dim,
+            mutan_rank=mutan_rank,
+            mutan_heads=mutan_heads,
+            dropout=dropout,
+        )
         if fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
         m = len(EXPERTS)
         self.vocab_size, self.expert_dim, self.embed_dim = vocab_size, embed_dim, m * embed_dim
-        self.image_encoder = ExpertImageEncoder(embed_dim, image_backbone, pretrained_path,
-                                                dropout)
+        self.image_encoder = ExpertImageEncoder(embed_dim, image_backbone, pretrained_path, dropout)
         self.text_encoder = ExpertTextEncoder(vocab_size, word_dim, embed_dim, m, dropout)
         if word_vectors_path is not None:
             if vocab_words is None:
-                raise ValueError("word_vectors_path needs vocab_words (the vocabulary's words, "
-                                 "in id order) to map vectors to ids")
+                raise ValueError(
+                    "word_vectors_path needs vocab_words (the vocabulary's words, "
+                    "in id order) to map vectors to ids"
+                )
             table = self.text_encoder.embedding.weight
-            table.data.copy_(load_word_vectors(word_vectors_path, vocab_words, word_dim,
-                                               table.data))
+            table.data.copy_(
+                load_word_vectors(word_vectors_path, vocab_words, word_dim, table.data)
+            )
         self.text_encoder.embedding.weight.requires_grad_(not freeze_word_vectors)
 
         def fusion_module() -> nn.Module:
@@ -218,15 +244,17 @@ class CCNet(ComposedRetrievalModel):
                 return MutanFusion(embed_dim, mutan_rank, mutan_heads, dropout)
             return HadamardFusion()
 
-        self.composers = nn.ModuleList(ExpertComposer(embed_dim, fusion_module(), w_g_init,
-                                                      w_r_init) for _ in range(m))
+        self.composers = nn.ModuleList(
+            ExpertComposer(embed_dim, fusion_module(), w_g_init, w_r_init) for _ in range(m)
+        )
         self.correctors = nn.ModuleList(ExpertCorrector(embed_dim) for _ in range(m))
         # NormalizationLayer scales of the code: image experts / text experts
         self.image_scale = nn.Parameter(torch.tensor(float(norm_scale_init)))
         self.text_scale = nn.Parameter(torch.tensor(float(norm_scale_init)))
         init = norm_scale_init * math.sqrt(m) if loss_scale_init is None else loss_scale_init
-        self.loss_scale = nn.Parameter(torch.tensor(float(init)),
-                                       requires_grad=bool(learn_loss_scale))
+        self.loss_scale = nn.Parameter(
+            torch.tensor(float(init)), requires_grad=bool(learn_loss_scale)
+        )
 
     # -- contract ------------------------------------------------------------------------
     def encode_image(self, images: torch.Tensor) -> Repr:
@@ -246,7 +274,9 @@ class CCNet(ComposedRetrievalModel):
         check_same_batch(image_repr=image_repr[0], text_repr=text_repr[0])
         x = self.image_scale * F.normalize(image_repr[0], dim=2)
         t = self.text_scale * F.normalize(text_repr[0], dim=2)
-        parts = [F.normalize(comp(x[:, m], t[:, m]), dim=1) for m, comp in enumerate(self.composers)]
+        parts = [
+            F.normalize(comp(x[:, m], t[:, m]), dim=1) for m, comp in enumerate(self.composers)
+        ]
         return F.normalize(torch.cat(parts, dim=1), dim=1)
 
     def embed_target(self, image_repr: Repr) -> torch.Tensor:
@@ -254,16 +284,19 @@ class CCNet(ComposedRetrievalModel):
         check_repr(image_repr, self.image_repr_names, "image_repr")
         return F.normalize(F.normalize(image_repr[0], dim=2).flatten(1), dim=1)
 
-    def correction_scores(self, ref: torch.Tensor, cand: torch.Tensor,
-                          text: torch.Tensor) -> torch.Tensor:
+    def correction_scores(
+        self, ref: torch.Tensor, cand: torch.Tensor, text: torch.Tensor
+    ) -> torch.Tensor:
         """Broadcasting core of Eq. 10-14: experts (..., M, D) -> logits (...)."""
         ref, cand = torch.broadcast_tensors(ref, cand)
         x = self.image_scale * F.normalize(ref, dim=-1)
         y = self.image_scale * F.normalize(cand, dim=-1)
         t = F.normalize(text, dim=-1)
-        cos = [(F.normalize(corr(x[..., m, :], y[..., m, :]), dim=-1) * t[..., m, :]).sum(-1)
-               for m, corr in enumerate(self.correctors)]
-        return self.text_scale ** 2 * torch.stack(cos, dim=-1).sum(-1)
+        cos = [
+            (F.normalize(corr(x[..., m, :], y[..., m, :]), dim=-1) * t[..., m, :]).sum(-1)
+            for m, corr in enumerate(self.correctors)
+        ]
+        return self.text_scale**2 * torch.stack(cos, dim=-1).sum(-1)
 
     def correct(self, ref_repr: Repr, cand_repr: Repr, text_repr: Repr) -> torch.Tensor:
         """(reference, candidate, text) triples -> correction logits (B,)."""
@@ -273,18 +306,25 @@ class CCNet(ComposedRetrievalModel):
         check_same_batch(ref_repr=ref_repr[0], cand_repr=cand_repr[0], text_repr=text_repr[0])
         return self.correction_scores(ref_repr[0], cand_repr[0], text_repr[0])
 
-    def forward(self, ref_images: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor,
-                target_images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        ref_images: torch.Tensor,
+        tokens: torch.Tensor,
+        lengths: torch.Tensor,
+        target_images: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
         """-> query, target (B, M * D), correction_logits (B, B) (row i: query i against
         every target j of the batch), loss_scale ()."""
-        check_same_batch(ref_images=ref_images, tokens=tokens, lengths=lengths,
-                         target_images=target_images)
+        check_same_batch(
+            ref_images=ref_images, tokens=tokens, lengths=lengths, target_images=target_images
+        )
         ref, target = self.encode_image(ref_images)[0], self.encode_image(target_images)[0]
         text = self.encode_text(tokens, lengths)[0]
         return {
             "query": self.compose((ref,), (text,)),
             "target": self.embed_target((target,)),
-            "correction_logits": self.correction_scores(ref[:, None], target[None, :],
-                                                        text[:, None]),
+            "correction_logits": self.correction_scores(
+                ref[:, None], target[None, :], text[:, None]
+            ),
             "loss_scale": self.loss_scale,
         }

@@ -14,8 +14,9 @@ MIN_IMAGE_SIZE = 32
 
 def is_tracing() -> bool:
     """True while torch.jit/ONNX tracing or torch.compile is capturing a graph."""
-    return bool(torch.jit.is_tracing() or torch.compiler.is_compiling()
-                or torch.onnx.is_in_onnx_export())
+    return bool(
+        torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
+    )
 
 
 def check_images(images: torch.Tensor, name: str = "images") -> None:
@@ -25,8 +26,10 @@ def check_images(images: torch.Tensor, name: str = "images") -> None:
     if images.dim() != 4:
         raise ValueError(f"{name} must have shape (B, 3, H, W), got shape {tuple(images.shape)}")
     if images.shape[1] != 3:
-        raise ValueError(f"{name} must have 3 channels (B, 3, H, W), got {images.shape[1]} "
-                         f"channels in shape {tuple(images.shape)}")
+        raise ValueError(
+            f"{name} must have 3 channels (B, 3, H, W), got {images.shape[1]} "
+            f"channels in shape {tuple(images.shape)}"
+        )
     if not images.is_floating_point():
         raise ValueError(f"{name} must be a float tensor (ImageNet-normalised), got {images.dtype}")
     if is_tracing():
@@ -34,8 +37,10 @@ def check_images(images: torch.Tensor, name: str = "images") -> None:
     if images.shape[0] < 1:
         raise ValueError(f"{name} is an empty batch, shape {tuple(images.shape)}")
     if min(images.shape[2], images.shape[3]) < MIN_IMAGE_SIZE:
-        raise ValueError(f"{name} must be at least {MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE} pixels, "
-                         f"got {images.shape[2]}x{images.shape[3]}")
+        raise ValueError(
+            f"{name} must be at least {MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE} pixels, "
+            f"got {images.shape[2]}x{images.shape[3]}"
+        )
 
 
 def check_text(tokens: torch.Tensor, lengths: torch.Tensor, vocab_size: int) -> None:
@@ -52,16 +57,22 @@ def check_text(tokens: torch.Tensor, lengths: torch.Tensor, vocab_size: int) -> 
     if is_tracing():
         return
     if tokens.shape[0] != lengths.shape[0]:
-        raise ValueError(f"tokens and lengths batch sizes differ: tokens has {tokens.shape[0]} "
-                         f"rows, lengths has {lengths.shape[0]}")
+        raise ValueError(
+            f"tokens and lengths batch sizes differ: tokens has {tokens.shape[0]} "
+            f"rows, lengths has {lengths.shape[0]}"
+        )
     if tokens.shape[1] < 1:
         raise ValueError(f"tokens must have at least one step, got shape {tuple(tokens.shape)}")
     if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
-        raise ValueError(f"tokens must be ids in [0, {vocab_size}) (vocab_size={vocab_size}), "
-                         f"got min {int(tokens.min())}, max {int(tokens.max())}")
+        raise ValueError(
+            f"tokens must be ids in [0, {vocab_size}) (vocab_size={vocab_size}), "
+            f"got min {int(tokens.min())}, max {int(tokens.max())}"
+        )
     if lengths.numel() and (int(lengths.min()) < 1 or int(lengths.max()) > tokens.shape[1]):
-        raise ValueError(f"lengths must be in [1, T={tokens.shape[1]}] (an empty text is one "
-                         f"<unk> token), got min {int(lengths.min())}, max {int(lengths.max())}")
+        raise ValueError(
+            f"lengths must be in [1, T={tokens.shape[1]}] (an empty text is one "
+            f"<unk> token), got min {int(lengths.min())}, max {int(lengths.max())}"
+        )
 
 
 def check_same_batch(**tensors: torch.Tensor | None) -> None:

@@ -44,25 +44,41 @@ class EncoderComposerModel(ComposedRetrievalModel):
     image_repr_names: tuple[str, ...] = ("feature",)
     text_repr_names: tuple[str, ...] = ("feature",)
 
-    def __init__(self, vocab_size: int, embed_dim: int = 512, image_backbone: str = "resnet18",
-                 pretrained_path: str | None = None, word_dim: int = 512,
-                 text_hidden_dim: int = 512, text_dropout: float = 0.1,
-                 loss_scale_init: float = 4.0, learn_loss_scale: bool = True):
+    def __init__(
+        self,
+        vocab_size: int,
+        embed_dim: int = 512,
+        image_backbone: str = "resnet18",
+        pretrained_path: str | None = None,
+        word_dim: int = 512,
+        text_hidden_dim: int = 512,
+        text_dropout: float = 0.1,
+        loss_scale_init: float = 4.0,
+        learn_loss_scale: bool = True,
+    ):
         super().__init__()
-        check_positive(vocab_size=vocab_size, embed_dim=embed_dim, word_dim=word_dim,
-                       text_hidden_dim=text_hidden_dim, text_dropout=text_dropout)
+        check_positive(
+            vocab_size=vocab_size,
+            embed_dim=embed_dim,
+            word_dim=word_dim,
+            text_hidden_dim=text_hidden_dim,
+            text_dropout=text_dropout,
+        )
         if vocab_size < 2:
             raise ValueError(f"vocab_size must be >= 2 (<pad>, <unk>), got {vocab_size}")
         self.vocab_size = vocab_size
         self.embed_dim = embed_dim
         self.image_encoder = ImageEncoder(embed_dim, image_backbone, pretrained_path)
-        self.text_encoder = self.build_text_encoder(vocab_size, embed_dim, word_dim,
-                                                    text_hidden_dim, text_dropout)
-        self.loss_scale = nn.Parameter(torch.tensor(float(loss_scale_init)),
-                                       requires_grad=bool(learn_loss_scale))
+        self.text_encoder = self.build_text_encoder(
+            vocab_size, embed_dim, word_dim, text_hidden_dim, text_dropout
+        )
+        self.loss_scale = nn.Parameter(
+            torch.tensor(float(loss_scale_init)), requires_grad=bool(learn_loss_scale)
+        )
 
-    def build_text_encoder(self, vocab_size: int, embed_dim: int, word_dim: int,
-                           hidden_dim: int, dropout: float) -> nn.Module | None:
+    def build_text_encoder(
+        self, vocab_size: int, embed_dim: int, word_dim: int, hidden_dim: int, dropout: float
+    ) -> nn.Module | None:
         if not self.text_repr_names:
             return None
         return LSTMTextEncoder(vocab_size, embed_dim, word_dim, hidden_dim, dropout)
@@ -96,11 +112,17 @@ class EncoderComposerModel(ComposedRetrievalModel):
             return F.normalize(image_repr[0], dim=1)
         return F.normalize(self.image_encoder.project(image_repr[0]), dim=1)
 
-    def forward(self, ref_images: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor,
-                target_images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        ref_images: torch.Tensor,
+        tokens: torch.Tensor,
+        lengths: torch.Tensor,
+        target_images: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
         """-> {"query": (B, D), "target": (B, D), "loss_scale": ()}."""
-        check_same_batch(ref_images=ref_images, tokens=tokens, lengths=lengths,
-                         target_images=target_images)
+        check_same_batch(
+            ref_images=ref_images, tokens=tokens, lengths=lengths, target_images=target_images
+        )
         outputs = super().forward(ref_images, tokens, lengths, target_images)
         outputs["loss_scale"] = self.loss_scale
         return outputs

@@ -113,11 +113,12 @@ class CorrectionGraph(nn.Module):
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         full, n = _expand(inputs, self.read), self.n_image
-        return self.model.correct(tuple(full[:n]), tuple(full[n:2 * n]), tuple(full[2 * n:]))
+        return self.model.correct(tuple(full[:n]), tuple(full[n : 2 * n]), tuple(full[2 * n :]))
 
 
-def inputs_read(graph_cls: type[nn.Module], model: ComposedRetrievalModel,
-                inputs: tuple[torch.Tensor, ...]) -> list[bool]:
+def inputs_read(
+    graph_cls: type[nn.Module], model: ComposedRetrievalModel, inputs: tuple[torch.Tensor, ...]
+) -> list[bool]:
     """Which of ``inputs`` the step behind ``graph_cls`` depends on (autograd reachability;
     integer inputs such as lengths count as read)."""
     probe = tuple(x.detach().requires_grad_(x.is_floating_point()) for x in inputs)
@@ -128,8 +129,9 @@ def inputs_read(graph_cls: type[nn.Module], model: ComposedRetrievalModel,
     return [next(grads) is not None if x.requires_grad else True for x in probe]
 
 
-def example_text(vocab_size: int, batch: int, text_len: int,
-                 seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def example_text(
+    vocab_size: int, batch: int, text_len: int, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Random tokens (B, T) in [2, vocab) and lengths (B,) in [1, T], one of them T."""
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.randint(min(2, vocab_size - 1), vocab_size, (batch, text_len), generator=gen)
@@ -159,48 +161,83 @@ def graph_modules(model: ComposedRetrievalModel, image_size: int = 224) -> dict[
 
     # which text-representation axes follow T (e.g. per-word embeddings)
     short, long = text_repr(1, 2), text_repr(1, 3)
-    text_axes = {name: {0: "batch", **{a: "text_len" for a in range(1, s.dim())
-                                       if s.shape[a] != t.shape[a]}}
-                 for name, s, t in zip(text_names, short, long)}
+    text_axes = {
+        name: {0: "batch", **{a: "text_len" for a in range(1, s.dim()) if s.shape[a] != t.shape[a]}}
+        for name, s, t in zip(text_names, short, long)
+    }
 
     def batch_axes(names: list[str]) -> dict[str, dict[int, str]]:
         return {n: {0: "batch"} for n in names}
 
     graphs = {
         "image_encoder": GraphModule(
-            ImageEncoderGraph(model), ["images"], image_names,
-            lambda b, t: (example_images(b, image_size),), batch_axes(["images", *image_names])),
+            ImageEncoderGraph(model),
+            ["images"],
+            image_names,
+            lambda b, t: (example_images(b, image_size),),
+            batch_axes(["images", *image_names]),
+        ),
     }
     if text_names:
         graphs["text_encoder"] = GraphModule(
-            TextEncoderGraph(model), ["tokens", "lengths"], text_names,
+            TextEncoderGraph(model),
+            ["tokens", "lengths"],
+            text_names,
             lambda b, t: example_text(vocab_size, b, t),
-            {"tokens": {0: "batch", 1: "text_len"}, "lengths": {0: "batch"}, **text_axes})
-    def step(name: str, graph_cls: type[nn.Module], names: list[str], output: str,
-             make_inputs: Callable[[int, int], tuple[torch.Tensor, ...]],
-             axes: dict[str, dict[int, str]]) -> None:
+            {"tokens": {0: "batch", 1: "text_len"}, "lengths": {0: "batch"}, **text_axes},
+        )
+
+    def step(
+        name: str,
+        graph_cls: type[nn.Module],
+        names: list[str],
+        output: str,
+        make_inputs: Callable[[int, int], tuple[torch.Tensor, ...]],
+        axes: dict[str, dict[int, str]],
+    ) -> None:
         read = inputs_read(graph_cls, model, make_inputs(2, 3))
         kept = [n for n, r in zip(names, read) if r]
         graphs[name] = GraphModule(
-            graph_cls(model, read), kept, [output],
+            graph_cls(model, read),
+            kept,
+            [output],
             lambda b, t: tuple(x for x, r in zip(make_inputs(b, t), read) if r),
-            {n: a for n, a in {**axes, output: {0: "batch"}}.items() if n in kept or n == output})
+            {n: a for n, a in {**axes, output: {0: "batch"}}.items() if n in kept or n == output},
+        )
 
-    step("composer", ComposerGraph, image_names + text_names, "query",
-         lambda b, t: image_repr(b) + text_repr(b, t), {**batch_axes(image_names), **text_axes})
-    step("target_head", TargetHeadGraph, image_names, "target", lambda b, t: image_repr(b),
-         batch_axes(image_names))
+    step(
+        "composer",
+        ComposerGraph,
+        image_names + text_names,
+        "query",
+        lambda b, t: image_repr(b) + text_repr(b, t),
+        {**batch_axes(image_names), **text_axes},
+    )
+    step(
+        "target_head",
+        TargetHeadGraph,
+        image_names,
+        "target",
+        lambda b, t: image_repr(b),
+        batch_axes(image_names),
+    )
     if model.has_correction:
         ref = [f"ref_{n}" for n in model.image_repr_names]
         cand = [f"cand_{n}" for n in model.image_repr_names]
-        step("correction", CorrectionGraph, ref + cand + text_names, "correction_logit",
-             lambda b, t: image_repr(b, 1) + image_repr(b, 2) + text_repr(b, t),
-             {**batch_axes(ref + cand), **text_axes})
+        step(
+            "correction",
+            CorrectionGraph,
+            ref + cand + text_names,
+            "correction_logit",
+            lambda b, t: image_repr(b, 1) + image_repr(b, 2) + text_repr(b, t),
+            {**batch_axes(ref + cand), **text_axes},
+        )
     return graphs
 
 
-def export_graph(graph: GraphModule, path: str | Path, batch: int = 2, text_len: int = 4,
-                 opset: int = ONNX_OPSET) -> Path:
+def export_graph(
+    graph: GraphModule, path: str | Path, batch: int = 2, text_len: int = 4, opset: int = ONNX_OPSET
+) -> Path:
     """Write ``graph`` as ONNX to ``path`` with the TorchScript exporter (``dynamo=False``:
     it handles nn.LSTM and dynamic axes reliably at opset 17)."""
     path = Path(path)
@@ -208,7 +245,15 @@ def export_graph(graph: GraphModule, path: str | Path, batch: int = 2, text_len:
     inputs = graph.example_inputs(batch, text_len)
     graph.module.eval()
     with torch.no_grad():
-        torch.onnx.export(graph.module, inputs, str(path), input_names=graph.input_names,
-                          output_names=graph.output_names, dynamic_axes=graph.dynamic_axes,
-                          opset_version=opset, dynamo=False, do_constant_folding=True)
+        torch.onnx.export(
+            graph.module,
+            inputs,
+            str(path),
+            input_names=graph.input_names,
+            output_names=graph.output_names,
+            dynamic_axes=graph.dynamic_axes,
+            opset_version=opset,
+            dynamo=False,
+            do_constant_folding=True,
+        )
     return path

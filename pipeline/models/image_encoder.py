@@ -46,7 +46,8 @@ def load_imagenet_weights(trunk: nn.Module, backbone: str, pretrained_path: str)
     if not path.is_file():
         raise FileNotFoundError(
             f"pretrained_path: no weights file at {path} for image_backbone={backbone!r} "
-            f"(weights are never downloaded; put the torchvision ImageNet file there)")
+            f"(weights are never downloaded; put the torchvision ImageNet file there)"
+        )
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
@@ -55,8 +56,10 @@ def load_imagenet_weights(trunk: nn.Module, backbone: str, pretrained_path: str)
     missing, unexpected = trunk.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith(("fc.", "classifier."))]
     if missing or unexpected:
-        raise ValueError(f"pretrained_path {path} does not fit {backbone}: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
+        raise ValueError(
+            f"pretrained_path {path} does not fit {backbone}: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
     log.info("loaded ImageNet weights for %s from %s", backbone, path)
 
 
@@ -73,13 +76,23 @@ class Backbone(nn.Module):
         if pretrained_path is not None:
             load_imagenet_weights(net, name, pretrained_path)
         if name.startswith("resnet"):
-            self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool,
-                                      net.layer1, net.layer2, net.layer3)
+            self.stem = nn.Sequential(
+                net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3
+            )
             self.head = net.layer4
         else:  # densenet: split after denseblock3 (its transition halves the size again)
             f = net.features
-            self.stem = nn.Sequential(f.conv0, f.norm0, f.relu0, f.pool0, f.denseblock1,
-                                      f.transition1, f.denseblock2, f.transition2, f.denseblock3)
+            self.stem = nn.Sequential(
+                f.conv0,
+                f.norm0,
+                f.relu0,
+                f.pool0,
+                f.denseblock1,
+                f.transition1,
+                f.denseblock2,
+                f.transition2,
+                f.denseblock3,
+            )
             self.head = nn.Sequential(f.transition3, f.denseblock4, f.norm5, nn.ReLU())
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,8 +104,9 @@ class ImageEncoder(nn.Module):
     """Global image feature as in the TIRG code: average-pool the last map, then a linear
     layer to ``embed_dim``. forward: images (B, 3, H, W) -> (feature (B, D), map (B, C, h, w))."""
 
-    def __init__(self, embed_dim: int = 512, backbone: str = "resnet18",
-                 pretrained_path: str | None = None):
+    def __init__(
+        self, embed_dim: int = 512, backbone: str = "resnet18", pretrained_path: str | None = None
+    ):
         super().__init__()
         self.backbone = Backbone(backbone, pretrained_path)
         self.channels = self.backbone.channels

@@ -36,14 +36,25 @@ def accepted_kwargs(name: str) -> list[str]:
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; registered: {', '.join(list_models())}")
     fn = _REGISTRY[name]
-    inits = ([c.__init__ for c in fn.__mro__ if issubclass(c, ComposedRetrievalModel)
-              and c is not ComposedRetrievalModel and "__init__" in vars(c)]
-             if isinstance(fn, type) and issubclass(fn, nn.Module) else [fn])
+    inits = (
+        [
+            c.__init__
+            for c in fn.__mro__
+            if issubclass(c, ComposedRetrievalModel)
+            and c is not ComposedRetrievalModel
+            and "__init__" in vars(c)
+        ]
+        if isinstance(fn, type) and issubclass(fn, nn.Module)
+        else [fn]
+    )
     names: list[str] = []
     for init in inits:
         for p in inspect.signature(init).parameters.values():
-            if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) \
-                    and p.name not in names:
+            if (
+                p.name != "self"
+                and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+                and p.name not in names
+            ):
                 names.append(p.name)
     return names
 
@@ -55,8 +66,10 @@ def create_model(name: str, **kwargs: Any) -> ComposedRetrievalModel:
     accepted = accepted_kwargs(name)
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
-        raise TypeError(f"model {name!r} got unknown keyword argument(s) {unknown}; "
-                        f"accepted: {', '.join(accepted)}")
+        raise TypeError(
+            f"model {name!r} got unknown keyword argument(s) {unknown}; "
+            f"accepted: {', '.join(accepted)}"
+        )
     model = _REGISTRY[name](**kwargs)
     model.model_name = name
     model.model_kwargs = dict(kwargs)

@@ -23,8 +23,14 @@ def last_valid_step(steps: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 class LSTMTextEncoder(nn.Module):
     """tokens (B, T) int64, lengths (B,) int64 -> text feature (B, D)."""
 
-    def __init__(self, vocab_size: int, embed_dim: int = 512, word_dim: int = 512,
-                 hidden_dim: int = 512, dropout: float = 0.1):
+    def __init__(
+        self,
+        vocab_size: int,
+        embed_dim: int = 512,
+        word_dim: int = 512,
+        hidden_dim: int = 512,
+        dropout: float = 0.1,
+    ):
         super().__init__()
         self.embedding = nn.Embedding(vocab_size, word_dim, padding_idx=PAD_ID)
         self.lstm = nn.LSTM(word_dim, hidden_dim, batch_first=True)

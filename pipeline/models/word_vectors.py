@@ -10,8 +10,9 @@ import torch
 log = logging.getLogger(__name__)
 
 
-def load_word_vectors(path: str | Path, words: list[str], dim: int,
-                      init: torch.Tensor) -> torch.Tensor:
+def load_word_vectors(
+    path: str | Path, words: list[str], dim: int, init: torch.Tensor
+) -> torch.Tensor:
     """Rows of ``init`` (V, dim) replaced by the file's vectors for the words it has.
 
     ``path``: lines ``word v_1 ... v_dim`` (GloVe; a word2vec ``count dim`` header line is
@@ -33,8 +34,10 @@ def load_word_vectors(path: str | Path, words: list[str], dim: int,
             if parts[0] not in index:
                 continue
             if len(parts) - 1 != dim:
-                raise ValueError(f"word_vectors_path {path} line {line_no + 1}: {len(parts) - 1} "
-                                 f"values, expected word_dim={dim}")
+                raise ValueError(
+                    f"word_vectors_path {path} line {line_no + 1}: {len(parts) - 1} "
+                    f"values, expected word_dim={dim}"
+                )
             table[index[parts[0]]] = torch.tensor([float(v) for v in parts[1:]])
             found += 1
     log.info("word vectors: %d of %d vocabulary words found in %s", found, len(words), path)

@@ -34,13 +34,26 @@ class TextOnly(EncoderComposerModel):
 class Concat(EncoderComposerModel):
     """Query = MLP([f_img, f_txt]) (TIRG code ``Concat``: BN-ReLU-FC-BN-ReLU-Dropout-FC)."""
 
-    def __init__(self, vocab_size: int, embed_dim: int = 512, image_backbone: str = "resnet18",
-                 pretrained_path: str | None = None, composer_dropout: float = 0.1, **common):
+    def __init__(
+        self,
+        vocab_size: int,
+        embed_dim: int = 512,
+        image_backbone: str = "resnet18",
+        pretrained_path: str | None = None,
+        composer_dropout: float = 0.1,
+        **common,
+    ):
         super().__init__(vocab_size, embed_dim, image_backbone, pretrained_path, **common)
         d = embed_dim
         self.composer = nn.Sequential(
-            nn.BatchNorm1d(2 * d), nn.ReLU(), nn.Linear(2 * d, 2 * d), nn.BatchNorm1d(2 * d),
-            nn.ReLU(), nn.Dropout(composer_dropout), nn.Linear(2 * d, d))
+            nn.BatchNorm1d(2 * d),
+            nn.ReLU(),
+            nn.Linear(2 * d, 2 * d),
+            nn.BatchNorm1d(2 * d),
+            nn.ReLU(),
+            nn.Dropout(composer_dropout),
+            nn.Linear(2 * d, d),
+        )
 
     def combine(self, image_repr: Repr, text_repr: Repr) -> torch.Tensor:
         return self.composer(torch.cat([image_repr[0], text_repr[0]], dim=1))

@@ -25,8 +25,14 @@ class FiLM(EncoderComposerModel):
 
     image_repr_names = ("map",)
 
-    def __init__(self, vocab_size: int, embed_dim: int = 512, image_backbone: str = "resnet18",
-                 pretrained_path: str | None = None, **common):
+    def __init__(
+        self,
+        vocab_size: int,
+        embed_dim: int = 512,
+        image_backbone: str = "resnet18",
+        pretrained_path: str | None = None,
+        **common,
+    ):
         super().__init__(vocab_size, embed_dim, image_backbone, pretrained_path, **common)
         c = self.image_encoder.channels
         self.film = nn.Linear(embed_dim, 2 * c)  # text -> (gamma, beta), Eq. 1

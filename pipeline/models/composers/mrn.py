@@ -35,8 +35,15 @@ class MultimodalResidualBlock(nn.Module):
 class MRN(EncoderComposerModel):
     """image (B, D), text (B, D) -> query (B, D)."""
 
-    def __init__(self, vocab_size: int, embed_dim: int = 512, image_backbone: str = "resnet18",
-                 pretrained_path: str | None = None, depth: int = 3, **common):
+    def __init__(
+        self,
+        vocab_size: int,
+        embed_dim: int = 512,
+        image_backbone: str = "resnet18",
+        pretrained_path: str | None = None,
+        depth: int = 3,
+        **common,
+    ):
         super().__init__(vocab_size, embed_dim, image_backbone, pretrained_path, **common)
         check_positive(depth=depth)
         self.blocks = nn.ModuleList(MultimodalResidualBlock(embed_dim) for _ in range(depth))

@@ -26,9 +26,16 @@ from pipeline.models.registry import register_model
 class ParamHashing(EncoderComposerModel):
     """image (B, D), text (B, D) -> query (B, D) = W(text) image + b."""
 
-    def __init__(self, vocab_size: int, embed_dim: int = 512, image_backbone: str = "resnet18",
-                 pretrained_path: str | None = None, hashed_params: int = 4096,
-                 hash_seed: int = 0, **common):
+    def __init__(
+        self,
+        vocab_size: int,
+        embed_dim: int = 512,
+        image_backbone: str = "resnet18",
+        pretrained_path: str | None = None,
+        hashed_params: int = 4096,
+        hash_seed: int = 0,
+        **common,
+    ):
         super().__init__(vocab_size, embed_dim, image_backbone, pretrained_path, **common)
         check_positive(hashed_params=hashed_params)
         d = embed_dim
@@ -36,8 +43,9 @@ class ParamHashing(EncoderComposerModel):
         self.bias = nn.Parameter(torch.zeros(d))
         gen = torch.Generator().manual_seed(int(hash_seed))
         self.register_buffer("hash_index", torch.randint(0, hashed_params, (d * d,), generator=gen))
-        self.register_buffer("hash_sign",
-                             torch.randint(0, 2, (d * d,), generator=gen).float() * 2 - 1)
+        self.register_buffer(
+            "hash_sign", torch.randint(0, 2, (d * d,), generator=gen).float() * 2 - 1
+        )
 
     def combine(self, image_repr: Repr, text_repr: Repr) -> torch.Tensor:
         image, text = image_repr[0], text_repr[0]

@@ -34,27 +34,39 @@ class Relationship(EncoderComposerModel):
 
     image_repr_names = ("map",)
 
-    def __init__(self, vocab_size: int, embed_dim: int = 512, image_backbone: str = "resnet18",
-                 pretrained_path: str | None = None, object_dim: int = 256,
-                 relation_dim: int = 256, **common):
+    def __init__(
+        self,
+        vocab_size: int,
+        embed_dim: int = 512,
+        image_backbone: str = "resnet18",
+        pretrained_path: str | None = None,
+        object_dim: int = 256,
+        relation_dim: int = 256,
+        **common,
+    ):
         super().__init__(vocab_size, embed_dim, image_backbone, pretrained_path, **common)
         check_positive(object_dim=object_dim, relation_dim=relation_dim)
         obj = object_dim + 2
-        self.reduce = nn.Sequential(nn.Conv2d(self.image_encoder.channels, object_dim, 1),
-                                    nn.ReLU())
+        self.reduce = nn.Sequential(
+            nn.Conv2d(self.image_encoder.channels, object_dim, 1), nn.ReLU()
+        )
         self.g_first = nn.Linear(obj, relation_dim)  # o_i part of g's first layer
         self.g_second = nn.Linear(obj, relation_dim, bias=False)  # o_j part
         self.g_text = nn.Linear(embed_dim, relation_dim, bias=False)  # q part
         self.g_rest = nn.Sequential(nn.ReLU(), nn.Linear(relation_dim, relation_dim), nn.ReLU())
-        self.f = nn.Sequential(nn.Linear(relation_dim, embed_dim), nn.ReLU(),
-                               nn.Linear(embed_dim, embed_dim))
+        self.f = nn.Sequential(
+            nn.Linear(relation_dim, embed_dim), nn.ReLU(), nn.Linear(embed_dim, embed_dim)
+        )
 
     def combine(self, image_repr: Repr, text_repr: Repr) -> torch.Tensor:
         feature_map, text = image_repr[0], text_repr[0]
         objects = self.reduce(feature_map).flatten(2).transpose(1, 2)  # (B, N, object_dim)
         coords = coordinate_grid(feature_map.shape[2], feature_map.shape[3], objects)
         objects = torch.cat([objects, coords.expand(objects.shape[0], -1, -1)], dim=2)
-        pairs = (self.g_first(objects)[:, :, None] + self.g_second(objects)[:, None, :]
-                 + self.g_text(text)[:, None, None])  # (B, N, N, relation_dim)
+        pairs = (
+            self.g_first(objects)[:, :, None]
+            + self.g_second(objects)[:, None, :]
+            + self.g_text(text)[:, None, None]
+        )  # (B, N, N, relation_dim)
         relations = self.g_rest(pairs).mean(dim=(1, 2))
         return self.f(relations)

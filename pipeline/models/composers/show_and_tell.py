@@ -27,18 +27,34 @@ class ShowAndTell(EncoderComposerModel):
 
     text_repr_names = ("words", "lengths")
 
-    def __init__(self, vocab_size: int, embed_dim: int = 512, image_backbone: str = "resnet18",
-                 pretrained_path: str | None = None, word_dim: int = 512,
-                 text_hidden_dim: int = 512, text_dropout: float = 0.1, **common):
-        super().__init__(vocab_size, embed_dim, image_backbone, pretrained_path,
-                         word_dim=word_dim, text_hidden_dim=text_hidden_dim,
-                         text_dropout=text_dropout, **common)
+    def __init__(
+        self,
+        vocab_size: int,
+        embed_dim: int = 512,
+        image_backbone: str = "resnet18",
+        pretrained_path: str | None = None,
+        word_dim: int = 512,
+        text_hidden_dim: int = 512,
+        text_dropout: float = 0.1,
+        **common,
+    ):
+        super().__init__(
+            vocab_size,
+            embed_dim,
+            image_backbone,
+            pretrained_path,
+            word_dim=word_dim,
+            text_hidden_dim=text_hidden_dim,
+            text_dropout=text_dropout,
+            **common,
+        )
         self.image_in = nn.Linear(embed_dim, word_dim)  # W_e for the image step x_{-1}
         self.lstm = nn.LSTM(word_dim, text_hidden_dim, batch_first=True)
         self.out = nn.Sequential(nn.Dropout(text_dropout), nn.Linear(text_hidden_dim, embed_dim))
 
-    def build_text_encoder(self, vocab_size: int, embed_dim: int, word_dim: int,
-                           hidden_dim: int, dropout: float) -> nn.Module:
+    def build_text_encoder(
+        self, vocab_size: int, embed_dim: int, word_dim: int, hidden_dim: int, dropout: float
+    ) -> nn.Module:
         return nn.Embedding(vocab_size, word_dim, padding_idx=PAD_ID)
 
     def encode_text(self, tokens: torch.Tensor, lengths: torch.Tensor) -> Repr:

@@ -31,15 +31,28 @@ class _GateResidualWeights(nn.Module):
 class TIRG(EncoderComposerModel):
     """TIRG on the global features: (B, D) image, (B, D) text -> query (B, D), Eq. 1-3."""
 
-    def __init__(self, vocab_size: int, embed_dim: int = 512, image_backbone: str = "resnet18",
-                 pretrained_path: str | None = None, w_g_init: float = 1.0,
-                 w_r_init: float = 10.0, learn_weights: bool = True, **common):
+    def __init__(
+        self,
+        vocab_size: int,
+        embed_dim: int = 512,
+        image_backbone: str = "resnet18",
+        pretrained_path: str | None = None,
+        w_g_init: float = 1.0,
+        w_r_init: float = 10.0,
+        learn_weights: bool = True,
+        **common,
+    ):
         super().__init__(vocab_size, embed_dim, image_backbone, pretrained_path, **common)
         d = embed_dim
         self.weights = _GateResidualWeights(w_g_init, w_r_init, learn_weights)
         self.gate = nn.Sequential(nn.BatchNorm1d(2 * d), nn.ReLU(), nn.Linear(2 * d, d))
-        self.residual = nn.Sequential(nn.BatchNorm1d(2 * d), nn.ReLU(), nn.Linear(2 * d, 2 * d),
-                                      nn.ReLU(), nn.Linear(2 * d, d))
+        self.residual = nn.Sequential(
+            nn.BatchNorm1d(2 * d),
+            nn.ReLU(),
+            nn.Linear(2 * d, 2 * d),
+            nn.ReLU(),
+            nn.Linear(2 * d, d),
+        )
 
     def combine(self, image_repr: Repr, text_repr: Repr) -> torch.Tensor:
         image, text = image_repr[0], text_repr[0]
@@ -58,22 +71,38 @@ class TIRGLastConv(EncoderComposerModel):
 
     image_repr_names = ("map",)
 
-    def __init__(self, vocab_size: int, embed_dim: int = 512, image_backbone: str = "resnet18",
-                 pretrained_path: str | None = None, w_g_init: float = 1.0,
-                 w_r_init: float = 10.0, learn_weights: bool = True, **common):
+    def __init__(
+        self,
+        vocab_size: int,
+        embed_dim: int = 512,
+        image_backbone: str = "resnet18",
+        pretrained_path: str | None = None,
+        w_g_init: float = 1.0,
+        w_r_init: float = 10.0,
+        learn_weights: bool = True,
+        **common,
+    ):
         super().__init__(vocab_size, embed_dim, image_backbone, pretrained_path, **common)
         c, joint = self.image_encoder.channels, self.image_encoder.channels + embed_dim
         self.weights = _GateResidualWeights(w_g_init, w_r_init, learn_weights)
-        self.gate = nn.Sequential(nn.BatchNorm2d(joint), nn.Conv2d(joint, joint, 3, padding=1),
-                                  nn.ReLU(), nn.Conv2d(joint, c, 3, padding=1))
-        self.residual = nn.Sequential(nn.BatchNorm2d(joint),
-                                      nn.Conv2d(joint, joint, 3, padding=1), nn.ReLU(),
-                                      nn.Conv2d(joint, c, 3, padding=1))
+        self.gate = nn.Sequential(
+            nn.BatchNorm2d(joint),
+            nn.Conv2d(joint, joint, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(joint, c, 3, padding=1),
+        )
+        self.residual = nn.Sequential(
+            nn.BatchNorm2d(joint),
+            nn.Conv2d(joint, joint, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(joint, c, 3, padding=1),
+        )
 
     def combine(self, image_repr: Repr, text_repr: Repr) -> torch.Tensor:
         feature_map, text = image_repr[0], text_repr[0]
         tiled = text[:, :, None, None].expand(-1, -1, feature_map.shape[2], feature_map.shape[3])
         joint = torch.cat([feature_map, tiled], dim=1)
-        edited = (self.weights.w_g * torch.sigmoid(self.gate(joint)) * feature_map
-                  + self.weights.w_r * self.residual(joint))
+        edited = self.weights.w_g * torch.sigmoid(
+            self.gate(joint)
+        ) * feature_map + self.weights.w_r * self.residual(joint)
         return self.image_encoder.project(edited)
