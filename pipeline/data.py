@@ -20,9 +20,10 @@ assertion), ``split_by="samples"`` always splits samples. Tiny test datasets nee
 fallback; real datasets should have many more shards than readers.
 
 Decoding: on CPU the DataLoader workers decode and preprocess. When ``device`` is
-CUDA the workers pass the encoded bytes and the main process decodes the batch on
-the GPU (nvJPEG for JPEG) and preprocesses there, which frees the few CPU cores of
-a GPU node from decoding.
+CUDA the workers pass JPEG bytes on and the main process decodes them in one batched
+nvJPEG call and preprocesses on the GPU, which frees the few CPU cores of a GPU node;
+formats nvJPEG cannot read (PNG, as the CSS shards use) are decoded in the workers
+(``pipeline.images.predecode_for_gpu``), in parallel with the step.
 
 Corrupt samples (bad JSON, an image that does not decode) are skipped; each reader
 logs a warning with the count per epoch.
@@ -50,6 +51,7 @@ from pipeline.images import (
     ImagePreprocess,
     decode_image,
     decode_images,
+    predecode_for_gpu,
 )
 from pipeline.triplets import draw_triplets, group_texts, triplets_per_epoch
 from pipeline.vocab import Vocabulary
@@ -249,6 +251,20 @@ class TripletStream(IterableDataset):
                         triplet["target_image"] = self.preprocess(
                             decode_image(triplet["target_bytes"]), crop_rng
                         )
+                    except ValueError as err:
+                        skipped["undecodable image"] += 1
+                        log.debug(
+                            "%s: skipping triplet %s -> %s: %s",
+                            where,
+                            triplet["ref_id"],
+                            triplet["target_id"],
+                            err,
+                        )
+                        continue
+                else:
+                    try:
+                        triplet["ref_bytes"] = predecode_for_gpu(triplet["ref_bytes"])
+                        triplet["target_bytes"] = predecode_for_gpu(triplet["target_bytes"])
                     except ValueError as err:
                         skipped["undecodable image"] += 1
                         log.debug(
@@ -530,7 +546,10 @@ class GalleryStream(IterableDataset):
         ids = [str(meta["id"]) for meta, _ in batch]
         metas = [meta for meta, _ in batch]
         if not self.decode_on_worker:
-            return ids, [data for _, data in batch], metas
+            try:
+                return ids, [predecode_for_gpu(data) for _, data in batch], metas
+            except ValueError as err:
+                raise ValueError(f"gallery image in {self.dataset_dir}: {err}") from err
         images = []
         for meta, data in batch:
             try:

@@ -30,12 +30,16 @@ def is_jpeg(data: bytes) -> bool:
     return bytes(data[:3]) == _JPEG_MAGIC
 
 
-def decode_image(data: bytes, device: str | torch.device = "cpu") -> torch.Tensor:
+def decode_image(data: bytes | torch.Tensor, device: str | torch.device = "cpu") -> torch.Tensor:
     """Encoded image bytes -> uint8 RGB tensor (3, H, W) on ``device``.
 
     JPEG bytes are decoded by nvJPEG when ``device`` is CUDA; other formats are decoded
-    on the CPU and moved. Raises ``ValueError`` for empty or undecodable (corrupt) bytes.
+    on the CPU and moved. A uint8 tensor (an image a loader worker already decoded, see
+    ``predecode_for_gpu``) is only moved. Raises ``ValueError`` for empty or undecodable
+    (corrupt) bytes.
     """
+    if isinstance(data, torch.Tensor):
+        return data.to(device, non_blocking=True)
     if not data:
         raise ValueError("cannot decode image: empty bytes (corrupt or missing image)")
     raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
@@ -61,8 +65,20 @@ def decode_image(data: bytes, device: str | torch.device = "cpu") -> torch.Tenso
     return image.to(device)
 
 
-def decode_images(datas: Sequence[bytes], device: str | torch.device = "cpu") -> list[torch.Tensor]:
-    """Decode a list of images; on CUDA all JPEGs go to nvJPEG in one batched call.
+def predecode_for_gpu(data: bytes) -> bytes | torch.Tensor:
+    """What a loader worker hands a CUDA training process: JPEG bytes stay encoded for
+    one batched nvJPEG call on the GPU, anything else (PNG: nvJPEG cannot decode it) is
+    decoded here, in the worker, so it runs in parallel with the training step instead of
+    serialised with it in the main process. Raises ``ValueError`` like ``decode_image``.
+    """
+    return data if data and is_jpeg(data) else decode_image(data)
+
+
+def decode_images(
+    datas: Sequence[bytes | torch.Tensor], device: str | torch.device = "cpu"
+) -> list[torch.Tensor]:
+    """Decode a list of images; on CUDA all JPEGs go to nvJPEG in one batched call
+    (already decoded uint8 tensors are moved to ``device``).
 
     Raises ``ValueError`` naming the position of the first undecodable image.
     """
@@ -70,7 +86,9 @@ def decode_images(datas: Sequence[bytes], device: str | torch.device = "cpu") ->
     if device.type != "cuda":
         return [_decode_at(i, d, device) for i, d in enumerate(datas)]
     out: list[torch.Tensor | None] = [None] * len(datas)
-    jpeg_pos = [i for i, d in enumerate(datas) if d and is_jpeg(d)]
+    jpeg_pos = [
+        i for i, d in enumerate(datas) if not isinstance(d, torch.Tensor) and d and is_jpeg(d)
+    ]
     if jpeg_pos:
         raws = [torch.frombuffer(bytearray(datas[i]), dtype=torch.uint8) for i in jpeg_pos]
         try:

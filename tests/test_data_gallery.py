@@ -10,7 +10,7 @@ import torch
 from shard_fixtures import image_bytes, write_dataset
 
 from pipeline.data import _decode_batch_on_device, gallery_loader, read_gallery_bytes
-from pipeline.images import ImagePreprocess, decode_image, decode_images
+from pipeline.images import ImagePreprocess, decode_image, decode_images, predecode_for_gpu
 
 torch.set_num_threads(1)
 
@@ -100,3 +100,26 @@ def test_decode_on_device_batch_drops_corrupt_triplets():
     assert out["ref_ids"] == ["r0", "r2"] and out["texts"] == ["a b", "d"]
     assert out["ref_images"].shape == out["target_images"].shape == (2, 3, 16, 16)
     assert out["tokens"].tolist() == [[2, 3], [5, 0]] and out["lengths"].tolist() == [2, 1]
+
+
+def test_gpu_readers_predecode_png_in_the_worker_and_keep_jpeg_bytes():
+    png, jpg = image_bytes(1), image_bytes(2, ext="jpg")
+    decoded = predecode_for_gpu(png)
+    assert isinstance(decoded, torch.Tensor) and decoded.dtype == torch.uint8
+    assert predecode_for_gpu(jpg) is jpg  # nvJPEG decodes it on the GPU, in one batch
+    with pytest.raises(ValueError, match="corrupt"):
+        predecode_for_gpu(b"broken")
+    # the main process gets a mix of decoded PNGs and JPEG bytes: both come out alike
+    mixed = decode_images([decoded, jpg], "cpu")
+    assert torch.equal(mixed[0], decode_image(png)) and torch.equal(mixed[1], decode_image(jpg))
+    batch = {
+        "ref_bytes": [decoded, jpg],
+        "target_bytes": [predecode_for_gpu(image_bytes(3)), jpg],
+        "tokens": torch.tensor([[2], [3]]),
+        "lengths": torch.tensor([1, 1]),
+        "texts": ["a", "b"],
+        "ref_ids": ["r0", "r1"],
+        "target_ids": ["t0", "t1"],
+    }
+    out = _decode_batch_on_device(batch, ImagePreprocess(16), torch.device("cpu"), random.Random(0))
+    assert out["ref_images"].shape == (2, 3, 16, 16) and out["ref_ids"] == ["r0", "r1"]
