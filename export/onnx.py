@@ -26,7 +26,6 @@ import logging
 import math
 import shutil
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +45,7 @@ from export.artifacts import (
 from export.parity import ORT_TOLERANCE, ParityError, check, compare_outputs, merge
 from pipeline.checkpoint import CheckpointError, checkpoint_file, file_sha256, load_model
 from pipeline.images import IMAGENET_MEAN, IMAGENET_STD, ImagePreprocess
-from pipeline.models.export_wrappers import GraphModule, graph_modules
+from pipeline.models.export_wrappers import GraphModule, export_graph, graph_modules
 from pipeline.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
@@ -94,21 +93,9 @@ def export_graph_file(graph: GraphModule, path: Path, opset: int = OPSET) -> dic
     batch/length), since the exporter leaves some as generated names.
     """
     inputs = graph.example_inputs(2, 4)
-    module = graph.module.eval()
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # TorchScript-exporter deprecation and tracer notes
-        outputs = module(*inputs)
-        torch.onnx.export(
-            module,
-            inputs,
-            str(path),
-            input_names=graph.input_names,
-            output_names=graph.output_names,
-            dynamic_axes=graph.dynamic_axes,
-            opset_version=opset,
-            dynamo=False,
-            do_constant_folding=True,
-        )
+    with torch.no_grad():
+        outputs = graph.module.eval()(*inputs)  # traced shapes and dtypes for artifacts.json
+    export_graph(graph, path, batch=2, text_len=4, opset=opset)
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
     entry = {"file": path.name, "inputs": {}, "outputs": {}, "dtypes": {}}
     for name, tensor in zip(graph.input_names, inputs):

@@ -243,38 +243,18 @@ class TripletStream(IterableDataset):
         try:
             batch: list[dict[str, Any]] = []
             for triplet in triplets:
-                if self.decode_on_worker:
-                    try:
-                        triplet["ref_image"] = self.preprocess(
-                            decode_image(triplet["ref_bytes"]), crop_rng
-                        )
-                        triplet["target_image"] = self.preprocess(
-                            decode_image(triplet["target_bytes"]), crop_rng
-                        )
-                    except ValueError as err:
-                        skipped["undecodable image"] += 1
-                        log.debug(
-                            "%s: skipping triplet %s -> %s: %s",
-                            where,
-                            triplet["ref_id"],
-                            triplet["target_id"],
-                            err,
-                        )
-                        continue
-                else:
-                    try:
-                        triplet["ref_bytes"] = predecode_for_gpu(triplet["ref_bytes"])
-                        triplet["target_bytes"] = predecode_for_gpu(triplet["target_bytes"])
-                    except ValueError as err:
-                        skipped["undecodable image"] += 1
-                        log.debug(
-                            "%s: skipping triplet %s -> %s: %s",
-                            where,
-                            triplet["ref_id"],
-                            triplet["target_id"],
-                            err,
-                        )
-                        continue
+                try:
+                    self._prepare_images(triplet, crop_rng)
+                except ValueError as err:
+                    skipped["undecodable image"] += 1
+                    log.debug(
+                        "%s: skipping triplet %s -> %s: %s",
+                        where,
+                        triplet["ref_id"],
+                        triplet["target_id"],
+                        err,
+                    )
+                    continue
                 batch.append(triplet)
                 if len(batch) == self.batch_size:
                     yield self._collate(batch)
@@ -328,6 +308,19 @@ class TripletStream(IterableDataset):
                     f"{where}: no triplets in its share of {len(shards)} shard(s) "
                     f"(stride {stride}); the dataset has fewer usable groups than readers"
                 )
+
+    def _prepare_images(self, triplet: dict[str, Any], crop_rng: random.Random) -> None:
+        """CPU readers decode and preprocess here (``ref_image``/``target_image``); CUDA
+        readers keep JPEG bytes for nvJPEG and decode the rest (``predecode_for_gpu``).
+        Raises ``ValueError`` for an undecodable image."""
+        if self.decode_on_worker:
+            triplet["ref_image"] = self.preprocess(decode_image(triplet["ref_bytes"]), crop_rng)
+            triplet["target_image"] = self.preprocess(
+                decode_image(triplet["target_bytes"]), crop_rng
+            )
+        else:
+            triplet["ref_bytes"] = predecode_for_gpu(triplet["ref_bytes"])
+            triplet["target_bytes"] = predecode_for_gpu(triplet["target_bytes"])
 
     def _collate(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
         texts = [t["text"] for t in batch]

@@ -23,6 +23,7 @@ dynamic ``text_len``. The image size S is fixed per export (feature-map shapes f
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -244,7 +245,8 @@ def export_graph(
     path.parent.mkdir(parents=True, exist_ok=True)
     inputs = graph.example_inputs(batch, text_len)
     graph.module.eval()
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TorchScript-exporter deprecation and tracer notes
         torch.onnx.export(
             graph.module,
             inputs,
