@@ -47,11 +47,26 @@ def model_order(models: list[str]) -> list[str]:
     return known + sorted(m for m in models if m not in PAPER_CSS_R1)
 
 
+def trained_steps(run: dict[str, Any]) -> int:
+    """Steps a run trained: its final metrics' step, else its planned ``train.steps``."""
+    step = run["metrics"].get("step")
+    return int(step) if step is not None else int(run["config"]["train"]["steps"])
+
+
+def format_iterations(iterations: list[int]) -> str:
+    """``"300"``, or ``"5120–5480"`` when the runs trained different step counts."""
+    if len(iterations) == 1:
+        return str(iterations[0])
+    return f"{min(iterations)}–{max(iterations)}"
+
+
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per model: number of runs, their iterations, and mean/std of each recall.
 
     A row: ``{"model", "runs", "seeds", "iterations", "paper_R@1", "R@1": {"mean", "std"},
-    ...}``; ``iterations`` lists the distinct ``train.steps`` of the model's runs.
+    ...}``; ``iterations`` lists the distinct step counts the model's runs trained
+    (``metrics["step"]``; a run ended by ``train.time_limit_s`` stops short of
+    ``train.steps``, which is used where a run's metrics have no step).
     """
     by_model: dict[str, list[dict[str, Any]]] = {}
     for run in runs:
@@ -63,7 +78,7 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "model": model,
             "runs": len(group),
             "seeds": sorted(run["seed"] for run in group),
-            "iterations": sorted({int(run["config"]["train"]["steps"]) for run in group}),
+            "iterations": sorted({trained_steps(run) for run in group}),
             "paper_R@1": PAPER_CSS_R1.get(model),
         }
         for key in RECALL_KEYS:
@@ -96,7 +111,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         cells = [
             row["model"],
             str(row["runs"]),
-            "/".join(str(i) for i in row["iterations"]),
+            format_iterations(row["iterations"]),
             *(format_cell(row[key], row["runs"]) for key in RECALL_KEYS),
             "–" if paper is None else f"{paper:.1f}",
         ]

@@ -56,6 +56,10 @@ DEFAULTS: dict[str, Any] = {
     },
     "train": {
         "steps": 160000,
+        # Wall-clock budget of one run's training in seconds (None = none): when it is
+        # spent, the run ends at the step it reached as if that were train.steps
+        # (evaluation, checkpoint, metrics["step"] = the steps trained).
+        "time_limit_s": None,
         "batch_size": 32,  # per worker
         "workers": 1,  # Ray Train workers; 0 = in-process loop without Ray
         "use_gpu": "auto",  # auto | true | false
@@ -232,6 +236,11 @@ def validate_config(config: dict) -> None:
     for key in ("steps", "batch_size"):
         if not isinstance(train[key], int) or train[key] < 1:
             raise ConfigError(f"train.{key} must be a positive int, got {train[key]!r}")
+    limit = train["time_limit_s"]
+    if limit is not None and (
+        isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit <= 0
+    ):
+        raise ConfigError(f"train.time_limit_s must be a positive number or null, got {limit!r}")
     if not isinstance(train["workers"], int) or train["workers"] < 0:
         raise ConfigError(f"train.workers must be an int >= 0, got {train['workers']!r}")
     if train["use_gpu"] not in ("auto", True, False):

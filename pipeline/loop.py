@@ -140,26 +140,61 @@ def inject_fault(config: dict[str, Any], rank: int, step: int) -> None:
 
 
 class TrainState:
-    """Loss/throughput accumulated between two log lines or reports."""
+    """Loss/throughput accumulated between two log lines or reports.
+
+    The loss is summed on the device: reading it back every step would make the host
+    wait for the GPU each step, so it is read only when logged or checked.
+    """
 
     def __init__(self):
         self.reset()
 
     def reset(self) -> None:
-        self.loss_sum, self.batches, self.samples, self.start = 0.0, 0, 0, time.perf_counter()
+        self.loss_sum: torch.Tensor | float = 0.0
+        self.batches, self.samples, self.start = 0, 0, time.perf_counter()
 
-    def add(self, loss: float, samples: int) -> None:
-        self.loss_sum += loss
+    def add(self, loss: torch.Tensor, samples: int) -> None:
+        self.loss_sum = self.loss_sum + loss.detach().float()
         self.batches += 1
         self.samples += samples
 
     @property
     def loss(self) -> float:
-        return self.loss_sum / max(self.batches, 1)
+        return float(self.loss_sum) / max(self.batches, 1)
 
     @property
     def samples_per_s(self) -> float:
         return self.samples / max(time.perf_counter() - self.start, 1e-9)
+
+
+class TimeLimit:
+    """``train.time_limit_s``: has this run's wall-clock training budget been spent?
+
+    Counted from the start of this attempt's loop. With several ranks the ranks agree
+    (any rank out of time stops all) every ``sync_every`` steps, so that no rank waits
+    in a collective that the others never reach.
+    """
+
+    def __init__(self, seconds: float | None, context: RunContext, sync_every: int = 20):
+        self.deadline = None if seconds is None else time.monotonic() + float(seconds)
+        self.context, self.sync_every = context, sync_every
+
+    def spent(self, step: int) -> bool:
+        if self.deadline is None:
+            return False
+        if self.context.world_size == 1:
+            return time.monotonic() >= self.deadline
+        if step % self.sync_every:
+            return False
+        return self.context.mean_over_ranks(float(time.monotonic() >= self.deadline)) > 0
+
+
+def check_finite(state: TrainState, step: int, rank: int) -> None:
+    value = state.loss
+    if not math.isfinite(value):
+        raise FloatingPointError(
+            f"loss is {value} in the {state.batches} steps up to step {step} on rank {rank}"
+        )
 
 
 def evaluate(
@@ -284,6 +319,8 @@ def train_loop(
     log_every, eval_every = int(train["log_every"]), int(train["eval_every"])
     checkpoint_every = int(train["checkpoint_every"])
     interval, since_report = TrainState(), TrainState()
+    check_every = log_every or 100  # steps between reading the loss back (NaN check)
+    time_limit = TimeLimit(train["time_limit_s"], context)
 
     while step < total:
         epoch, done_in_epoch = divmod(step, batches_per_epoch)
@@ -311,11 +348,19 @@ def train_loop(
             step += 1
             inject_fault(config, rank, step)
 
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise FloatingPointError(f"loss is {value} at step {step} on rank {rank}")
-            interval.add(value, ref.shape[0])
-            since_report.add(value, ref.shape[0])
+            interval.add(loss, ref.shape[0])
+            since_report.add(loss, ref.shape[0])
+            if time_limit.spent(step) and step < total:
+                log.info(
+                    "rank %d: train.time_limit_s=%s spent at step %d of %d; ending the run here",
+                    rank,
+                    train["time_limit_s"],
+                    step,
+                    total,
+                )
+                total = step
+            if step % check_every == 0 or step == total:
+                check_finite(interval, step, rank)
             lr = optimizer.param_groups[0]["lr"]
             if context.is_main and log_every and (step % log_every == 0 or step == total):
                 log.info(

@@ -81,6 +81,8 @@ def test_demo_settings_apply_under_overrides(tmp_path):
         ("train.steps=0", "train.steps must be a positive int"),
         ("image.size=16", "image.size must be an int >= 32"),
         ("train.use_gpu=maybe", "train.use_gpu must be auto"),
+        ("train.time_limit_s=0", "train.time_limit_s must be a positive number"),
+        ("train.time_limit_s=soon", "train.time_limit_s must be a positive number"),
         ("optim.decay_steps=soon", "optim.decay_steps"),
         ("lr", "not of the form key.sub=value"),
     ],

@@ -60,6 +60,18 @@ def test_summarize_rows_in_paper_order_with_spread():
     assert rows[-1]["paper_R@1"] is None and rows[-1]["iterations"] == [200]
 
 
+def test_iterations_are_the_steps_each_run_trained():
+    """Time-limited runs (train.time_limit_s) stop short of train.steps: the table shows
+    the steps they reached, as a range when the seeds differ."""
+    short, full = fake_run("tirg", 0, 50.0, steps=9000), fake_run("tirg", 1, 60.0, steps=9000)
+    short["metrics"]["step"], full["metrics"]["step"] = 5120, 5480
+    rows = summarize([short, full, fake_run("concat", 0, 30.0, steps=300)])
+    assert rows[0]["iterations"] == [5120, 5480] and rows[1]["iterations"] == [300]
+    lines = markdown_table(rows).splitlines()
+    assert lines[2].startswith("| tirg | 2 | 5120–5480 | 55.0 ± 7.1 |")
+    assert lines[3].startswith("| concat | 1 | 300 | 30.0 |")
+
+
 def test_summarize_names_run_missing_a_recall():
     broken = fake_run("tirg", 3, 10.0)
     del broken["metrics"]["R@5"]

@@ -14,7 +14,7 @@ from train_fixtures import ROOT, tiny_config
 
 from pipeline.checkpoint import load_checkpoint, load_model
 from pipeline.distributed import LocalContext
-from pipeline.loop import build_optimizer, lr_factor, train_loop
+from pipeline.loop import TimeLimit, build_optimizer, lr_factor, train_loop
 from pipeline.models import create_model
 
 
@@ -145,3 +145,59 @@ def test_train_script_in_process_writes_run_dir(dataset, tmp_path):
     assert payload["config"]["train"]["seed"] == 3 and len(vocab) > 2
     assert (out / "config.yaml").is_file() and any((out / "tb").iterdir())
     assert not torch.isnan(next(model.parameters())).any()
+
+
+def test_time_limit_ends_the_run_evaluated_and_checkpointed(dataset, tmp_path):
+    """train.time_limit_s spent after the first step: the run ends there as if
+    train.steps were 1 (evaluation, checkpoint, metrics["step"] = 1)."""
+    config = tiny_config(dataset, tmp_path / "run", "train.steps=1000", "train.time_limit_s=1e-6")
+    context = LocalContext(
+        config["train"]["storage_path"], config["train"]["run_name"], use_gpu=False
+    )
+    metrics = train_loop(config, context=context)
+    assert metrics["step"] == 1 and "R@1" in metrics
+    assert [r["step"] for r in context.reports] == [1]
+    assert load_checkpoint(context.checkpoints()[-1])["step"] == 1
+
+
+class RanksContext:
+    """Just what TimeLimit reads of a run context: the world size and the collective."""
+
+    def __init__(self, world_size: int, others_out_of_time: bool):
+        self.world_size, self.others = world_size, others_out_of_time
+        self.collectives = []
+
+    def mean_over_ranks(self, value: float) -> float:
+        self.collectives.append(value)
+        return (value + self.others * (self.world_size - 1)) / self.world_size
+
+
+def test_time_limit_ranks_agree_only_at_sync_steps():
+    """With several ranks, one rank out of time stops them all, and only at the steps
+    where every rank joins the collective (never a rank alone in an all-reduce)."""
+    context = RanksContext(world_size=2, others_out_of_time=True)
+    limit = TimeLimit(3600, context, sync_every=20)
+    assert [limit.spent(step) for step in (1, 19)] == [False, False]
+    assert context.collectives == []  # no collective between sync steps
+    assert limit.spent(20) is True and context.collectives == [0.0]
+    alone = TimeLimit(3600, RanksContext(world_size=2, others_out_of_time=False))
+    assert alone.spent(40) is False
+    assert TimeLimit(None, context).spent(20) is False
+
+
+def test_nan_loss_stops_the_run_with_the_step(dataset, tmp_path):
+    """The loss is read back only every log_every steps; a NaN still stops the run."""
+    config = tiny_config(dataset, tmp_path / "run", "train.steps=6", "train.log_every=3")
+
+    def nan_batches(epoch):
+        for _ in range(5):
+            images = torch.full((4, 3, 32, 32), float("nan"))
+            yield {
+                "ref_images": images,
+                "target_images": images.clone(),
+                "tokens": torch.ones(4, 3, dtype=torch.long),
+                "lengths": torch.full((4,), 3),
+            }
+
+    with pytest.raises(FloatingPointError, match="up to step 3 on rank 0"):
+        train_loop(config, batch_source=nan_batches)
