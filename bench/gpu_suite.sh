@@ -3,22 +3,27 @@
 # Ray (our lent H100): the paper-scale CSS reproduction first (the figure that matters
 # most), then serving, export and training latency/throughput.
 #
-#   OUT=results/gpu bash bench/gpu_suite.sh [TRAIN_SECONDS] [SEEDS] 2>&1 | tee results/gpu/suite.log
+#   OUT=results/gpu bash bench/gpu_suite.sh [TRAIN_SECONDS] [SEEDS] [MODELS] [EVAL_EVERY] \
+#       2>&1 | tee results/gpu/suite.log
 #
-# The reproduction trains every registered model x SEEDS (default 2) at once, one process
-# per run on the one GPU (--parallel): at the paper's batch of 32 a run is bound by the
+# The reproduction trains MODELS (default all registered) x SEEDS (default 2) at once,
+# one process per run on the one GPU (--parallel): at the paper's batch of 32 a run is
+# bound by the
 # host's kernel launches (~31 ms a step, the GPU mostly idle), so concurrent runs add up
 # almost linearly until the CPU cores are spent. Each run trains for TRAIN_SECONDS
 # (default 200, train.time_limit_s) or the paper's 160k iterations, whichever comes
-# first, then evaluates; the table states the iterations each reached. Where CUDA MPS
+# first, then evaluates (also every EVAL_EVERY steps, default 0 = only at the end, for a
+# learning curve in the log); the table states the iterations each reached. Where CUDA MPS
 # can be started, the runs share the GPU through it (kernels of several processes run
 # at once instead of time-sliced); the log says which. Each later stage has its own time
-# limit, so a slow stage never costs the others. webdataset/braceexpand wheels may be
-# carried in .whl/ (see README).
+# limit, so a slow stage never costs the others; REPRODUCE_ONLY=1 skips them.
+# webdataset/braceexpand wheels may be carried in .whl/ (see README).
 set -uo pipefail
 OUT=${OUT:-results/gpu}
 TRAIN_SECONDS=${1:-200}
 SEEDS=${2:-2}
+MODELS=${3:-all}
+EVAL_EVERY=${4:-0}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -52,22 +57,22 @@ echo "mps_started=$mps_started"
 stage data: CSS default size at 64 px
 timeout 90 python3 -m shards.css --out /tmp/css64 --workers 16 2>&1 | tail -2
 
-models=$(python3 -c "from pipeline.models import list_models; print(len(list_models()))")
+models=$(python3 -c "from bench.reproduce import resolve_models; print(len(resolve_models('$MODELS')))")
 runs=$(( models * SEEDS ))
-stage "paper-scale CSS reproduction: $models models x $SEEDS seeds, $runs runs at once, ${TRAIN_SECONDS} s of training each"
+stage "paper-scale CSS reproduction: $models models ($MODELS) x $SEEDS seeds, $runs runs at once, ${TRAIN_SECONDS} s of training each"
 # Adam 1e-3 from random weights, as in the README's CPU tables: no ImageNet-trained trunk
 # can be fetched here, and the paper's SGD (trunk at 0.1 x 0.01) learns little from
 # scratch in a few thousand steps. One CPU thread and one loader process per run.
-repro_flags=(--dataset /tmp/css64 --models all --seeds "$SEEDS" --iterations 160000
+repro_flags=(--dataset /tmp/css64 --models "$MODELS" --seeds "$SEEDS" --iterations 160000
     --in-process --paper-scale --parallel "$runs" --out /tmp/reproduce
     --set optim.name=adam --set optim.lr=0.001 --set optim.weight_decay=0
     --set optim.backbone_lr_mult=1 --set train.threads=1 --set train.loader_workers=1
     --set train.log_every=500 --set train.checkpoint_every=0
-    --set "train.time_limit_s=$TRAIN_SECONDS")
+    --set "train.time_limit_s=$TRAIN_SECONDS" --set "train.eval_every=$EVAL_EVERY")
 timeout $(( TRAIN_SECONDS + 150 )) python3 -m bench.reproduce "${repro_flags[@]}" \
     > /tmp/reproduce.log 2>&1
 echo "reproduce exit code $?"
-grep -E "bench.reproduce: \[|time_limit_s|Error|error" /tmp/reproduce.log | tail -40
+grep -E "bench.reproduce: \[|time_limit_s| eval R@|Error|error" /tmp/reproduce.log | tail -60
 python3 -m bench.reproduce "${repro_flags[@]}" --report-only 2>&1 | tail -16
 # the device returns at most 8 files: the log, these four and three bench JSONs
 gzip -c /tmp/reproduce.log > "$OUT/reproduce.log.gz"
@@ -78,6 +83,10 @@ if [ "$mps_started" = 1 ]; then
     echo quit | timeout 10 nvidia-cuda-mps-control
     unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
     sleep 1
+fi
+if [ "${REPRODUCE_ONLY:-0}" = 1 ]; then
+    stage done
+    exit 0
 fi
 
 stage serving latency: search over 10k/100k/1M fp16 embeddings and the query network

@@ -300,7 +300,11 @@ def train_timed(config: dict[str, Any]) -> tuple[dict[str, Any], float]:
 
 def train_in_subprocess(config: dict[str, Any]) -> tuple[dict[str, Any], float]:
     """``train_timed`` in a pool process (``--in-process --parallel K``), with logging."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # runs share one log: each line names its run
+    run_name = f"{config['model']['name']}/seed{config['train']['seed']}"
+    logging.basicConfig(
+        level=logging.INFO, format=f"%(asctime)s [{run_name}] %(name)s: %(message)s"
+    )
     return train_timed(config)
 
 

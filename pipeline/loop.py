@@ -225,6 +225,13 @@ def evaluate(
     return {k: float(v) if isinstance(v, (int, float)) else v for k, v in metrics.items()}
 
 
+def recall_line(recalls: dict[str, Any]) -> str:
+    """``"R@1 12.30  R@5 40.10 ..."``: the protocol's recalls of one evaluation, for the log."""
+    return "  ".join(
+        f"{key} {value:.2f}" for key, value in recalls.items() if key.startswith("R@")
+    )
+
+
 def shard_batches(
     config: dict[str, Any], vocab: Vocabulary, context: RunContext, batches_per_epoch: int
 ) -> BatchSource:
@@ -393,6 +400,7 @@ def train_loop(
                 if do_eval and context.is_main:
                     recalls = evaluate(model, vocab, config, device)
                     metrics.update(recalls)
+                    log.info("step %d/%d  eval %s", step, total, recall_line(recalls))
                     for key, val in recalls.items():
                         if isinstance(val, float):
                             writer.add_scalar(f"eval/{key}", val, step)
