@@ -83,13 +83,15 @@ def compute_loss(
     scale: float = DEFAULT_SCALE,
     negatives_per_anchor: int | None = 3,
     correction_weight: float = 1.0,
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss of one batch of model outputs -> ``(loss, logs)``.
 
     ``outputs``: the model's forward dict (``query``, ``target`` (B, D), optional
-    ``loss_scale`` () and ``correction_logits`` (B, B)). ``logs`` holds Python floats:
-    ``loss``, ``loss_composition``, ``loss_correction`` (CCNet only), ``loss_scale`` and
-    ``batch_r1`` (fraction of queries whose own target scores highest in the batch).
+    ``loss_scale`` () and ``correction_logits`` (B, B)). ``logs`` holds detached 0-dim
+    tensors (``float()`` them when logging: reading them back every step would make the
+    host wait for the GPU): ``loss``, ``loss_composition``, ``loss_correction`` (CCNet
+    only), ``loss_scale`` and ``batch_r1`` (fraction of queries whose own target scores
+    highest in the batch).
     """
     if loss_name not in LOSSES:
         raise ValueError(f"loss_name must be one of {LOSSES}, got {loss_name!r}")
@@ -104,7 +106,7 @@ def compute_loss(
         main = batch_classification_loss(query, target, s)
     loss = main
     labels = torch.arange(query.shape[0], device=query.device)
-    logs = {"loss_composition": float(main.detach())}
+    logs = {"loss_composition": main.detach()}
     if "correction_logits" in outputs:
         corr = outputs["correction_logits"]
         if corr.shape != (query.shape[0], query.shape[0]):
@@ -114,9 +116,9 @@ def compute_loss(
             )
         correction = F.cross_entropy(corr, labels)
         loss = loss + correction_weight * correction
-        logs["loss_correction"] = float(correction.detach())
+        logs["loss_correction"] = correction.detach()
     with torch.no_grad():
-        logs["batch_r1"] = float(((query @ target.T).argmax(1) == labels).float().mean())
-    logs["loss"] = float(loss.detach())
-    logs["loss_scale"] = float(s.detach()) if isinstance(s, torch.Tensor) else float(s)
+        logs["batch_r1"] = ((query @ target.T).argmax(1) == labels).float().mean()
+    logs["loss"] = loss.detach()
+    logs["loss_scale"] = s.detach() if isinstance(s, torch.Tensor) else torch.tensor(float(s))
     return loss, logs

@@ -14,7 +14,12 @@ Tensors come back on the engine's device, float32.
   and text-length bucket (8, 16, 32, 64): a batch is padded up to its bucket (copies
   of its first row; the LSTM text encoder reads the step at ``lengths - 1``, so pad
   tokens after a text never change it), copied into the graph's static inputs and
-  replayed -- one launch instead of hundreds of small kernels.
+  replayed -- one launch instead of hundreds of small kernels. The query graphs are
+  captured with cuDNN off: on the H100 (torch 2.11) the query graph's capture was
+  invalidated, and its cuDNN LSTM is the likely culprit, while torch's own LSTM kernels
+  are plain launches a graph can hold (not yet re-measured on a GPU). A
+  capture that fails leaves that bucket and every later one eager (a failed capture can
+  leave the graphs' shared memory pool in a state later captures trip over).
 * ``onnxruntime``: ``export.runtime.OnnxRuntimeModel`` (CUDA provider on a GPU when
   onnxruntime-gpu is installed, else CPU).
 * ``tensorrt``: ``export.trt.TensorRTModel`` (engines built by ``python -m export.trt``).
@@ -90,6 +95,7 @@ class TorchBackend:
             self.length_buckets = tuple(range(1, self.max_text_len + 1))
         self._graphs: dict[tuple, CapturedGraph | None] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
+        self._capture_failed = False
         self.describe = "torch eager" + (" + CUDA graphs" if self.cuda_graphs else "")
 
     # -- the three entry points ------------------------------------------------------------
@@ -145,8 +151,14 @@ class TorchBackend:
                 return fn(*inputs)
         graph_key = (*key, size)
         if graph_key not in self._graphs:
-            padded = [_pad_batch(x, size) for x in inputs]
-            self._graphs[graph_key] = CapturedGraph.try_capture(fn, padded, self._pool, graph_key)
+            if self._capture_failed:
+                self._graphs[graph_key] = None
+            else:
+                padded = [_pad_batch(x, size) for x in inputs]
+                self._graphs[graph_key] = CapturedGraph.try_capture(
+                    fn, padded, self._pool, graph_key, cudnn=key[0] != "query"
+                )
+                self._capture_failed = self._graphs[graph_key] is None
         graph = self._graphs[graph_key]
         if graph is None:  # capture failed once: this bucket runs eagerly
             with torch.inference_mode():
@@ -181,8 +193,10 @@ class CapturedGraph:
     All graphs of a backend share one memory pool; they replay one at a time.
     """
 
-    def __init__(self, fn: Callable, example_inputs: list[torch.Tensor], pool):
-        with torch.inference_mode():
+    def __init__(
+        self, fn: Callable, example_inputs: list[torch.Tensor], pool, cudnn: bool = True
+    ):
+        with torch.inference_mode(), torch.backends.cudnn.flags(enabled=cudnn):
             self.static_inputs = [x.clone() for x in example_inputs]
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -196,12 +210,19 @@ class CapturedGraph:
 
     @classmethod
     def try_capture(
-        cls, fn: Callable, example_inputs: list[torch.Tensor], pool, key: tuple
+        cls, fn: Callable, example_inputs: list[torch.Tensor], pool, key: tuple, cudnn: bool = True
     ) -> CapturedGraph | None:
+        """The captured graph, or None (logged) when ``fn`` cannot be captured."""
         try:
-            graph = cls(fn, example_inputs, pool)
+            graph = cls(fn, example_inputs, pool, cudnn=cudnn)
         except RuntimeError as err:  # an op that cannot be captured: fall back to eager
-            log.warning("CUDA graph capture of %s failed, running it eagerly: %s", key, err)
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
+            log.warning(
+                "CUDA graph capture of %s failed (%s); it and every bucket not yet captured "
+                "run eagerly",
+                key,
+                first_line,
+            )
             return None
         log.info("captured CUDA graph %s", key)
         return graph

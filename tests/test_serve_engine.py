@@ -228,3 +228,31 @@ def test_ccnet_reranks_like_the_evaluation(tmp_path_factory):
                 [h.score for h in hits[b]], want_scores[b, :6].numpy(), atol=1e-4
             )
         engine.close()
+
+
+def test_a_failed_graph_capture_leaves_later_buckets_eager(monkeypatch):
+    """One failed capture: that bucket and every later one run eagerly (no further
+    capture into the shared pool), and query graphs are captured with cuDNN off."""
+    from serve import backends
+
+    calls = []
+
+    def fake_capture(fn, inputs, pool, key, cudnn=True):
+        calls.append((key, cudnn))
+        return None  # as when the capture is invalidated
+
+    monkeypatch.setattr(backends.CapturedGraph, "try_capture", staticmethod(fake_capture))
+    backend = object.__new__(backends.TorchBackend)  # the graph bookkeeping alone, on a CPU
+    backend.cuda_graphs, backend._graphs, backend._pool = True, {}, None
+    backend._capture_failed = False
+
+    def double(x):
+        return (2 * x,)
+
+    x = torch.arange(6.0).view(3, 2)
+    (out,) = backend._run(("query", 8), double, [x])
+    torch.testing.assert_close(out, 2 * x)
+    (out,) = backend._run(("image", None), double, [x[:1]])
+    torch.testing.assert_close(out, 2 * x[:1])
+    assert calls == [(("query", 8, 4), False)]  # the image bucket was not captured
+    assert backend._graphs == {("query", 8, 4): None, ("image", None, 1): None}
