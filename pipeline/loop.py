@@ -227,9 +227,7 @@ def evaluate(
 
 def recall_line(recalls: dict[str, Any]) -> str:
     """``"R@1 12.30  R@5 40.10 ..."``: the protocol's recalls of one evaluation, for the log."""
-    return "  ".join(
-        f"{key} {value:.2f}" for key, value in recalls.items() if key.startswith("R@")
-    )
+    return "  ".join(f"{key} {value:.2f}" for key, value in recalls.items() if key.startswith("R@"))
 
 
 def shard_batches(

@@ -193,9 +193,7 @@ class CapturedGraph:
     All graphs of a backend share one memory pool; they replay one at a time.
     """
 
-    def __init__(
-        self, fn: Callable, example_inputs: list[torch.Tensor], pool, cudnn: bool = True
-    ):
+    def __init__(self, fn: Callable, example_inputs: list[torch.Tensor], pool, cudnn: bool = True):
         with torch.inference_mode(), torch.backends.cudnn.flags(enabled=cudnn):
             self.static_inputs = [x.clone() for x in example_inputs]
             side = torch.cuda.Stream()
