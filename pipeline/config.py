@@ -68,6 +68,10 @@ DEFAULTS: dict[str, Any] = {
         "threads": None,  # torch.set_num_threads per worker, None = leave as is
         "loader_workers": 2,
         "shuffle_buffer": 1000,
+        # Triplets of one group kept together in a batch: 1 = independent triplets (the
+        # papers' random batches); k > 1 puts k modifications of a scene in each other's
+        # batch as hard negatives (pipeline.data.group_runs).
+        "triplets_per_group": 1,
         "batches_per_epoch": None,  # None = pipeline.data.default_batches_per_epoch
         "max_text_len": 40,
         "seed": 0,
@@ -245,6 +249,9 @@ def validate_config(config: dict) -> None:
         raise ConfigError(f"train.workers must be an int >= 0, got {train['workers']!r}")
     if train["use_gpu"] not in ("auto", True, False):
         raise ConfigError(f"train.use_gpu must be auto, true or false, got {train['use_gpu']!r}")
+    per_group = train["triplets_per_group"]
+    if isinstance(per_group, bool) or not isinstance(per_group, int) or per_group < 1:
+        raise ConfigError(f"train.triplets_per_group must be an int >= 1, got {per_group!r}")
     for key in ("log_every", "eval_every", "checkpoint_every"):
         if not isinstance(train[key], int) or train[key] < 0:
             raise ConfigError(f"train.{key} must be an int >= 0, got {train[key]!r}")

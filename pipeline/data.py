@@ -7,7 +7,9 @@ Distributed streaming follows open_clip's WebDataset reader:
 2. the shuffled list is split by node (``rank::world_size``), then by DataLoader
    worker (``worker::num_workers``), so readers read disjoint shards;
 3. each reader draws the triplets of its groups (``pipeline.triplets``, afresh every
-   epoch), passes them through a shuffle buffer, decodes, preprocesses and batches;
+   epoch), passes them through a shuffle buffer (of single triplets, or with
+   ``triplets_per_group`` = k of runs of k triplets of one group, which then share a
+   batch), decodes, preprocesses and batches;
 4. each reader repeats its shards endlessly and the loader stops after exactly
    ``batches_per_epoch`` batches, so every rank yields the same number of batches
    whatever the shard sizes (an uneven rank would hang DDP).
@@ -36,7 +38,7 @@ import logging
 import random
 import tarfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from itertools import count, islice
 from pathlib import Path
 from typing import Any
@@ -197,6 +199,7 @@ class TripletStream(IterableDataset):
         split_by: str,
         max_text_len: int | None,
         decode_on_worker: bool,
+        triplets_per_group: int = 1,
     ):
         super().__init__()
         self.shards = shards
@@ -209,6 +212,7 @@ class TripletStream(IterableDataset):
         self.split_by = split_by
         self.max_text_len = max_text_len
         self.decode_on_worker = decode_on_worker
+        self.triplets_per_group = triplets_per_group
 
     def __iter__(self):
         worker, num_workers = _worker()
@@ -233,7 +237,16 @@ class TripletStream(IterableDataset):
         skipped: Counter = Counter()
         reader_seed = f"{self.seed}-{self.epoch}-{self.rank}-{worker}"
         triplets = self._triplets(shards, stride, offset, skipped, where)
-        if self.shuffle_buffer > 1:
+        per_group = self.triplets_per_group
+        if per_group > 1:  # shuffle runs of one group's triplets, so they share a batch
+            runs = group_runs(triplets, per_group, random.Random(f"runs-{reader_seed}"))
+            if self.shuffle_buffer > 1:
+                size = max(2, self.shuffle_buffer // per_group)  # about as many triplets
+                runs = wds.shuffle(size, initial=size, rng=random.Random(f"buffer-{reader_seed}"))(
+                    runs
+                )
+            triplets = (triplet for run in runs for triplet in run)
+        elif self.shuffle_buffer > 1:
             triplets = wds.shuffle(
                 self.shuffle_buffer,
                 initial=self.shuffle_buffer,
@@ -302,6 +315,7 @@ class TripletStream(IterableDataset):
                         "ref_id": str(members[ref].get("id", f"{key}/{ref}")),
                         "target_id": str(members[tgt].get("id", f"{key}/{tgt}")),
                         "text": text,
+                        "group": key,
                     }
             if produced == 0:
                 raise ValueError(
@@ -424,6 +438,34 @@ def _decode_batch_on_device(
     }
 
 
+def group_runs(
+    triplets: Iterable[dict[str, Any]], size: int, rng: random.Random
+) -> Iterator[list[dict[str, Any]]]:
+    """Consecutive triplets of one group (``"group"`` key), shuffled, in runs of <= size.
+
+    With ``train.triplets_per_group`` = k the shuffle buffer moves whole runs, so a batch
+    holds k modifications of a scene: each other's targets are the hard negatives that
+    only the text tells apart (in random batches about 1 % of the loss's negatives are).
+    Every triplet is kept, in exactly one run.
+    """
+    pending: list[dict[str, Any]] = []
+    for triplet in triplets:
+        if pending and triplet["group"] != pending[0]["group"]:
+            yield from _split_runs(pending, size, rng)
+            pending = []
+        pending.append(triplet)
+    if pending:
+        yield from _split_runs(pending, size, rng)
+
+
+def _split_runs(
+    group: list[dict[str, Any]], size: int, rng: random.Random
+) -> Iterator[list[dict[str, Any]]]:
+    rng.shuffle(group)
+    for start in range(0, len(group), size):
+        yield group[start : start + size]
+
+
 def triplet_loader(
     dataset_dir: str | Path,
     vocab: Vocabulary,
@@ -444,16 +486,20 @@ def triplet_loader(
     device: str | torch.device = "cpu",
     max_text_len: int | None = None,
     split_by: str = "auto",
+    triplets_per_group: int = 1,
 ) -> TripletLoader:
     """Training batches of one rank (see the module docstring for the streaming scheme).
 
     ``batches_per_epoch`` defaults to ``default_batches_per_epoch(...)``; pass the same
-    value on every rank (it is what keeps DDP ranks in step).
+    value on every rank (it is what keeps DDP ranks in step). ``triplets_per_group`` > 1
+    keeps that many triplets of one group together in a batch (``group_runs``).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if loader_workers < 0:
         raise ValueError(f"loader_workers must be >= 0, got {loader_workers}")
+    if triplets_per_group < 1:
+        raise ValueError(f"triplets_per_group must be >= 1, got {triplets_per_group}")
     manifest = load_manifest(dataset_dir)
     if manifest["splits"].get(split, {}).get("kind") != "groups":
         raise ValueError(
@@ -478,6 +524,7 @@ def triplet_loader(
         split_by=split_by,
         max_text_len=max_text_len,
         decode_on_worker=device.type != "cuda",
+        triplets_per_group=triplets_per_group,
     )
     return TripletLoader(
         stream, batches_per_epoch=batches_per_epoch, loader_workers=loader_workers, device=device
@@ -520,6 +567,7 @@ class GalleryStream(IterableDataset):
         self.batch_size = batch_size
         self.preprocess = preprocess
         self.decode_on_worker = decode_on_worker
+        self.triplets_per_group = triplets_per_group
 
     def __iter__(self):
         worker, num_workers = _worker()

@@ -256,6 +256,7 @@ def shard_batches(
             augment=image["augment"],
             device=context.device,
             max_text_len=train["max_text_len"],
+            triplets_per_group=train["triplets_per_group"],
         )
 
     return epoch_batches

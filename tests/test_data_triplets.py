@@ -19,6 +19,7 @@ from pipeline.data import (
     build_vocabulary,
     count_triplets,
     default_batches_per_epoch,
+    group_runs,
     reader_shards,
     triplet_loader,
 )
@@ -270,3 +271,43 @@ def test_corrupt_samples_are_skipped_and_counted(tmp_path, caplog):
     messages = [r.getMessage() for r in caplog.records if "corrupt sample" in r.getMessage()]
     assert messages, caplog.text
     assert "undecodable image" in messages[0] and "bad group json" in messages[0]
+
+
+def test_group_runs_keep_every_triplet_in_shuffled_runs_of_one_group():
+    triplets = [{"group": g, "n": i} for i, g in enumerate("aaaaabbc")]
+    runs = list(group_runs(iter(triplets), 2, random.Random(0)))
+    assert sorted(t["n"] for run in runs for t in run) == list(range(8))  # nothing lost
+    assert all(len({t["group"] for t in run}) == 1 and 1 <= len(run) <= 2 for run in runs)
+    assert [len(run) for run in runs] == [2, 2, 1, 2, 1]
+    assert [t["n"] for t in runs[0] + runs[1] + runs[2]] != [0, 1, 2, 3, 4]  # shuffled
+
+
+def test_triplets_per_group_puts_a_scene_s_modifications_in_one_batch(dataset, vocab):
+    """k = 3: neighbours in a batch share a group far more often than in random batches,
+    and the epoch still has its full count of triplets."""
+
+    def epoch(per_group):
+        loader = triplet_loader(
+            dataset,
+            vocab,
+            batch_size=6,
+            image_size=32,
+            seed=3,
+            shuffle_buffer=12,
+            triplets_per_group=per_group,
+            batches_per_epoch=4,
+        )
+        return [
+            (r, t, x) for b in loader for r, t, x in zip(b["ref_ids"], b["target_ids"], b["texts"])
+        ]
+
+    grouped, independent = epoch(3), epoch(1)
+    assert len(grouped) == len(independent) == 24
+    groups = [group_of(ref) for ref, _, _ in grouped]
+    same_as_previous = sum(a == b for a, b in zip(groups, groups[1:]))
+    independent_groups = [group_of(ref) for ref, _, _ in independent]
+    assert same_as_previous > sum(
+        a == b for a, b in zip(independent_groups, independent_groups[1:])
+    )
+    with pytest.raises(ValueError, match="triplets_per_group must be >= 1"):
+        triplet_loader(dataset, vocab, batch_size=4, image_size=32, triplets_per_group=0)
