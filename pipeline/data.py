@@ -567,7 +567,6 @@ class GalleryStream(IterableDataset):
         self.batch_size = batch_size
         self.preprocess = preprocess
         self.decode_on_worker = decode_on_worker
-        self.triplets_per_group = triplets_per_group
 
     def __iter__(self):
         worker, num_workers = _worker()

@@ -83,6 +83,7 @@ def test_demo_settings_apply_under_overrides(tmp_path):
         ("train.use_gpu=maybe", "train.use_gpu must be auto"),
         ("train.time_limit_s=0", "train.time_limit_s must be a positive number"),
         ("train.time_limit_s=soon", "train.time_limit_s must be a positive number"),
+        ("train.triplets_per_group=0", "train.triplets_per_group must be an int >= 1"),
         ("optim.decay_steps=soon", "optim.decay_steps"),
         ("lr", "not of the form key.sub=value"),
     ],
