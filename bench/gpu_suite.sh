@@ -8,9 +8,8 @@
 #
 # The reproduction trains MODELS (default all registered) x SEEDS (default 2) at once,
 # one process per run on the one GPU (--parallel): at the paper's batch of 32 a run is
-# bound by the
-# host's kernel launches (~31 ms a step, the GPU mostly idle), so concurrent runs add up
-# almost linearly until the CPU cores are spent. Each run trains for TRAIN_SECONDS
+# bound by the host's kernel launches (~31 ms a step, the GPU mostly idle), so concurrent
+# runs add up almost linearly until the CPU cores are spent. Each run trains for TRAIN_SECONDS
 # (default 200, train.time_limit_s) or the paper's 160k iterations, whichever comes
 # first, then evaluates (also every EVAL_EVERY steps, default 0 = only at the end, for a
 # learning curve in the log); the table states the iterations each reached. Where CUDA MPS
@@ -40,6 +39,10 @@ python3 -c "import torch, onnxruntime; print('torch', torch.__version__, 'ort', 
 nproc
 
 stage "CUDA MPS (optional: the reproduction runs without it too)"
+stop_mps() {
+    echo quit | timeout 10 nvidia-cuda-mps-control
+    unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+}
 mps_started=0
 if command -v nvidia-cuda-mps-control >/dev/null; then
     export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
@@ -48,8 +51,7 @@ if command -v nvidia-cuda-mps-control >/dev/null; then
         "import torch; print('MPS client ok:', float(torch.ones(4, device='cuda').sum()))"; then
         mps_started=1
     else
-        echo quit | timeout 10 nvidia-cuda-mps-control
-        unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+        stop_mps
     fi
 fi
 echo "mps_started=$mps_started"
@@ -80,8 +82,7 @@ cp /tmp/reproduce/table.md "$OUT/reproduce_table.md"
 cp /tmp/reproduce/runs.json "$OUT/reproduce_runs.json"
 cp /tmp/reproduce/recalls.png "$OUT/reproduce_recalls.png"
 if [ "$mps_started" = 1 ]; then
-    echo quit | timeout 10 nvidia-cuda-mps-control
-    unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+    stop_mps
     sleep 1
 fi
 if [ "${REPRODUCE_ONLY:-0}" = 1 ]; then

@@ -95,7 +95,6 @@ class TorchBackend:
             self.length_buckets = tuple(range(1, self.max_text_len + 1))
         self._graphs: dict[tuple, CapturedGraph | None] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
-        self._capture_failed = False
         self.describe = "torch eager" + (" + CUDA graphs" if self.cuda_graphs else "")
 
     # -- the three entry points ------------------------------------------------------------
@@ -151,14 +150,13 @@ class TorchBackend:
                 return fn(*inputs)
         graph_key = (*key, size)
         if graph_key not in self._graphs:
-            if self._capture_failed:
+            if None in self._graphs.values():  # a capture failed: capture nothing more
                 self._graphs[graph_key] = None
             else:
                 padded = [_pad_batch(x, size) for x in inputs]
                 self._graphs[graph_key] = CapturedGraph.try_capture(
                     fn, padded, self._pool, graph_key, cudnn=key[0] != "query"
                 )
-                self._capture_failed = self._graphs[graph_key] is None
         graph = self._graphs[graph_key]
         if graph is None:  # capture failed once: this bucket runs eagerly
             with torch.inference_mode():

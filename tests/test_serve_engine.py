@@ -244,7 +244,6 @@ def test_a_failed_graph_capture_leaves_later_buckets_eager(monkeypatch):
     monkeypatch.setattr(backends.CapturedGraph, "try_capture", staticmethod(fake_capture))
     backend = object.__new__(backends.TorchBackend)  # the graph bookkeeping alone, on a CPU
     backend.cuda_graphs, backend._graphs, backend._pool = True, {}, None
-    backend._capture_failed = False
 
     def double(x):
         return (2 * x,)
