@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pipeline.partials import claim_partial_dir, release_owner_file
 from pipeline.vocab import Vocabulary
 
 ARTIFACTS_FORMAT = "composed-retrieval-artifacts/1"
@@ -131,6 +132,9 @@ def validate_artifacts(arts: Any, where: str = ARTIFACTS_FILE) -> None:
     for key in ("image_size", "resize", "crop", "mean", "std"):
         if key not in arts["preprocess"]:
             raise ArtifactError(f"{where}: preprocess misses {key!r}")
+    for key in ("file", "sha256"):
+        if not isinstance(arts["checkpoint"], dict) or key not in arts["checkpoint"]:
+            raise ArtifactError(f"{where}: checkpoint misses {key!r}")
     for key in ("vocab_file", "max_text_len", "pad_id", "unk_id"):
         if key not in arts["tokenizer"]:
             raise ArtifactError(f"{where}: tokenizer misses {key!r}")
@@ -193,6 +197,7 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
 @contextlib.contextmanager
 def staging_dir(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield ``OUT.partial-<pid>``; on success it replaces ``OUT``, on error it is removed.
+    Partials that killed exports left are removed first (``pipeline.partials``).
 
     An existing ``OUT`` is refused unless ``overwrite`` (its engines/ and index/ were made
     from the old graphs and would no longer match).
@@ -200,15 +205,13 @@ def staging_dir(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise ArtifactError(f"{out_dir}: already exists (pass --overwrite to replace it)")
-    tmp = out_dir.parent / f"{out_dir.name}.partial-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp = claim_partial_dir(out_dir)  # removes the partials of killed exports
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    release_owner_file(tmp)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)

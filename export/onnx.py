@@ -121,6 +121,7 @@ def export_graph_file(graph: GraphModule, path: Path, opset: int = OPSET) -> dic
         )
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, str(path))
+    entry["sha256"] = file_sha256(path)  # checked before a backend loads the graph
     return entry
 
 

@@ -33,6 +33,7 @@ from export.artifacts import (
     load_vocab,
     text_repr_inputs,
 )
+from pipeline.checkpoint import sha256_mismatch
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +161,8 @@ class OnnxRuntimeModel(ArtifactModel):
         self.sessions = {}
         for graph, info in self.arts["graphs"].items():
             file = graph_file(self.arts, graph)
+            if "sha256" in info and (problem := sha256_mismatch(file, info["sha256"])):
+                raise ArtifactError(problem)
             try:
                 session = ort.InferenceSession(str(file), options, providers=self.providers)
             except Exception as err:  # ORT raises its own exception types for bad files
@@ -191,6 +194,7 @@ class TorchArtifactModel(ArtifactModel):
             self.art_dir / self.arts["checkpoint"]["file"],
             device=self.device,
             expect_model=self.model_name,
+            sha256=self.arts["checkpoint"]["sha256"],
         )
 
     def _tensors(self, reprs: Mapping[str, np.ndarray], names: list[str]) -> tuple:

@@ -7,6 +7,12 @@ style) plus ``vocab.json`` and ``config.json`` copies for people and tools to re
      "model_kwargs": {...}, "model": state_dict, "vocab": {...}, "config": {...},
      "optimizer": state_dict | None, "scheduler": state_dict | None, "step": int,
      "metrics": {...}}
+
+Checkpoints are read with ``torch.load(weights_only=True)``: tensors and plain
+containers only, so a crafted file cannot run code when it is loaded. The vocabulary,
+config and metrics are stored as plain JSON values for that reason (``save_checkpoint``
+converts them). Where a digest of the file is known (an artifact directory records
+one), it is checked before a byte of the file is unpickled.
 """
 
 from __future__ import annotations
@@ -50,12 +56,12 @@ def save_checkpoint(
         "model_name": model.model_name,
         "model_kwargs": model.model_kwargs,
         "model": model.state_dict(),
-        "vocab": vocab.to_dict(),
-        "config": config,
+        "vocab": plain_json(vocab.to_dict()),
+        "config": plain_json(config),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "step": int(step),
-        "metrics": metrics or {},
+        "metrics": plain_json(metrics or {}),
     }
     tmp = directory / f".{CHECKPOINT_FILE}.tmp-{os.getpid()}"
     torch.save(payload, tmp)
@@ -63,6 +69,18 @@ def save_checkpoint(
     (directory / "vocab.json").write_text(json.dumps(vocab.to_dict()))
     (directory / "config.json").write_text(json.dumps(config, indent=1, default=str))
     return directory
+
+
+def plain_json(value: Any) -> Any:
+    """``value`` as plain JSON types (numpy scalars, paths and tuples become numbers,
+    strings and lists), which ``torch.load(weights_only=True)`` reads back."""
+    return json.loads(json.dumps(value, default=_json_default))
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):  # numpy / torch scalars
+        return value.item()
+    return str(value)
 
 
 def checkpoint_file(path: str | Path) -> Path:
@@ -77,25 +95,40 @@ def checkpoint_file(path: str | Path) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read and validate a checkpoint dict."""
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu", sha256: str | None = None
+) -> dict[str, Any]:
+    """Read and validate a checkpoint dict (weights only: no pickled code runs).
+
+    With ``sha256`` the file's digest must match before it is read at all.
+    """
     file = checkpoint_file(path)
+    if sha256 is not None and (problem := sha256_mismatch(file, sha256)):
+        raise CheckpointError(problem)
     try:
-        payload = torch.load(file, map_location=map_location, weights_only=False)
-    except Exception as err:  # torch raises many types for a damaged file
-        raise CheckpointError(f"{file} is not a readable checkpoint: {err}") from err
+        payload = torch.load(file, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises many types for a damaged or unsafe file
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"{file} is not a readable checkpoint (weights-only load refused it: {first})"
+        ) from err
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{file} is not a {CHECKPOINT_FORMAT} checkpoint")
     return payload
 
 
 def load_model(
-    path: str | Path, device: str | torch.device = "cpu", expect_model: str | None = None
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    expect_model: str | None = None,
+    sha256: str | None = None,
 ):
-    """Rebuild the model of a checkpoint: returns ``(model.eval(), vocab, payload)``."""
+    """Rebuild the model of a checkpoint: returns ``(model.eval(), vocab, payload)``.
+
+    ``sha256``: the digest the file must have (``load_checkpoint``)."""
     from pipeline.models import create_model
 
-    payload = load_checkpoint(path, map_location="cpu")
+    payload = load_checkpoint(path, map_location="cpu", sha256=sha256)
     if expect_model is not None and payload["model_name"] != expect_model:
         raise CheckpointError(
             f"{path} holds model {payload['model_name']!r}, expected {expect_model!r}"
@@ -121,3 +154,14 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def sha256_mismatch(path: str | Path, expected: str) -> str | None:
+    """None when ``path`` has the hex SHA-256 ``expected``, else the refusal message."""
+    found = file_sha256(path)
+    if found == expected:
+        return None
+    return (
+        f"{path}: sha256 {found[:16]}... differs from the recorded {str(expected)[:16]}... "
+        "(the file was changed or replaced after export); refusing to read it"
+    )

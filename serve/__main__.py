@@ -1,6 +1,9 @@
 """``python -m serve --artifacts ART_DIR``: the HTTP query service (uvicorn, one process).
 
-Binds to 127.0.0.1 unless ``--host`` says otherwise. See docs/serving.md.
+Binds to 127.0.0.1 unless ``--host`` says otherwise. Every limit and timeout is a flag
+of the serve config (``serve.limits``). A start-up refusal (damaged artifacts or index,
+a tampered checkpoint) is one line naming the file and what is wrong, exit code 2.
+See docs/serving.md.
 """
 
 from __future__ import annotations
@@ -10,7 +13,13 @@ import ipaddress
 import logging
 import sys
 
+from export.artifacts import ArtifactError
+from pipeline.checkpoint import CheckpointError
 from serve.backends import BACKENDS
+from serve.gallery import GalleryIndexError
+from serve.limits import add_limit_flags, limits_from_args
+
+STARTUP_ERRORS = (ArtifactError, CheckpointError, GalleryIndexError)
 
 log = logging.getLogger("serve")
 
@@ -33,10 +42,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--max-image-bytes", type=int, default=10 * 1024 * 1024)
-    parser.add_argument("--max-image-pixels", type=int, default=40_000_000)
-    parser.add_argument("--max-text-chars", type=int, default=500)
-    parser.add_argument("--max-k", type=int, default=100)
     parser.add_argument(
         "--max-batch",
         type=int,
@@ -61,10 +66,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="skip capturing CUDA graphs for every batch bucket at start",
     )
     parser.add_argument("--log-level", default="info")
+    add_limit_flags(parser)
     args = parser.parse_args(argv)
-    for flag in ("max_image_bytes", "max_image_pixels", "max_text_chars", "max_k", "rerank_top"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.rerank_top < 1:
+        parser.error(f"--rerank-top must be >= 1, got {args.rerank_top}")
+    try:
+        args.limits = limits_from_args(args)
+    except ValueError as err:
+        parser.error(str(err))
     if not 0 < args.port < 65536:
         parser.error(f"--port must be in 1..65535, got {args.port}")
     return args
@@ -77,24 +86,29 @@ def main(argv: list[str] | None = None) -> int:
     )
     import uvicorn
 
-    from serve.app import ServiceLimits, create_app
+    from serve.app import create_app
     from serve.engine import QueryEngine
+    from serve.http_server import uvicorn_config
 
     if not _is_loopback(args.host):
         log.warning("binding to %s: the service is reachable from other machines", args.host)
-    engine = QueryEngine(
-        args.artifacts,
-        backend=args.backend,
-        device=args.device,
-        index_dir=args.index,
-        rerank_top=args.rerank_top,
-        max_image_pixels=args.max_image_pixels,
-    )
+    limits = args.limits
+    try:
+        engine = QueryEngine(
+            args.artifacts,
+            backend=args.backend,
+            device=args.device,
+            index_dir=args.index,
+            rerank_top=args.rerank_top,
+            max_image_pixels=limits.max_image_pixels,
+            max_image_side=limits.max_image_side,
+            max_aspect_ratio=limits.max_aspect_ratio,
+        )
+    except STARTUP_ERRORS as err:
+        print(f"serve: error: {err}", file=sys.stderr)
+        return 2
     if not args.no_warmup:
         engine.warmup()
-    limits = ServiceLimits(
-        max_image_bytes=args.max_image_bytes, max_text_chars=args.max_text_chars, max_k=args.max_k
-    )
     app = create_app(engine, limits, max_batch=args.max_batch, max_wait_ms=args.batch_wait_ms)
     log.info(
         "serving %s (%s) on http://%s:%d",
@@ -103,7 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         args.host,
         args.port,
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), workers=1)
+    config = uvicorn_config(
+        app, limits, args.host, args.port, log_level=args.log_level.lower(), workers=1
+    )
+    uvicorn.Server(config).run()
     engine.close()
     return 0
 

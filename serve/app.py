@@ -12,18 +12,19 @@ Endpoints::
 
 Every input error is a 4xx with ``{"error": code, "detail": message}``; ids are looked
 up in the index and never touch the filesystem. Concurrent searches are micro-batched
-(``serve.batching``).
+(``serve.batching``). Overload is a 503 with ``Retry-After``: a full queue, a query that
+waited ``queue_timeout_s``, or too many uploads in flight (``serve.guards``). A client
+that disconnects before its answer has its queued work dropped. The limits and timeouts
+are ``serve.limits.ServiceLimits``.
 """
 
 # No ``from __future__ import annotations``: FastAPI reads the endpoint annotations at
 # definition time, and some of them use this module's local limits.
 import asyncio
-import json
 import logging
 import random
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote
@@ -35,7 +36,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve.batching import MicroBatcher, QueueFullError
+from serve.batching import MicroBatcher, QueueFullError, QueueTimeoutError
 from serve.engine import (
     Hit,
     ImageTooLargeError,
@@ -44,23 +45,14 @@ from serve.engine import (
     UnknownReferenceError,
 )
 from serve.engine import Query as EngineQuery
+from serve.guards import RequestGuard
+from serve.limits import BODY_OVERHEAD_BYTES, ServiceLimits
+
+__all__ = ["BODY_OVERHEAD_BYTES", "ServiceLimits", "create_app", "STATIC_DIR"]
 
 log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
-# Multipart framing and the form's text fields, on top of the image itself.
-BODY_OVERHEAD_BYTES = 64 * 1024
-
-
-@dataclass(frozen=True)
-class ServiceLimits:
-    """What one request may ask for; every excess is a 4xx."""
-
-    max_image_bytes: int = 10 * 1024 * 1024
-    max_text_chars: int = 500
-    max_k: int = 100
-    max_sample: int = 100
-    concurrent_decodes: int = 2  # decoded uploads in flight (each up to max_image_pixels)
 
 
 class ApiError(Exception):
@@ -87,7 +79,6 @@ def create_app(
     *,
     max_batch: int | None = None,
     max_wait_ms: float | None = None,
-    max_queue: int = 1024,
 ) -> FastAPI:
     """The FastAPI app over ``engine``. Batching defaults: on a GPU up to 64 queries
     collected for up to 2 ms; on the CPU up to 16, never waiting (what is queued runs)."""
@@ -97,7 +88,7 @@ def create_app(
         lambda items: _run_batch(engine, items),
         max_batch=max_batch if max_batch is not None else (64 if on_gpu else 16),
         max_wait_ms=max_wait_ms if max_wait_ms is not None else (2.0 if on_gpu else 0.0),
-        max_queue=max_queue,
+        max_queue=limits.max_queue,
     )
     decode_slots = asyncio.Semaphore(limits.concurrent_decodes)
 
@@ -118,8 +109,10 @@ def create_app(
     )
     app.state.engine, app.state.batcher, app.state.limits = engine, batcher, limits
     app.add_middleware(
-        BodySizeLimit,
-        max_bytes=limits.max_image_bytes + BODY_OVERHEAD_BYTES + 4 * limits.max_text_chars,
+        RequestGuard,
+        max_body_bytes=limits.max_body_bytes,
+        body_timeout_s=limits.body_timeout_s,
+        max_pending_uploads=limits.max_pending_uploads,
     )
     _add_error_handlers(app)
 
@@ -164,8 +157,7 @@ def create_app(
                     "image_too_large",
                     f"the image upload exceeds {limits.max_image_bytes} bytes",
                 )
-            async with decode_slots:
-                tensor = await run_in_threadpool(engine.prepare_image, data)
+            tensor = await _unless_disconnected(request, _decode(decode_slots, engine, data))
             query = EngineQuery(text=text, image=tensor)
             reference = {"upload": {"filename": image.filename, "bytes": len(data)}}
         else:
@@ -173,7 +165,9 @@ def create_app(
             query = EngineQuery(text=text, ref_id=ref_id)
             reference = {"ref_id": ref_id, "image_url": image_url(ref_id)}
         prepared = time.perf_counter()
-        hits, info = await batcher.submit((query, k))
+        hits, info = await _unless_disconnected(
+            request, batcher.submit((query, k), timeout=limits.queue_timeout_s)
+        )
         done = time.perf_counter()
         timing = {
             "total_ms": (done - began) * 1e3,
@@ -230,6 +224,7 @@ def create_app(
             **engine.describe(),
             "batches": batcher.batches,
             "queries": batcher.items,
+            "dropped_queries": batcher.dropped,
             "limits": {
                 "max_image_bytes": limits.max_image_bytes,
                 "max_text_chars": limits.max_text_chars,
@@ -255,6 +250,38 @@ def _check_text(text: str | None, limits: ServiceLimits) -> str:
             f"text has {len(text)} characters; at most {limits.max_text_chars} are accepted",
         )
     return text.strip()
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer: its work was cancelled."""
+
+
+async def _decode(slots: asyncio.Semaphore, engine: QueryEngine, data: bytes):
+    """Decode an upload in a worker thread once one of the decode slots is free."""
+    async with slots:
+        return await run_in_threadpool(engine.prepare_image, data)
+
+
+async def _unless_disconnected(request: Request, work):
+    """Await ``work`` unless the client disconnects first: then cancel it (a queued query
+    is dropped before its batch runs) and raise ``ClientGone``."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        raise ClientGone
+    return task.result()
+
+
+async def _disconnect(request: Request) -> None:
+    """Return when the server reports the client gone (the body was read already, so
+    the next message is ``http.disconnect``)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _run_batch(
@@ -284,8 +311,13 @@ def _add_error_handlers(app: FastAPI) -> None:
         return error_response(404, "unknown_ref_id", str(err))
 
     @app.exception_handler(QueueFullError)
-    async def overloaded(request: Request, err: QueueFullError) -> JSONResponse:
+    @app.exception_handler(QueueTimeoutError)
+    async def overloaded(request: Request, err: Exception) -> JSONResponse:
         return error_response(503, "overloaded", str(err), headers={"Retry-After": "1"})
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(request: Request, err: ClientGone) -> Response:
+        return Response(status_code=499)  # nobody reads it; uvicorn drops the write
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, err: RequestValidationError) -> JSONResponse:
@@ -315,77 +347,3 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def internal_error(request: Request, err: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return error_response(500, "internal_error", "the server failed on this request")
-
-
-class BodySizeLimit:
-    """ASGI middleware: refuse request bodies over ``max_bytes`` with 413, before they
-    are parsed (declared Content-Length) or as soon as a streamed body passes it."""
-
-    def __init__(self, app, max_bytes: int):
-        self.app = app
-        self.max_bytes = int(max_bytes)
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None:
-            try:
-                size = int(declared)
-            except ValueError:
-                await _send_json(send, 400, "bad_request", "Content-Length is not a number")
-                return
-            if size > self.max_bytes:
-                await _send_json(
-                    send,
-                    413,
-                    "request_too_large",
-                    f"request body of {size} bytes exceeds {self.max_bytes}",
-                )
-                return
-        received = 0
-        exceeded = False
-
-        async def limited_receive():
-            nonlocal received, exceeded
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    exceeded = True
-                    raise _BodyTooLarge
-            return message
-
-        async def guarded_send(message) -> None:
-            if not exceeded:  # the app's own answer to a cut-off body is replaced below
-                await send(message)
-
-        try:
-            await self.app(scope, limited_receive, guarded_send)
-        except _BodyTooLarge:
-            pass
-        if exceeded:
-            await _send_json(
-                send, 413, "request_too_large", f"request body exceeds {self.max_bytes} bytes"
-            )
-
-
-class _BodyTooLarge(Exception):
-    pass
-
-
-async def _send_json(send, status: int, code: str, detail: str) -> None:
-    body = json.dumps({"error": code, "detail": detail}).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})

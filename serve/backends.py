@@ -80,6 +80,7 @@ class TorchBackend:
             Path(art_dir) / arts["checkpoint"]["file"],
             device=self.device,
             expect_model=arts["model_name"],
+            sha256=arts["checkpoint"]["sha256"],
         )
         self.image_repr_names = list(arts["image_repr_names"])
         self.text_repr_names = list(arts["text_repr_names"])

@@ -9,7 +9,10 @@ throughput; on the CPU the service uses ``max_wait_ms=0``: it runs whatever is a
 queued at once, never waiting for more.
 
 A full queue (``max_queue``) refuses new work with ``QueueFullError`` (the service
-answers 503) instead of letting a flood grow memory without bound.
+answers 503) instead of letting a flood grow memory without bound, and a query that
+waits longer than its ``timeout`` gets ``QueueTimeoutError`` (also 503). A caller that
+goes away (its task cancelled: the client disconnected) cancels its future, and the
+collector drops it before its batch runs: no work is done for it.
 """
 
 from __future__ import annotations
@@ -27,6 +30,10 @@ log = logging.getLogger(__name__)
 
 class QueueFullError(RuntimeError):
     """The batch queue holds ``max_queue`` waiting queries already."""
+
+
+class QueueTimeoutError(RuntimeError):
+    """A query waited longer than its deadline for its batch to finish."""
 
 
 @dataclass
@@ -65,6 +72,7 @@ class MicroBatcher:
         self._executor: ThreadPoolExecutor | None = None
         self.batches = 0
         self.items = 0
+        self.dropped = 0  # queued queries whose caller had gone when their batch formed
 
     async def start(self) -> None:
         self._queue = asyncio.Queue(maxsize=self.max_queue)
@@ -83,7 +91,9 @@ class MicroBatcher:
             self._executor.shutdown(wait=True)
             self._executor = None
 
-    async def submit(self, item: Any) -> tuple[Any, dict]:
+    async def submit(self, item: Any, timeout: float | None = None) -> tuple[Any, dict]:
+        """Queue ``item``; its ``(result, info)``. ``QueueFullError`` at once when the
+        queue is full, ``QueueTimeoutError`` after ``timeout`` seconds without a result."""
         if self._queue is None:
             raise RuntimeError("MicroBatcher.start() has not run")
         future = asyncio.get_running_loop().create_future()
@@ -91,7 +101,14 @@ class MicroBatcher:
             self._queue.put_nowait(_Pending(item, future, time.perf_counter()))
         except asyncio.QueueFull:
             raise QueueFullError(f"{self.max_queue} queries are waiting already") from None
-        return await future
+        if timeout is None:
+            return await future
+        try:
+            return await asyncio.wait_for(future, timeout)  # cancels the future on timeout
+        except asyncio.TimeoutError:
+            raise QueueTimeoutError(
+                f"the query waited {timeout:g} s for the engine without an answer"
+            ) from None
 
     async def _collect(self) -> None:
         loop = asyncio.get_running_loop()
@@ -110,6 +127,7 @@ class MicroBatcher:
                 except asyncio.TimeoutError:
                     break
             live = [p for p in batch if not p.future.done()]  # callers that went away
+            self.dropped += len(batch) - len(live)
             if live:
                 await self._run(loop, live)
 

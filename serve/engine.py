@@ -26,9 +26,10 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from export.artifacts import ArtifactError, load_artifacts, load_vocab
-from pipeline.images import ImagePreprocess, decode_image
+from pipeline.images import ImageGeometryError, ImagePreprocess, check_image_geometry, decode_image
 from serve.backends import BACKENDS, create_backend
 from serve.gallery import GalleryIndex
+from serve.limits import ServiceLimits
 from serve.search import GallerySearch
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,8 @@ class InvalidImageError(QueryError):
 
 
 class ImageTooLargeError(QueryError):
-    """The reference upload has more bytes or pixels than allowed."""
+    """The reference upload has more bytes or pixels, a longer side or a more elongated
+    shape than allowed."""
 
 
 class UnknownReferenceError(QueryError, KeyError):
@@ -96,7 +98,9 @@ class QueryEngine:
         index_dir: str | Path | None = None,
         *,
         rerank_top: int = DEFAULT_RERANK_TOP,
-        max_image_pixels: int = 40_000_000,
+        max_image_pixels: int = ServiceLimits.max_image_pixels,
+        max_image_side: int = ServiceLimits.max_image_side,
+        max_aspect_ratio: float = ServiceLimits.max_aspect_ratio,
         chunk_rows: int = 65536,
         max_resident_bytes: int = 4 << 30,
         backend_options: dict[str, Any] | None = None,
@@ -114,6 +118,8 @@ class QueryEngine:
         self.max_text_len = int(self.arts["tokenizer"]["max_text_len"])
         self.preprocess = _image_preprocess(self.arts)
         self.max_image_pixels = int(max_image_pixels)
+        self.max_image_side = int(max_image_side)
+        self.max_aspect_ratio = float(max_aspect_ratio)
         self.has_correction = bool(self.arts["has_correction"])
         self.rerank_top = int(rerank_top) if self.has_correction else 0
         self.index = GalleryIndex(
@@ -152,15 +158,16 @@ class QueryEngine:
         """Encoded upload -> preprocessed float32 (3, S, S) on the CPU.
 
         Raises ``InvalidImageError`` for bytes that are not an image and
-        ``ImageTooLargeError`` for more than ``max_image_pixels`` pixels (read from the
-        header, before decoding).
+        ``ImageTooLargeError`` for more than ``max_image_pixels`` pixels, a side over
+        ``max_image_side`` or an aspect ratio over ``max_aspect_ratio`` (read from the
+        header, before decoding). Every mode (16-bit, palette, LA, CMYK, I, F) becomes
+        the same 8-bit RGB picture (``pipeline.images.decode_image``).
         """
         if not data:
             raise InvalidImageError("the image upload is empty")
         try:
             with Image.open(io.BytesIO(data)) as probe:
                 width, height = probe.size
-                image_format = probe.format
         except Image.DecompressionBombError as err:
             raise ImageTooLargeError(f"the image has too many pixels: {err}") from err
         except UnidentifiedImageError as err:
@@ -168,19 +175,24 @@ class QueryEngine:
                 f"the upload ({len(data)} bytes) is not an image in a known "
                 "format (JPEG, PNG, WebP, GIF, BMP, TIFF, ...)"
             ) from err
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, SyntaxError) as err:
             raise InvalidImageError(
                 f"the upload ({len(data)} bytes) is not an image that can be decoded: {err}"
             ) from err
-        if width * height > self.max_image_pixels:
-            raise ImageTooLargeError(
-                f"the image is {width}x{height} pixels; at most "
-                f"{self.max_image_pixels} pixels are accepted"
+        try:
+            check_image_geometry(
+                width,
+                height,
+                max_pixels=self.max_image_pixels,
+                max_side=self.max_image_side,
+                max_aspect_ratio=self.max_aspect_ratio,
             )
+        except ImageGeometryError as err:
+            raise ImageTooLargeError(str(err)) from err
         try:
             pixels = decode_image(data)
-        except ValueError:
-            pixels = _decode_with_pil(data, image_format)  # formats torchvision cannot read
+        except ValueError as err:
+            raise InvalidImageError(f"the upload cannot be decoded: {err}") from err
         return self.preprocess(pixels)
 
     def row_of(self, ref_id: str) -> int:
@@ -377,15 +389,3 @@ def _image_preprocess(arts: dict[str, Any]) -> ImagePreprocess:
             "serving reproduces ImagePreprocess (resize shorter side = crop)"
         )
     return ImagePreprocess(int(pre["crop"]), mean=pre["mean"], std=pre["std"])
-
-
-def _decode_with_pil(data: bytes, image_format: str | None) -> torch.Tensor:
-    """uint8 (3, H, W) via Pillow, for formats torchvision's decoder lacks (BMP, TIFF...)."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            rgb = np.asarray(image.convert("RGB"))
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise InvalidImageError(
-            f"the {image_format or 'image'} upload cannot be decoded: {err}"
-        ) from err
-    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()

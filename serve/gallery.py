@@ -4,7 +4,9 @@ Everything large is memory-mapped, never read whole: ``embeddings.npy`` (N, D) t
 embeddings, ``repr_<name>.npy`` (N, ...) stored image representations, ``images.bin`` +
 ``image_offsets.npy`` the encoded catalogue images. Ids are looked up in ``ids.json``;
 no id is ever used as a path (serving's ``GET /images/{id}`` reads a byte range of
-``images.bin``).
+``images.bin``). A damaged index is refused at load with a ``GalleryIndexError`` that
+names the file and what is wrong: unreadable or malformed files, shapes that disagree,
+and embeddings or stored representations that are not finite (they would rank by NaN).
 """
 
 from __future__ import annotations
@@ -51,11 +53,10 @@ class GalleryIndex:
                 f"{info_file}: missing (build the index with "
                 "`python -m export.index --artifacts ART_DIR --data SHARDS`)"
             )
-        self.info: dict[str, Any] = json.loads(info_file.read_text())
-        if self.info.get("format") != INDEX_FORMAT:
-            raise GalleryIndexError(
-                f"{info_file}: format {self.info.get('format')!r}, expected {INDEX_FORMAT!r}"
-            )
+        self.info: dict[str, Any] = _read_json(info_file)
+        if not isinstance(self.info, dict) or self.info.get("format") != INDEX_FORMAT:
+            found = self.info.get("format") if isinstance(self.info, dict) else self.info
+            raise GalleryIndexError(f"{info_file}: format {found!r}, expected {INDEX_FORMAT!r}")
         if not self.info.get("complete"):
             raise GalleryIndexError(
                 f"{info_file}: the index build has not finished (complete is not "
@@ -69,9 +70,16 @@ class GalleryIndex:
                 f"{info_file}: built from checkpoint {self.info['checkpoint_sha256'][:12]}, "
                 f"but the artifacts hold {checkpoint_sha256[:12]}; rebuild the index"
             )
-        self.count = int(self.info["count"])
-        self.embed_dim = int(self.info["embed_dim"])
-        self.ids: list[str] = json.loads((self.dir / "ids.json").read_text())
+        try:
+            self.count = int(self.info["count"])
+            self.embed_dim = int(self.info["embed_dim"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise GalleryIndexError(
+                f"{info_file}: needs integer 'count' and 'embed_dim' ({err!r})"
+            ) from None
+        self.ids: list[str] = _read_json(self.dir / "ids.json")
+        if not isinstance(self.ids, list) or not all(isinstance(i, str) for i in self.ids):
+            raise GalleryIndexError(f"{self.dir / 'ids.json'}: expected a JSON list of id strings")
         if len(self.ids) != self.count:
             raise GalleryIndexError(
                 f"{self.dir / 'ids.json'}: {len(self.ids)} ids, index.json says {self.count}"
@@ -85,13 +93,15 @@ class GalleryIndex:
             )
         names = repr_names if repr_names is not None else list(self.info.get("repr", {}))
         self.reprs = {name: self._load_rows(f"repr_{name}.npy") for name in names}
-        self.image_offsets = np.load(self.dir / "image_offsets.npy")
+        self.image_offsets = _load_npy(self.dir / "image_offsets.npy")
         if self.image_offsets.shape != (self.count + 1,):
             raise GalleryIndexError(
                 f"{self.dir / 'image_offsets.npy'}: shape {self.image_offsets.shape}, "
                 f"expected ({self.count + 1},)"
             )
         images_file = self.dir / "images.bin"
+        if not images_file.is_file():
+            raise GalleryIndexError(f"{images_file}: missing from the index")
         size = images_file.stat().st_size
         if size < int(self.image_offsets[-1]):
             raise GalleryIndexError(
@@ -106,11 +116,14 @@ class GalleryIndex:
 
     def _load_rows(self, name: str) -> np.ndarray:
         path = self.dir / name
-        if not path.is_file():
-            raise GalleryIndexError(f"{path}: missing from the index")
-        array = np.load(path, mmap_mode="r")
-        if array.shape[0] != self.count:
-            raise GalleryIndexError(f"{path}: {array.shape[0]} rows, index.json says {self.count}")
+        array = _load_npy(path, mmap_mode="r")
+        if array.ndim < 1 or array.shape[0] != self.count:
+            raise GalleryIndexError(
+                f"{path}: shape {array.shape}, expected {self.count} rows (index.json's count)"
+            )
+        if array.dtype.kind != "f":
+            raise GalleryIndexError(f"{path}: dtype {array.dtype}, expected float16 or float32")
+        _check_finite(array, path)
         return array
 
     def __len__(self) -> int:
@@ -138,6 +151,40 @@ class GalleryIndex:
 
     def close(self) -> None:
         os.close(self._meta_fd)
+
+
+def _read_json(path: Path) -> Any:
+    """A JSON file of the index; ``GalleryIndexError`` naming it when missing or malformed."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise GalleryIndexError(f"{path}: missing from the index") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise GalleryIndexError(f"{path}: unreadable ({err})") from None
+    except json.JSONDecodeError as err:
+        raise GalleryIndexError(f"{path}: not valid JSON ({err})") from None
+
+
+def _load_npy(path: Path, mmap_mode: str | None = None) -> np.ndarray:
+    """A .npy file of the index (never pickled objects); ``GalleryIndexError`` when bad."""
+    if not path.is_file():
+        raise GalleryIndexError(f"{path}: missing from the index")
+    try:
+        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        raise GalleryIndexError(f"{path}: not a readable .npy array ({err})") from None
+
+
+def _check_finite(array: np.ndarray, path: Path, chunk_rows: int = 65536) -> None:
+    """Refuse an array with NaN or infinite values, read in chunks (it is memory-mapped)."""
+    for start in range(0, len(array), chunk_rows):
+        block = np.asarray(array[start : start + chunk_rows])
+        if not np.isfinite(block).all():
+            bad = start + int(np.flatnonzero(~np.isfinite(block).reshape(len(block), -1).all(1))[0])
+            raise GalleryIndexError(
+                f"{path}: row {bad} holds NaN or infinite values (a diverged model or a "
+                "damaged file); rebuild the index"
+            )
 
 
 def _line_offsets(path: Path, count: int) -> np.ndarray:

@@ -2,9 +2,10 @@
 
 Converters keep each image's original encoded bytes (no re-encoding, so shards stay the
 raw dataset's size and quality). An image is accepted when PIL can open it and decode all
-of its pixel data; JPEG and 8-bit PNG are kept as they are, anything else the reader's
-decoder would not take as is (GIF, WEBP, BMP, TIFF, 16-bit PNG, ...) is converted once to
-an RGB PNG.
+of its pixel data; RGB/grey JPEG and 8-bit PNG are kept as they are, anything else the
+reader's decoder would not take as is (GIF, WEBP, BMP, TIFF, 16-bit PNG, CMYK JPEG, ...)
+is converted once to an 8-bit RGB PNG with ``pipeline.images.pil_to_rgb``'s scaling, the
+same picture that serving makes of the same file.
 
 Conversion is two passes over the images: ``check_images`` decodes every image once (in
 threads) and says which ones are usable and with which extension, then the writer pass
@@ -25,11 +26,14 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from pipeline.images import pil_to_rgb
+
 log = logging.getLogger(__name__)
 
 # PIL format -> extension kept in the shards; PNG modes the reader decodes to 8-bit RGB.
 KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png"}
 KEPT_PNG_MODES = {"1", "L", "LA", "P", "RGB", "RGBA"}
+KEPT_JPEG_MODES = {"L", "RGB"}  # nvJPEG and every reader decode these alike
 # JPEGs are validated at 1/8 scale: the decoder still reads every byte (a truncated
 # file fails) but does an eighth of the work.
 _DRAFT_SIZE = (64, 64)
@@ -88,7 +92,9 @@ def check_image(path: str | Path) -> CheckedImage:
         raise ImageError(path, f"image too large: {err}") from None
     except Exception as err:  # noqa: BLE001 - PIL raises many types for corrupt data
         raise ImageError(path, _decode_reason(err)) from None
-    keep = fmt in KEPT_FORMATS and (fmt != "PNG" or mode in KEPT_PNG_MODES)
+    keep = (fmt == "PNG" and mode in KEPT_PNG_MODES and png_bit_depth(data) <= 8) or (
+        fmt == "JPEG" and mode in KEPT_JPEG_MODES
+    )
     ext = KEPT_FORMATS[fmt] if keep else "png"
     return CheckedImage(str(path), ext, len(data), convert=not keep)
 
@@ -101,10 +107,15 @@ def encoded_image(image: CheckedImage | EncodedImage) -> EncodedImage:
     if not image.convert:
         return EncodedImage(data, image.ext)
     with Image.open(io.BytesIO(data)) as decoded:
-        rgb = decoded.convert("RGB")
+        rgb = Image.fromarray(pil_to_rgb(decoded), mode="RGB")
     out = io.BytesIO()
     rgb.save(out, format="PNG")
     return EncodedImage(out.getvalue(), "png")
+
+
+def png_bit_depth(data: bytes) -> int:
+    """Bits per sample of a PNG (its IHDR chunk); Pillow shows 16-bit RGB as mode RGB."""
+    return data[24] if len(data) > 24 and data[12:16] == b"IHDR" else 8
 
 
 def check_images(

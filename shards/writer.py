@@ -2,7 +2,9 @@
 
 Everything is written into ``<out>.partial-<pid>/`` and renamed to ``<out>`` only when
 ``finish()`` succeeds, so an interrupted conversion never leaves a directory that looks
-complete (no ``manifest.json`` ever appears in a partial directory).
+complete (no ``manifest.json`` ever appears in a partial directory). Partial directories
+that killed conversions left behind are removed when the next one starts
+(``pipeline.partials``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 
 import webdataset as wds
 
+from pipeline.partials import claim_partial_dir, release_owner_file
 from shards.manifest import FORMAT_VERSION, MANIFEST_NAME, validate_manifest
 
 log = logging.getLogger(__name__)
@@ -67,10 +70,7 @@ class DatasetWriter:
         self.mtime = int(time.time() if mtime is None else mtime)
         self.image_ext = image_ext
         self.overwrite = overwrite
-        self.tmp_dir = self.out_dir.parent / f"{self.out_dir.name}.partial-{os.getpid()}"
-        if self.tmp_dir.exists():
-            shutil.rmtree(self.tmp_dir)
-        self.tmp_dir.mkdir(parents=True)
+        self.tmp_dir = claim_partial_dir(self.out_dir)  # removes partials of killed runs
         self._writers: dict[str, wds.ShardWriter] = {}
         self._kinds: dict[str, str] = {}
         self._samples: Counter = Counter()
@@ -169,6 +169,7 @@ class DatasetWriter:
                 raise ValueError(
                     f"eval {name!r} names queries file {ev['queries']!r} never written"
                 )
+        release_owner_file(self.tmp_dir)
         total = sum(p.stat().st_size for p in self.tmp_dir.iterdir())
         manifest = {
             "format_version": FORMAT_VERSION,

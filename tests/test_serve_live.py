@@ -7,14 +7,12 @@ import asyncio
 import json
 import os
 import shutil
-import threading
 import time
 
 import httpx
 import numpy as np
 import pytest
-import uvicorn
-from serve_fixtures import limit_threads, serving_artifacts
+from serve_fixtures import ServerThread, limit_threads, serving_artifacts
 
 from serve.app import ServiceLimits, create_app
 from serve.engine import QueryEngine
@@ -32,36 +30,6 @@ CHROMIUM_ARGS = [
 ]
 
 
-class ServerThread:
-    """uvicorn serving ``app`` on 127.0.0.1:<free port> in a background thread."""
-
-    def __init__(self, app):
-        config = uvicorn.Config(
-            app,
-            host="127.0.0.1",
-            port=0,
-            log_level="warning",
-            lifespan="on",
-            timeout_graceful_shutdown=5,
-        )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
-
-    def __enter__(self) -> str:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("uvicorn did not start within 30 s")
-            time.sleep(0.02)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        return f"http://127.0.0.1:{port}"
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=15)
-
-
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
     limit_threads()
@@ -74,8 +42,8 @@ def engine(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def base_url(engine):
-    app = create_app(engine, ServiceLimits(max_image_bytes=64 * 1024))
-    with ServerThread(app) as url:
+    limits = ServiceLimits(max_image_bytes=64 * 1024)
+    with ServerThread(create_app(engine, limits), limits) as url:
         yield url
 
 
