@@ -6,8 +6,10 @@
 
 Per backend and batch size: p50/p99/mean milliseconds of every graph (image encoder, text
 encoder, composer, target head, correction) and of the whole query path (encode image +
-encode text + compose). Every backend is timed through the same numpy-in/numpy-out API
-(``export.runtime``), so GPU figures include host<->device copies. ``--random-model``
+encode text + compose). Every backend is timed through the one runtime
+(``export.runtime``, torch tensors on the device: no host copies on a GPU), torch eager
+without CUDA graphs. The last lines give the query path's speed-up of each backend over
+torch eager at each batch size. ``--random-model``
 exports a random-weight checkpoint first (a temporary ART_DIR), for machines without a
 trained run. Imports neither Ray nor anything that needs it.
 """
@@ -27,19 +29,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from export.runtime import ArtifactModel, OnnxRuntimeModel, TorchArtifactModel
+from bench.random_model import random_artifacts
+from export.runtime import BACKENDS, GraphRuntime, open_runtime
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
-
-def time_call(fn: Callable[[], Any], iters: int, warmup: int) -> dict[str, float]:
+def time_call(
+    fn: Callable[[], Any], iters: int, warmup: int, sync: Callable[[], None] = lambda: None
+) -> dict[str, float]:
     """p50/p99/mean wall milliseconds of ``fn`` over ``iters`` calls after ``warmup``."""
     for _ in range(warmup):
         fn()
+    sync()
     times = []
     for _ in range(iters):
         start = time.perf_counter()
         fn()
+        sync()
         times.append((time.perf_counter() - start) * 1e3)
     arr = np.asarray(times)
     return {
@@ -51,15 +56,19 @@ def time_call(fn: Callable[[], Any], iters: int, warmup: int) -> dict[str, float
 
 
 def bench_backend(
-    model: ArtifactModel, batch: int, text_len: int, iters: int, warmup: int, seed: int = 0
+    model: GraphRuntime, batch: int, text_len: int, iters: int, warmup: int, seed: int = 0
 ) -> dict[str, dict[str, float]]:
-    """Timings of each graph and of the query path at one batch size."""
-    rng = np.random.default_rng(seed)
-    side = int(model.preprocess["crop"])
-    images = rng.standard_normal((batch, 3, side, side)).astype(np.float32)
-    tokens = rng.integers(2, max(len(model.vocab), 3), (batch, text_len)).astype(np.int64)
-    lengths = rng.integers(1, text_len + 1, batch).astype(np.int64)
+    """Timings of each graph and of the query path at one batch size (torch tensors on
+    the runtime's device; on a GPU each call is synchronised before its time is taken)."""
+    generator = torch.Generator().manual_seed(seed)
+    side = model.artifacts.image_size
+    device = model.device
+    images = torch.randn((batch, 3, side, side), generator=generator).to(device)
+    vocab_size = max(len(model.artifacts.vocab), 3)
+    tokens = torch.randint(2, vocab_size, (batch, text_len), generator=generator).to(device)
+    lengths = torch.randint(1, text_len + 1, (batch,), generator=generator)
     lengths[0] = text_len
+    lengths = lengths.to(device)
     image_repr = model.encode_image(images)
     text_repr = model.encode_text(tokens, lengths)
     steps = {
@@ -70,63 +79,25 @@ def bench_backend(
     if model.text_repr_names:
         steps["text_encoder"] = lambda: model.encode_text(tokens, lengths)
     if model.has_correction:
-        cand = {k: v[::-1].copy() for k, v in image_repr.items()}
+        cand = {k: v.flip(0).contiguous() for k, v in image_repr.items()}
         steps["correction"] = lambda: model.correct(image_repr, cand, text_repr)
     steps["query_path"] = lambda: model.query(images, tokens, lengths)
-    return {name: time_call(fn, iters, warmup) for name, fn in steps.items()}
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    return {name: time_call(fn, iters, warmup, sync) for name, fn in steps.items()}
 
 
 def open_backend(
     name: str, art_dir: Path, device: str, threads: int
-) -> tuple[ArtifactModel | None, str]:
-    """The backend, or ``(None, reason)`` when it cannot run here."""
+) -> tuple[GraphRuntime | None, str]:
+    """The backend through ``export.runtime``, or ``(None, reason)`` when it cannot run."""
+    options = {"threads": threads} if name == "onnxruntime" else {}
     if name == "torch":
-        return TorchArtifactModel(art_dir, device=device), f"torch eager ({device})"
-    if name == "onnxruntime":
-        import onnxruntime as ort
-
-        providers = ["CPUExecutionProvider"]
-        if device.startswith("cuda"):
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                return None, "onnxruntime has no CUDA provider (pip install onnxruntime-gpu)"
-            providers.insert(0, "CUDAExecutionProvider")
-        return OnnxRuntimeModel(
-            art_dir, providers=providers, threads=threads
-        ), f"onnxruntime ({providers[0]})"
+        options["cuda_graphs"] = False  # eager: the graphs are serve_latency's subject
     try:
-        from export.trt import TensorRTModel
-
-        return TensorRTModel(art_dir), "tensorrt"
-    except Exception as err:  # no TensorRT, no GPU, or no engines built
+        runtime = open_runtime(art_dir, name, device, **options)
+    except Exception as err:  # no TensorRT, no GPU, no onnxruntime-gpu, or no engines built
         return None, f"skipped: {err}"
-
-
-def random_artifacts(
-    model_name: str, image_size: int, embed_dim: int, out: Path, threads: int
-) -> Path:
-    """Export a random-weight ``model_name`` checkpoint to ``out``."""
-    from export.onnx import export_artifacts
-    from pipeline.checkpoint import save_checkpoint
-    from pipeline.models import create_model
-    from pipeline.vocab import Vocabulary
-
-    vocab = Vocabulary([f"word{i}" for i in range(998)])
-    torch.manual_seed(0)
-    model = create_model(model_name, vocab_size=len(vocab), embed_dim=embed_dim)
-    config = {
-        "name": f"bench-{model_name}",
-        "model": {"name": model_name},
-        "image": {"size": image_size},
-    }
-    save_checkpoint(out / "checkpoint", model, vocab, config)
-    export_artifacts(
-        out / "checkpoint",
-        out / "artifacts",
-        threads=threads,
-        parity_batches=(1, 2),
-        parity_lengths=(1, 4),
-    )
-    return out / "artifacts"
+    return runtime, runtime.describe
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -160,7 +131,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0,
         help="torch and ONNX Runtime intra-op threads (0: library default)",
     )
-    parser.add_argument("--json", default="export_latency.json", help="where to write results")
+    parser.add_argument("--json", default=None, help="write the results as JSON here")
     return parser.parse_args(argv)
 
 
@@ -173,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             Path(args.artifacts)
             if args.artifacts
             else random_artifacts(
-                args.random_model, args.image_size, args.embed_dim, Path(tmp), args.threads
+                Path(tmp), args.random_model, args.image_size, args.embed_dim, args.threads
             )
         )
         arts = json.loads((art_dir / "artifacts.json").read_text())
@@ -202,10 +173,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "backends": notes,
         "results": rows,
     }
+    result["speedup_vs_torch"] = speedups(rows)
     print(format_table(rows))
-    Path(args.json).write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.json}")
+    for line in result["speedup_vs_torch"]:
+        print(
+            f"query path, batch {line['batch']}: {line['backend']} is "
+            f"{line['speedup']:.2f}x torch eager"
+        )
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1))
+        print(f"wrote {args.json}")
     return result
+
+
+def speedups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Torch eager's query-path p50 over each other backend's, per batch size."""
+    query = {(r["backend"], r["batch"]): r["p50_ms"] for r in rows if r["graph"] == "query_path"}
+    return [
+        {"backend": backend, "batch": batch, "speedup": query[("torch", batch)] / p50}
+        for (backend, batch), p50 in query.items()
+        if backend != "torch" and ("torch", batch) in query
+    ]
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ Two tables, p50/p99 milliseconds per call and queries per second:
   faiss-cpu ``IndexFlatIP`` on the same data (skipped with a note when faiss is
   missing), with the share of top-k ids both agree on.
 * query network: reference image + text -> query embedding (``encode_image`` +
-  ``compose_query`` of ``serve.backends``) for torch eager, torch + CUDA graphs (GPU),
+  ``compose_query`` of ``export.runtime``) for torch eager, torch + CUDA graphs (GPU),
   onnxruntime (CUDA provider when onnxruntime-gpu is installed, else CPU) and tensorrt
   (when TensorRT is installed; engines built with ``export.trt.build_all``). Without
   ``--artifacts`` a random-weight model is exported to a temporary ART_DIR first.
@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench.random_model import random_artifacts
 from serve.search import GallerySearch
 
 log = logging.getLogger("bench.serve_latency")
@@ -129,40 +130,21 @@ def bench_search(
     return rows, notes
 
 
-def random_artifacts(out: Path, model_name: str, dim: int, image_size: int) -> Path:
-    """Export a random-weight ``model_name`` (vocabulary of 1000 words) to ``out``."""
-    from export.onnx import export_artifacts
-    from pipeline.checkpoint import save_checkpoint
-    from pipeline.models import create_model
-    from pipeline.vocab import Vocabulary
-
-    vocab = Vocabulary(f"word{i}" for i in range(998))
-    torch.manual_seed(0)
-    model = create_model(model_name, vocab_size=len(vocab), embed_dim=dim)
-    save_checkpoint(out / "checkpoint", model, vocab, {"image": {"size": image_size}})
-    export_artifacts(out / "checkpoint", out / "artifacts", image_size=image_size)
-    return out / "artifacts"
-
-
 def query_backends(
-    art_dir: Path, arts: dict[str, Any], device: torch.device, names: list[str], threads: int
+    artifacts, device: torch.device, names: list[str], threads: int
 ) -> tuple[list[tuple[str, Any]], list[str]]:
-    """(label, backend) pairs to time, and notes on the ones that cannot run here."""
-    from serve.backends import create_backend
+    """(label, runtime) pairs to time, and notes on the ones that cannot run here."""
+    from export.runtime import open_runtime
 
     backends, notes = [], []
     for name in names:
         if name == "torch":
             backends.append(
-                ("torch eager", create_backend("torch", art_dir, arts, device, cuda_graphs=False))
+                ("torch eager", open_runtime(artifacts, "torch", device, cuda_graphs=False))
             )
             if device.type == "cuda":
-                backends.append(
-                    (
-                        "torch CUDA graphs",
-                        create_backend("torch", art_dir, arts, device, cuda_graphs=True),
-                    )
-                )
+                graphed = open_runtime(artifacts, "torch", device, cuda_graphs=True)
+                backends.append(("torch CUDA graphs", graphed))
         elif name == "onnxruntime":
             import onnxruntime as ort
 
@@ -175,7 +157,7 @@ def query_backends(
                     "onnxruntime has no CUDA provider (install onnxruntime-gpu): timed on the CPU"
                 )
                 ort_device = torch.device("cpu")
-            backend = create_backend("onnxruntime", art_dir, arts, ort_device, threads=threads)
+            backend = open_runtime(artifacts, "onnxruntime", ort_device, threads=threads)
             backends.append((backend.describe, backend))
         elif name == "tensorrt":
             if device.type != "cuda":
@@ -184,8 +166,8 @@ def query_backends(
             try:
                 from export.trt import build_all
 
-                build_all(art_dir, max_batch=64)
-                backends.append(("tensorrt", create_backend("tensorrt", art_dir, arts, device)))
+                build_all(artifacts.dir, max_batch=64)
+                backends.append(("tensorrt", open_runtime(artifacts, "tensorrt", device)))
             except Exception as err:  # TensorRT missing or a build failure: report, go on
                 notes.append(f"tensorrt skipped: {type(err).__name__}: {err}")
     return backends, notes
@@ -204,9 +186,9 @@ def bench_query_network(
     from export.artifacts import load_artifacts
 
     arts = load_artifacts(art_dir)
-    side = int(arts["preprocess"]["crop"])
-    vocab_size = int(arts["tokenizer"].get("vocab_size", 100))
-    backends, notes = query_backends(art_dir, arts, device, backend_names, threads)
+    side = arts.image_size
+    vocab_size = len(arts.vocab)
+    backends, notes = query_backends(arts, device, backend_names, threads)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     rows = []
     for label, backend in backends:
@@ -321,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
             art_dir = (
                 Path(args.artifacts)
                 if args.artifacts
-                else random_artifacts(Path(tmp), args.model, args.dim, args.image_size)
+                else random_artifacts(Path(tmp), args.model, args.image_size, args.dim)
             )
             torch.set_num_threads(threads)  # the export's parity check may change it
             found, why = bench_query_network(

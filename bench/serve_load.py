@@ -279,13 +279,13 @@ def closed_count(socks: list[socket.socket], wait: float) -> int:
 
 def build_artifacts(out: Path) -> Path:
     """Small CSS data, a random-weight TIRG at 64 px exported, and its gallery index."""
-    from bench.serve_latency import random_artifacts
+    from bench.random_model import random_artifacts
     from export.index import build_index
     from shards.css import SMALL, CssConfig, generate_css
 
     data = out / "css-small"
     generate_css(data, CssConfig(**{**SMALL, "image_size": 64}), workers=2, preset="small")
-    art_dir = random_artifacts(out, "tirg", 512, 64)
+    art_dir = random_artifacts(out, "tirg", 64, 512)
     build_index(art_dir, data, show_progress=False)
     return art_dir
 

@@ -12,8 +12,13 @@ Layout (agreed with ``serve/``; the full text is in docs/export.md)::
     ART_DIR/engines/         TensorRT engines (export.trt)
     ART_DIR/index/           gallery index (export.index)
 
-Graph tensor names: image representations are ``repr_<name>``, text representations
-``text_<name>``; the correction graph takes ``ref_<name>``, ``cand_<name>``, ``text_<name>``.
+Graph tensor names (one scheme, ``pipeline.models.export_wrappers.graph_tensor_names``):
+image representations are ``repr_<name>``, text representations ``text_<name>``; the
+correction graph takes ``ref_<name>``, ``cand_<name>``, ``text_<name>``.
+
+``load_artifacts(ART_DIR)`` reads, validates and types the listing once: an
+``Artifacts`` object (graphs, tensor names, preprocessing, the vocabulary) that the
+runtime, the query engine, the index builder and the TensorRT builder share.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import json
 import os
 import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +39,6 @@ ARTIFACTS_FORMAT = "composed-retrieval-artifacts/1"
 ARTIFACTS_FILE = "artifacts.json"
 VOCAB_FILE = "vocab.json"
 CHECKPOINT_COPY = "checkpoint.pt"
-OPSET = 17
 # Serving order; "text_encoder" is absent for image-only models, "correction" exists for
 # models with a correction network (CCNet).
 GRAPH_NAMES = ("image_encoder", "text_encoder", "composer", "target_head", "correction")
@@ -44,22 +49,83 @@ class ArtifactError(ValueError):
     """An artifact directory or file is missing, malformed, or disagrees with artifacts.json."""
 
 
-# -- tensor naming ---------------------------------------------------------------------------
-def image_repr_inputs(names: list[str] | tuple[str, ...], role: str = "repr") -> list[str]:
-    """Graph tensor names of an image representation: ``role_<name>`` per repr name."""
-    return [f"{role}_{name}" for name in names]
+@dataclass(frozen=True)
+class GraphSpec:
+    """One exported graph: its ONNX file and its named tensors (shapes use the symbolic
+    dims "batch" and "length"; dtypes are numpy names)."""
+
+    name: str
+    file: Path
+    inputs: dict[str, list]
+    outputs: dict[str, list]
+    dtypes: dict[str, str]
+    sha256: str | None = None
+
+    def shape(self, tensor: str, batch: int, length: int = 1) -> tuple[int, ...]:
+        """Concrete shape of an input or output at ``batch`` and text ``length``."""
+        declared = self.inputs.get(tensor, self.outputs.get(tensor))
+        if declared is None:
+            raise ArtifactError(f"{self.file}: graph {self.name!r} has no tensor {tensor!r}")
+        return concrete_shape(declared, batch, length)
+
+    @property
+    def uses_length(self) -> bool:
+        return any("length" in shape for shape in self.inputs.values())
 
 
-def text_repr_inputs(names: list[str] | tuple[str, ...]) -> list[str]:
-    return [f"text_{name}" for name in names]
+@dataclass(frozen=True)
+class Artifacts:
+    """``ART_DIR/artifacts.json`` read once, validated and typed (``load_artifacts``).
+
+    ``info`` keeps the listing as written (parity and recall figures, tokenizer rules).
+    """
+
+    dir: Path
+    model_name: str
+    embed_dim: int
+    image_repr_names: tuple[str, ...]
+    text_repr_names: tuple[str, ...]
+    has_correction: bool
+    graphs: dict[str, GraphSpec]
+    preprocess: dict[str, Any]
+    max_text_len: int
+    vocab: Vocabulary
+    checkpoint_file: Path
+    checkpoint_sha256: str
+    loss_scale: float | None
+    info: dict[str, Any]
+
+    def graph(self, name: str) -> GraphSpec:
+        """The ``name`` graph; ``ArtifactError`` naming what the model has otherwise."""
+        if name not in self.graphs:
+            raise ArtifactError(
+                f"{self.dir}: model {self.model_name!r} has no {name!r} graph "
+                f"(it has {sorted(self.graphs)})"
+            )
+        return self.graphs[name]
+
+    @property
+    def image_size(self) -> int:
+        """Side S of the (B, 3, S, S) image batches the image encoder takes."""
+        return int(self.preprocess["crop"])
+
+    def image_preprocess(self):
+        """The export's recipe as a ``pipeline.images.ImagePreprocess``."""
+        from pipeline.images import ImagePreprocess
+
+        pre = self.preprocess
+        if int(pre["resize"]) != int(pre["crop"]):
+            raise ArtifactError(
+                f"{self.dir}: preprocess resize {pre['resize']} != crop {pre['crop']}; "
+                "the runtime reproduces ImagePreprocess (resize shorter side = crop)"
+            )
+        return ImagePreprocess(int(pre["crop"]), mean=pre["mean"], std=pre["std"])
 
 
 # -- reading ---------------------------------------------------------------------------------
-def load_artifacts(art_dir: str | Path) -> dict[str, Any]:
-    """Read and validate ``ART_DIR/artifacts.json``; every graph file it names must exist.
-
-    Returns the dict with ``"dir"`` (absolute path of ART_DIR) added.
-    """
+def load_artifacts(art_dir: str | Path) -> Artifacts:
+    """Read and validate ``ART_DIR/artifacts.json`` and its vocabulary; every graph file it
+    names must exist. Raises ``ArtifactError`` naming the file and what is wrong."""
     art_dir = Path(art_dir)
     path = art_dir / ARTIFACTS_FILE
     if not art_dir.is_dir():
@@ -73,19 +139,48 @@ def load_artifacts(art_dir: str | Path) -> dict[str, Any]:
             "an interrupted export leaves only ART_DIR.partial-*)"
         )
     try:
-        arts = json.loads(path.read_text())
+        info = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ArtifactError(f"{path}: not valid JSON ({err})") from err
-    validate_artifacts(arts, where=str(path))
-    for graph, info in arts["graphs"].items():
-        file = art_dir / info["file"]
+    validate_artifacts(info, where=str(path))
+    root = art_dir.resolve()
+    graphs = {}
+    for graph, entry in info["graphs"].items():
+        file = root / entry["file"]
         if not file.is_file():
             raise ArtifactError(f"{file}: missing (artifacts.json lists it for graph {graph!r})")
-    vocab_file = art_dir / arts["tokenizer"]["vocab_file"]
+        graphs[graph] = GraphSpec(
+            graph,
+            file,
+            dict(entry["inputs"]),
+            dict(entry["outputs"]),
+            dict(entry["dtypes"]),
+            entry.get("sha256"),
+        )
+    vocab_file = root / info["tokenizer"]["vocab_file"]
     if not vocab_file.is_file():
         raise ArtifactError(f"{vocab_file}: missing (artifacts.json names it as the vocabulary)")
-    arts["dir"] = str(art_dir.resolve())
-    return arts
+    try:
+        vocab = Vocabulary.load(vocab_file)
+    except (OSError, ValueError, KeyError) as err:
+        raise ArtifactError(f"{vocab_file}: not a vocabulary file ({err})") from err
+    scale = info.get("loss_scale")
+    return Artifacts(
+        dir=root,
+        model_name=str(info["model_name"]),
+        embed_dim=int(info["embed_dim"]),
+        image_repr_names=tuple(info["image_repr_names"]),
+        text_repr_names=tuple(info["text_repr_names"]),
+        has_correction=bool(info["has_correction"]),
+        graphs=graphs,
+        preprocess=dict(info["preprocess"]),
+        max_text_len=int(info["tokenizer"]["max_text_len"]),
+        vocab=vocab,
+        checkpoint_file=root / info["checkpoint"]["file"],
+        checkpoint_sha256=str(info["checkpoint"]["sha256"]),
+        loss_scale=None if scale is None else float(scale),
+        info=info,
+    )
 
 
 def validate_artifacts(arts: Any, where: str = ARTIFACTS_FILE) -> None:
@@ -148,35 +243,6 @@ def expected_graphs(text_repr_names: list[str], has_correction: bool) -> list[st
         for g in GRAPH_NAMES
         if (g != "text_encoder" or text_repr_names) and (g != "correction" or has_correction)
     ]
-
-
-def graph_file(arts: dict[str, Any], graph: str) -> Path:
-    """Absolute path of one graph's ONNX file."""
-    if graph not in arts["graphs"]:
-        raise ArtifactError(
-            f"{arts['dir']}: model {arts['model_name']!r} has no {graph!r} graph "
-            f"(it has {sorted(arts['graphs'])})"
-        )
-    return Path(arts["dir"]) / arts["graphs"][graph]["file"]
-
-
-def load_vocab(arts: dict[str, Any]) -> Vocabulary:
-    """The vocabulary that travels with the artifacts."""
-    path = Path(arts["dir"]) / arts["tokenizer"]["vocab_file"]
-    try:
-        return Vocabulary.load(path)
-    except (OSError, ValueError, KeyError) as err:
-        raise ArtifactError(f"{path}: not a vocabulary file ({err})") from err
-
-
-def preprocess_config(arts: dict[str, Any]) -> dict[str, Any]:
-    """Image preprocessing of the exported model: resize, crop, mean, std, interpolation."""
-    return dict(arts["preprocess"])
-
-
-def image_size(arts: dict[str, Any]) -> int:
-    """Side S of the (B, 3, S, S) image batches the image encoder takes."""
-    return int(arts["preprocess"]["crop"])
 
 
 def concrete_shape(shape: list, batch: int, length: int = 1) -> tuple[int, ...]:

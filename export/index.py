@@ -2,7 +2,7 @@
 
     python -m export.index --artifacts ART_DIR --data SHARDS [--split gallery] [--out DIR]
                            [--dtype float16|float32] [--batch-size 64]
-                           [--backend onnxruntime|torch] [--threads N] [--workers N]
+                           [--backend onnxruntime|torch] [--threads N] [--loader-workers N]
 
 Writes ``DIR`` (default ``ART_DIR/index``), the layout serving memory-maps::
 
@@ -36,10 +36,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from export.artifacts import ArtifactError, write_json_atomic
-from export.runtime import ArtifactModel, open_runtime
+from export.runtime import GraphRuntime, open_runtime
 
 log = logging.getLogger(__name__)
 
@@ -50,16 +51,16 @@ DTYPES = ("float16", "float32")
 
 
 def index_settings(
-    runtime: ArtifactModel, data: Path, manifest: dict[str, Any], split: str, dtype: str
+    runtime: GraphRuntime, data: Path, manifest: dict[str, Any], split: str, dtype: str
 ) -> dict[str, Any]:
     """What an index is built from; a resumed build must have the same settings."""
-    outputs = runtime.arts["graphs"]["image_encoder"]["outputs"]
+    outputs = runtime.artifacts.graph("image_encoder").outputs
     reprs = {}
     for name in runtime.image_repr_names:
         shape = outputs[f"repr_{name}"][1:]
         if not all(isinstance(d, int) for d in shape):
             raise ArtifactError(
-                f"{runtime.art_dir}: image representation {name!r} has shape "
+                f"{runtime.artifacts.dir}: image representation {name!r} has shape "
                 f"{outputs[f'repr_{name}']}; only the batch dim may vary"
             )
         reprs[name] = {"shape": shape, "dtype": dtype}
@@ -72,7 +73,7 @@ def index_settings(
         "dataset": manifest["name"],
         "data": str(data.resolve()),
         "split": split,
-        "checkpoint_sha256": runtime.arts["checkpoint"]["sha256"],
+        "checkpoint_sha256": runtime.artifacts.checkpoint_sha256,
     }
 
 
@@ -142,10 +143,10 @@ class IndexFiles:
 
 def gallery_batches(
     data: Path, split: str, batch_size: int, preprocess: dict[str, Any], loader_workers: int
-) -> Iterator[tuple[list[str], np.ndarray, list[dict]]]:
-    """``(ids, images (B, 3, S, S) float32, row metas with ext + encoded bytes)`` in shard
+) -> Iterator[tuple[list[str], torch.Tensor, list[dict]]]:
+    """``(ids, images (B, 3, S, S) float32 tensor, row metas with ext + encoded bytes)`` in shard
     order: ``gallery_loader``'s decoded batches zipped with the shards' raw bytes."""
-    from pipeline.data import gallery_loader, iter_gallery_samples
+    from pipeline.gallery_data import gallery_loader, iter_gallery_samples
 
     raw = iter_gallery_samples(data, split)
     loader = gallery_loader(
@@ -173,7 +174,7 @@ def gallery_batches(
                     "bytes": data_bytes,
                 }
             )
-        yield ids, images.numpy(), rows
+        yield ids, images, rows
 
 
 def build_index(
@@ -187,7 +188,7 @@ def build_index(
     backend: str = "onnxruntime",
     threads: int = 0,
     loader_workers: int = 0,
-    runtime: ArtifactModel | None = None,
+    runtime: GraphRuntime | None = None,
     show_progress: bool = True,
 ) -> dict[str, Any]:
     """Build (or resume) the gallery index; returns its ``index.json`` dict."""
@@ -207,7 +208,7 @@ def build_index(
             f"{data}: split {split!r} is not a gallery split "
             f"(gallery splits: {[s for s, i in manifest['splits'].items() if i['kind'] == 'gallery']})"
         )
-    out = Path(out) if out is not None else runtime.art_dir / INDEX_DIR
+    out = Path(out) if out is not None else runtime.artifacts.dir / INDEX_DIR
     settings = index_settings(runtime, data, manifest, split, dtype)
     progress = read_progress(out, settings)
     if progress is None:
@@ -250,7 +251,7 @@ def build_index(
 def _fill(
     files: IndexFiles,
     progress: dict[str, Any],
-    runtime: ArtifactModel,
+    runtime: GraphRuntime,
     data: Path,
     split: str,
     batch_size: int,
@@ -267,7 +268,7 @@ def _fill(
         total=count, initial=done, unit="img", desc="gallery index", disable=not show_progress
     ) as bar:
         for ids, images, rows in gallery_batches(
-            data, split, batch_size, runtime.preprocess, loader_workers
+            data, split, batch_size, runtime.artifacts.preprocess, loader_workers
         ):
             end = start + len(ids)
             if end > count:
@@ -283,8 +284,8 @@ def _fill(
             targets = runtime.embed_target(reprs)
             files.write_rows(
                 start + skip,
-                targets.astype(dtype),
-                {n: r.astype(dtype) for n, r in reprs.items()},
+                targets.cpu().numpy().astype(dtype),
+                {n: r.cpu().numpy().astype(dtype) for n, r in reprs.items()},
                 [r.pop("bytes") for r in rows],
                 rows,
             )
@@ -336,7 +337,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: all cores)"
     )
-    parser.add_argument("--workers", type=int, default=0, help="image decoding workers")
+    parser.add_argument(
+        "--loader-workers",
+        dest="workers",
+        type=int,
+        default=0,
+        help="image decoding processes of the loader",
+    )
     return parser.parse_args(argv)
 
 

@@ -36,7 +36,6 @@ from export.artifacts import (
     ARTIFACTS_FILE,
     ARTIFACTS_FORMAT,
     CHECKPOINT_COPY,
-    OPSET,
     VOCAB_FILE,
     ArtifactError,
     staging_dir,
@@ -45,6 +44,7 @@ from export.artifacts import (
 from export.parity import ORT_TOLERANCE, ParityError, check, compare_outputs, merge
 from pipeline.checkpoint import CheckpointError, checkpoint_file, file_sha256, load_model
 from pipeline.images import IMAGENET_MEAN, IMAGENET_STD, ImagePreprocess
+from pipeline.models.export_wrappers import ONNX_OPSET as OPSET
 from pipeline.models.export_wrappers import GraphModule, export_graph, graph_modules
 from pipeline.vocab import Vocabulary
 
@@ -53,31 +53,7 @@ log = logging.getLogger(__name__)
 PARITY_BATCHES = (1, 3, 8)
 PARITY_LENGTHS = (1, 4, 11)
 DEFAULT_MAX_TEXT_LEN = 64
-# export_wrappers' names -> the artifact layout's names (docs/export.md)
-_DIM_NAMES = {"batch": "batch", "text_len": "length"}
 _TORCH_DTYPES = {torch.float32: "float32", torch.int64: "int64", torch.float16: "float16"}
-
-
-def artifact_name(name: str) -> str:
-    """Tensor name in the artifact layout: image representations are ``repr_<n>``, the
-    correction output is ``score``; other names are kept."""
-    if name.startswith("image_"):
-        return "repr_" + name[len("image_") :]
-    if name == "correction_logit":
-        return "score"
-    return name
-
-
-def rename_graph(graph: GraphModule) -> GraphModule:
-    """``graph`` with artifact-layout tensor and axis names."""
-    return graph._replace(
-        input_names=[artifact_name(n) for n in graph.input_names],
-        output_names=[artifact_name(n) for n in graph.output_names],
-        dynamic_axes={
-            artifact_name(n): {a: _DIM_NAMES[d] for a, d in axes.items()}
-            for n, axes in graph.dynamic_axes.items()
-        },
-    )
 
 
 def symbolic_shape(tensor: torch.Tensor, axes: dict[int, str]) -> list:
@@ -135,11 +111,9 @@ def check_graph_parity(
     """Torch vs ONNX Runtime on the graph's example inputs over ``batches`` x ``lengths``
     (text lengths only for graphs with a text axis); raise ``ParityError`` past 1e-4.
     Returns the worst case."""
-    import onnxruntime as ort
+    from export.runtime.onnxruntime_graphs import ort_session
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = ort_session(path, threads=threads)
     uses_length = any("length" in axes.values() for axes in graph.dynamic_axes.values())
     lengths = lengths if uses_length else lengths[:1]
     stats = []
@@ -207,9 +181,7 @@ def export_artifacts(
     source = checkpoint_file(checkpoint)
     model, vocab, payload = load_model(source, expect_model=expect_model)
     preprocess = image_settings(payload, image_size)
-    graphs = {
-        name: rename_graph(g) for name, g in graph_modules(model, preprocess["image_size"]).items()
-    }
+    graphs = {name: g for name, g in graph_modules(model, preprocess["image_size"]).items()}
     with staging_dir(out, overwrite=overwrite) as tmp:
         entries, parity = {}, {}
         for name, graph in graphs.items():

@@ -1,6 +1,6 @@
 """ONNX graphs -> TensorRT engines (TensorRT 10 and 11 Python API), checked against ONNX Runtime.
 
-    python -m export.trt --onnx ART_DIR [--fp16] [--max-batch 64] [--opt-batch 8]
+    python -m export.trt --artifacts ART_DIR [--fp16] [--max-batch 64] [--opt-batch 8]
                          [--max-text-len T] [--workspace-gb 4] [--graphs image_encoder ...]
 
 One engine per graph of ``ART_DIR/artifacts.json``, written to ``ART_DIR/engines/`` as
@@ -16,13 +16,13 @@ FP32 builds clear the TF32 flag so that engines match ONNX Runtime to 1e-3.
 
 Without TensorRT the command exits with code 3 and says how to install it; bad artifacts
 exit with code 2; an engine that disagrees with ONNX Runtime is not written (exit 1).
+This module builds engines; ``export.runtime`` runs them (the parity check too).
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import logging
 import os
 import sys
@@ -33,11 +33,20 @@ from typing import Any
 
 import numpy as np
 
-from export.artifacts import (
-    ArtifactError,
-    graph_file,
-    load_artifacts,
-    write_json_atomic,
+from export.artifacts import ArtifactError, load_artifacts, write_json_atomic
+from export.engines import (
+    ENGINE_DIR,
+    ENGINES_FILE,
+    EXIT_NO_TENSORRT,
+    TIMING_CACHE_FILE,
+    EngineBuildError,
+    TensorRTUnavailable,
+    cuda_compute_capability,
+    engine_file_name,
+    import_tensorrt,
+    read_engine_listing,
+    record_engine,
+    trt_major,
 )
 from export.parity import (
     FP16_MIN_COSINE,
@@ -49,59 +58,16 @@ from export.parity import (
     merge,
     random_inputs,
 )
-from export.runtime import Arrays, ArtifactModel
+from export.runtime.tensorrt_engines import EngineRunner
+
+Arrays = dict[str, np.ndarray]
 
 log = logging.getLogger(__name__)
 
-ENGINE_DIR = "engines"
-ENGINES_FILE = "engines.json"
-TIMING_CACHE_FILE = "timing.cache"
-EXIT_NO_TENSORRT = 3
-INSTALL_HINT = (
-    "TensorRT is not installed: install the Python package with "
-    "`pip install tensorrt-cu12` (or `pip install tensorrt --extra-index-url https://pypi.nvidia.com`),"
-    " or run inside NVIDIA's NGC TensorRT container (nvcr.io/nvidia/tensorrt); "
-    "it also needs an NVIDIA GPU with a CUDA driver"
-)
 
-
-class TensorRTUnavailable(RuntimeError):
-    """TensorRT (or a CUDA GPU for it) is missing on this machine."""
-
-
-class EngineBuildError(RuntimeError):
-    """TensorRT refused to parse or build a graph."""
-
-
-# -- TensorRT module and naming ------------------------------------------------------------------
-def import_tensorrt():
-    """The ``tensorrt`` module, or ``TensorRTUnavailable`` with install instructions."""
-    try:
-        import tensorrt
-    except ImportError as err:
-        raise TensorRTUnavailable(INSTALL_HINT) from err
-    return tensorrt
-
-
-def trt_major(trt) -> int:
-    return int(str(trt.__version__).split(".")[0])
-
-
+# -- naming and profiles --------------------------------------------------------------------------
 def onnx_sha256(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def engine_file_name(
-    graph: str,
-    trt_version: str,
-    compute_capability: tuple[int, int],
-    onnx_sha: str,
-    fp16: bool = False,
-) -> str:
-    """``<graph>.trt<version>.sm<major><minor>.<sha12>[.fp16].engine`` (artifacts layout)."""
-    major, minor = compute_capability
-    precision = ".fp16" if fp16 else ""
-    return f"{graph}.trt{trt_version}.sm{major}{minor}.{onnx_sha[:12]}{precision}.engine"
 
 
 def profile_shapes(
@@ -187,140 +153,6 @@ def build_engine(
     return bytes(serialized), bytes(new_cache)
 
 
-# -- running -------------------------------------------------------------------------------------
-class EngineRunner:
-    """One deserialized engine and its execution context; numpy in, numpy out.
-
-    Buffers are torch CUDA tensors (torch is already a dependency; no pycuda needed);
-    tensors are addressed by name (``set_input_shape``/``set_tensor_address``) and run with
-    ``execute_async_v3`` on torch's current stream.
-    """
-
-    def __init__(
-        self, trt, engine_bytes: bytes, name: str = "engine", logger=None, device: str = "cuda"
-    ):
-        import torch
-
-        self.trt = trt
-        self.torch = torch
-        self.name = name
-        self.device = torch.device(device)
-        self.runtime = trt.Runtime(logger or trt.Logger(trt.Logger.WARNING))
-        self.engine = self.runtime.deserialize_cuda_engine(engine_bytes)
-        if self.engine is None:
-            raise EngineBuildError(
-                f"{name}: TensorRT could not deserialize the engine "
-                "(built by another TensorRT version or for another GPU?)"
-            )
-        self.context = self.engine.create_execution_context()
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        self.outputs = [n for n in names if n not in self.inputs]
-        self.dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
-
-    def __call__(self, feeds: Arrays) -> Arrays:
-        torch = self.torch
-        keep = []  # device tensors must outlive the asynchronous execution
-        for name in self.inputs:
-            array = np.ascontiguousarray(feeds[name], dtype=self.dtypes[name])
-            tensor = torch.from_numpy(array).to(self.device, non_blocking=False)
-            keep.append(tensor)
-            self.context.set_input_shape(name, tuple(array.shape))
-            self.context.set_tensor_address(name, tensor.data_ptr())
-        outputs = {}
-        for name in self.outputs:
-            shape = tuple(self.context.get_tensor_shape(name))
-            dtype = torch.from_numpy(np.empty(0, dtype=self.dtypes[name])).dtype
-            outputs[name] = torch.empty(shape, dtype=dtype, device=self.device)
-            self.context.set_tensor_address(name, outputs[name].data_ptr())
-        stream = torch.cuda.current_stream(self.device)
-        if not self.context.execute_async_v3(stream.cuda_stream):
-            raise RuntimeError(f"{self.name}: execute_async_v3 failed")
-        stream.synchronize()
-        return {n: t.cpu().numpy() for n, t in outputs.items()}
-
-
-class TensorRTModel(ArtifactModel):
-    """The engines of ``ART_DIR/engines`` behind ``OnnxRuntimeModel``'s numpy API.
-
-    Picks, per graph, the engine built by this TensorRT version for this GPU with the wanted
-    precision (``fp16``); raises ``ArtifactError`` naming the missing engine otherwise.
-    """
-
-    def __init__(self, art_dir: str | Path, fp16: bool = False, device: str = "cuda"):
-        super().__init__(art_dir)
-        trt = import_tensorrt()
-        cc = cuda_compute_capability()
-        listing = read_engine_listing(self.art_dir)
-        self.runners = {}
-        for graph in self.arts["graphs"]:
-            entry = find_engine(listing, graph, trt.__version__, cc, fp16)
-            if entry is None:
-                raise ArtifactError(
-                    f"{self.art_dir / ENGINE_DIR}: no {'fp16' if fp16 else 'fp32'} engine for "
-                    f"graph {graph!r} built by TensorRT {trt.__version__} for sm{cc[0]}{cc[1]} "
-                    f"(run `python -m export.trt --onnx {self.art_dir}`)"
-                )
-            path = self.art_dir / ENGINE_DIR / entry["file"]
-            self.runners[graph] = EngineRunner(
-                trt, path.read_bytes(), name=str(path), device=device
-            )
-
-    def _run(self, graph: str, feeds: Arrays) -> Arrays:
-        return self.runners[graph](feeds)
-
-
-def cuda_compute_capability(device: int = 0) -> tuple[int, int]:
-    import torch
-
-    if not torch.cuda.is_available():
-        raise TensorRTUnavailable(
-            "TensorRT engines need an NVIDIA GPU, and torch sees no CUDA device on this machine"
-        )
-    return tuple(torch.cuda.get_device_capability(device))
-
-
-# -- engine listing ------------------------------------------------------------------------------
-def read_engine_listing(art_dir: Path) -> dict[str, Any]:
-    path = Path(art_dir) / ENGINE_DIR / ENGINES_FILE
-    if not path.is_file():
-        return {"engines": []}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ArtifactError(f"{path}: not valid JSON ({err})") from err
-
-
-def find_engine(
-    listing: dict[str, Any], graph: str, trt_version: str, cc: tuple[int, int], fp16: bool
-) -> dict[str, Any] | None:
-    for entry in listing["engines"]:
-        if (
-            entry["graph"] == graph
-            and entry["tensorrt"] == trt_version
-            and tuple(entry["compute_capability"]) == tuple(cc)
-            and entry["precision"] == ("fp16" if fp16 else "fp32")
-        ):
-            return entry
-    return None
-
-
-def record_engine(listing: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
-    """Listing with ``entry`` replacing any engine of the same graph/version/GPU/precision."""
-    key = (
-        entry["graph"],
-        entry["tensorrt"],
-        tuple(entry["compute_capability"]),
-        entry["precision"],
-    )
-    kept = [
-        e
-        for e in listing["engines"]
-        if (e["graph"], e["tensorrt"], tuple(e["compute_capability"]), e["precision"]) != key
-    ]
-    return {"engines": kept + [entry]}
-
-
 # -- parity ---------------------------------------------------------------------------------------
 def parity_cases(max_batch: int, max_text_len: int) -> list[tuple[int, int]]:
     """(batch, text length) pairs an engine is checked at: profile edges and a middle point."""
@@ -359,9 +191,9 @@ def check_engine_parity(
 
 def ort_reference(onnx_path: Path) -> Callable[[Arrays], Arrays]:
     """The fp32 graph in ONNX Runtime on CPU, as a feeds -> outputs callable."""
-    import onnxruntime as ort
+    from export.runtime.onnxruntime_graphs import ort_session
 
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    session = ort_session(onnx_path)
     names = [o.name for o in session.get_outputs()]
     return lambda feeds: dict(zip(names, session.run(names, feeds)))
 
@@ -381,25 +213,25 @@ def build_all(
     """Build, check and write one engine per graph; returns the engines.json entries."""
     trt = trt or import_tensorrt()
     arts = load_artifacts(art_dir)
-    art_dir = Path(arts["dir"])
+    art_dir = arts.dir
     cc = cuda_compute_capability()
-    max_text_len = max_text_len or int(arts["tokenizer"]["max_text_len"])
+    max_text_len = max_text_len or arts.max_text_len
     opt_batch = min(opt_batch, max_batch)
     engine_dir = art_dir / ENGINE_DIR
     engine_dir.mkdir(exist_ok=True)
     cache_path = engine_dir / TIMING_CACHE_FILE
     timing_cache = cache_path.read_bytes() if cache_path.is_file() else b""
-    vocab_size = len(json.loads((art_dir / arts["tokenizer"]["vocab_file"]).read_text())["words"])
+    vocab_size = len(arts.vocab)
     logger = trt.Logger(trt.Logger.WARNING)
-    unknown = sorted(set(graphs or []) - set(arts["graphs"]))
+    unknown = sorted(set(graphs or []) - set(arts.graphs))
     if unknown:
         raise ArtifactError(
-            f"{art_dir / 'artifacts.json'}: no graph(s) {unknown}; it has {list(arts['graphs'])}"
+            f"{art_dir / 'artifacts.json'}: no graph(s) {unknown}; it has {list(arts.graphs)}"
         )
     entries = []
-    for graph in graphs or list(arts["graphs"]):
-        info = arts["graphs"][graph]
-        fp32_onnx = graph_file(arts, graph)
+    for graph in graphs or list(arts.graphs):
+        info = arts.info["graphs"][graph]
+        fp32_onnx = arts.graph(graph).file
         parsed = fp32_onnx
         if fp16 and trt_major(trt) >= 11:
             from export.fp16 import convert_to_fp16
@@ -423,7 +255,7 @@ def build_all(
         write_bytes_atomic(cache_path, timing_cache)
         runner = EngineRunner(trt, engine, name=name, logger=logger)
         stats = check_engine_parity(
-            runner,
+            numpy_io(runner),
             ort_reference(fp32_onnx),
             info,
             parity_cases(max_batch, max_text_len),
@@ -453,6 +285,20 @@ def build_all(
     return entries
 
 
+def numpy_io(runner: EngineRunner) -> Callable[[Arrays], Arrays]:
+    """The runtime's engine runner (torch CUDA tensors) as numpy feeds -> numpy outputs,
+    for the parity check against ONNX Runtime."""
+    import torch
+
+    def run(feeds: Arrays) -> Arrays:
+        outputs = runner({n: torch.from_numpy(np.ascontiguousarray(a)) for n, a in feeds.items()})
+        if runner.device.type == "cuda":
+            torch.cuda.current_stream(runner.device).synchronize()
+        return {n: t.float().cpu().numpy() for n, t in outputs.items()}
+
+    return run
+
+
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_bytes(data)
@@ -464,10 +310,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m export.trt", description=__doc__.split("\n")[0]
     )
     parser.add_argument(
-        "--onnx",
+        "--artifacts",
         required=True,
         metavar="ART_DIR",
-        help="artifact directory written by `python -m export.onnx`",
+        help="artifact directory written by `python -m export.onnx` (its ONNX graphs)",
     )
     parser.add_argument("--fp16", action="store_true", help="build FP16 engines")
     parser.add_argument("--max-batch", type=int, default=64)
@@ -493,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         entries = build_all(
-            args.onnx,
+            args.artifacts,
             fp16=args.fp16,
             max_batch=args.max_batch,
             opt_batch=args.opt_batch,

@@ -14,8 +14,9 @@ import logging
 import sys
 
 from export.artifacts import ArtifactError
+from export.engines import TensorRTUnavailable
+from export.runtime import BACKENDS
 from pipeline.checkpoint import CheckpointError
-from serve.backends import BACKENDS
 from serve.gallery import GalleryIndexError
 from serve.limits import add_limit_flags, limits_from_args
 
@@ -39,6 +40,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--backend", choices=BACKENDS, default="torch")
     parser.add_argument(
         "--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)"
+    )
+    parser.add_argument(
+        "--precision",
+        choices=("fp32", "fp16"),
+        default=None,
+        help="tensorrt: which engines of export.trt to serve (default: fp16 when "
+        "ART_DIR/engines lists fp16 engines for every graph, else fp32)",
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
@@ -103,8 +111,9 @@ def main(argv: list[str] | None = None) -> int:
             max_image_pixels=limits.max_image_pixels,
             max_image_side=limits.max_image_side,
             max_aspect_ratio=limits.max_aspect_ratio,
+            backend_options=_backend_options(args),
         )
-    except STARTUP_ERRORS as err:
+    except (*STARTUP_ERRORS, TensorRTUnavailable) as err:
         print(f"serve: error: {err}", file=sys.stderr)
         return 2
     if not args.no_warmup:
@@ -123,6 +132,16 @@ def main(argv: list[str] | None = None) -> int:
     uvicorn.Server(config).run()
     engine.close()
     return 0
+
+
+def _backend_options(args: argparse.Namespace) -> dict:
+    """Options of the runtime backend from the command line (tensorrt: the precision)."""
+    if args.precision is None:
+        return {}
+    if args.backend != "tensorrt":
+        log.warning("--precision applies to the tensorrt backend only; ignored")
+        return {}
+    return {"fp16": args.precision == "fp16"}
 
 
 def _is_loopback(host: str) -> bool:

@@ -25,9 +25,11 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from export.artifacts import ArtifactError, load_artifacts, load_vocab
-from pipeline.images import ImageGeometryError, ImagePreprocess, check_image_geometry, decode_image
-from serve.backends import BACKENDS, create_backend
+from export.artifacts import ArtifactError, load_artifacts
+from export.runtime import BACKENDS, open_runtime
+from export.runtime.model_api import RuntimeModule
+from pipeline.evaluate import composition_logit_scale
+from pipeline.images import ImageGeometryError, check_image_geometry, decode_image
 from serve.gallery import GalleryIndex
 from serve.limits import ServiceLimits
 from serve.search import GallerySearch
@@ -107,38 +109,35 @@ class QueryEngine:
     ):
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-        self.arts = load_artifacts(art_dir)
-        self.art_dir = Path(self.arts["dir"])
+        self.artifacts = load_artifacts(art_dir)
+        self.art_dir = self.artifacts.dir
         self.device = torch.device(
             device if device is not None else "cuda" if torch.cuda.is_available() else "cpu"
         )
-        self.model_name: str = self.arts["model_name"]
-        self.embed_dim = int(self.arts["embed_dim"])
-        self.vocab = load_vocab(self.arts)
-        self.max_text_len = int(self.arts["tokenizer"]["max_text_len"])
-        self.preprocess = _image_preprocess(self.arts)
+        self.model_name = self.artifacts.model_name
+        self.embed_dim = self.artifacts.embed_dim
+        self.vocab = self.artifacts.vocab
+        self.max_text_len = self.artifacts.max_text_len
+        self.preprocess = self.artifacts.image_preprocess()
         self.max_image_pixels = int(max_image_pixels)
         self.max_image_side = int(max_image_side)
         self.max_aspect_ratio = float(max_aspect_ratio)
-        self.has_correction = bool(self.arts["has_correction"])
+        self.has_correction = self.artifacts.has_correction
         self.rerank_top = int(rerank_top) if self.has_correction else 0
         self.index = GalleryIndex(
             Path(index_dir) if index_dir else self.art_dir / "index",
-            repr_names=list(self.arts["image_repr_names"]),
-            checkpoint_sha256=self.arts["checkpoint"].get("sha256"),
+            repr_names=list(self.artifacts.image_repr_names),
+            checkpoint_sha256=self.artifacts.checkpoint_sha256,
         )
         if self.index.embed_dim != self.embed_dim:
             raise ArtifactError(
                 f"{self.index.dir}: embed_dim {self.index.embed_dim}, the model's "
                 f"is {self.embed_dim}"
             )
-        self.backend = create_backend(
-            backend, self.art_dir, self.arts, self.device, **(backend_options or {})
-        )
+        self.backend = open_runtime(self.artifacts, backend, self.device, **(backend_options or {}))
         if self.has_correction:
-            self._correction_model, self._logit_scale = _correction_model(
-                self.backend, self.arts, self.device
-            )
+            self._correction_model = RuntimeModule(self.backend)
+            self._logit_scale = composition_logit_scale(self._correction_model)
         self.gallery = GallerySearch(
             self.index.embeddings,
             self.device,
@@ -309,12 +308,12 @@ class QueryEngine:
         unique, local = torch.unique(rows.clamp(min=0), return_inverse=True)
         stored = self.index.gather_reprs(unique.numpy())
         gallery_repr = tuple(
-            torch.from_numpy(stored[n]).to(self.device) for n in self.arts["image_repr_names"]
+            torch.from_numpy(stored[n]).to(self.device) for n in self.artifacts.image_repr_names
         )
         order, total = rerank_with_correction(
             self._correction_model,
-            ref_repr=_as_tuple(ref_repr, self.arts["image_repr_names"]),
-            text_repr=_as_tuple(text_repr, self.arts["text_repr_names"]),
+            ref_repr=_as_tuple(ref_repr, self.artifacts.image_repr_names),
+            text_repr=_as_tuple(text_repr, self.artifacts.text_repr_names),
             gallery_repr=gallery_repr,
             candidates=torch.where(valid, local, -1),
             candidate_scores=scores,
@@ -345,47 +344,3 @@ class QueryEngine:
 
 def _as_tuple(reprs: dict[str, torch.Tensor], names: Sequence[str]) -> tuple[torch.Tensor, ...]:
     return tuple(reprs[n] for n in names)
-
-
-class _BackendCorrection(torch.nn.Module):
-    """The backend's correction network behind the ``model.correct`` interface that
-    ``rerank_with_correction`` calls (repr tuples in, (B,) logits out, on ``device``)."""
-
-    def __init__(self, backend, device: torch.device):
-        super().__init__()
-        self.backend = backend
-        self.anchor = torch.nn.Parameter(torch.zeros(1, device=device), requires_grad=False)
-
-    def correct(self, ref_repr, cand_repr, text_repr) -> torch.Tensor:
-        image_names, text_names = self.backend.image_repr_names, self.backend.text_repr_names
-        return self.backend.correct(
-            dict(zip(image_names, ref_repr)),
-            dict(zip(image_names, cand_repr)),
-            dict(zip(text_names, text_repr)),
-        )
-
-
-def _correction_model(backend, arts: dict[str, Any], device: torch.device):
-    """(model for ``rerank_with_correction``, its logit scale lambda): the torch model
-    itself for the torch backend, else an adapter over the exported correction graph;
-    lambda = ``loss_scale``^2, recorded by the export (no graph outputs it)."""
-    from pipeline.evaluate import DEFAULT_LOGIT_SCALE, composition_logit_scale
-
-    if backend.name == "torch":
-        return backend.model, composition_logit_scale(backend.model)
-    scale = arts.get("loss_scale")
-    return (
-        _BackendCorrection(backend, device),
-        DEFAULT_LOGIT_SCALE if scale is None else float(scale) ** 2,
-    )
-
-
-def _image_preprocess(arts: dict[str, Any]) -> ImagePreprocess:
-    """The export's recipe (``artifacts.json`` preprocess) as an ``ImagePreprocess``."""
-    pre = arts["preprocess"]
-    if int(pre["resize"]) != int(pre["crop"]):
-        raise ArtifactError(
-            f"{arts['dir']}: preprocess resize {pre['resize']} != crop {pre['crop']}; "
-            "serving reproduces ImagePreprocess (resize shorter side = crop)"
-        )
-    return ImagePreprocess(int(pre["crop"]), mean=pre["mean"], std=pre["std"])

@@ -8,12 +8,15 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from export_fixtures import cached_export, limit_threads, tiny_dataset
 
 from export import index as export_index
+from export.artifacts import load_artifacts
 from export.index import build_index
-from export.runtime import OnnxRuntimeModel
-from pipeline.data import read_gallery_bytes
+from export.runtime import open_runtime
+from export.runtime.onnxruntime_graphs import OnnxRuntimeGraphs
+from pipeline.gallery_data import read_gallery_bytes
 
 limit_threads()
 GALLERY = 12
@@ -68,9 +71,9 @@ def test_index_layout_matches_shards_and_model(setup):
     assert emb.shape == (GALLERY, 32) and emb.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
     # stored representations compose to the same target as the encoder
-    runtime = OnnxRuntimeModel(art, threads=1)
-    target = runtime.embed_target({"feature": arrays["repr_feature.npy"][:4]})
-    np.testing.assert_allclose(target, emb[:4], atol=1e-5)
+    runtime = open_runtime(art, "onnxruntime", threads=1)
+    target = runtime.embed_target({"feature": torch.from_numpy(arrays["repr_feature.npy"][:4])})
+    np.testing.assert_allclose(target.numpy(), emb[:4], atol=1e-5)
 
 
 def test_float16_index_with_torch_backend_agrees(setup, tmp_path):
@@ -91,11 +94,11 @@ def test_float16_index_with_torch_backend_agrees(setup, tmp_path):
     assert (tmp_path / "idx" / "images.bin").read_bytes() == (reference / "images.bin").read_bytes()
 
 
-class Interrupting(OnnxRuntimeModel):
+class Interrupting(OnnxRuntimeGraphs):
     """Counts encoded batches; raises KeyboardInterrupt at batch ``stop`` (1-based)."""
 
     def __init__(self, art, stop=None):
-        super().__init__(art, threads=1)
+        super().__init__(load_artifacts(art), threads=1)
         self.stop, self.batches = stop, 0
 
     def embed_target(self, image_repr):

@@ -21,7 +21,7 @@ from export_fixtures import (
 from export import onnx as export_onnx
 from export.artifacts import ArtifactError, expected_graphs, load_artifacts
 from export.parity import ParityError, compare
-from export.runtime import OnnxRuntimeModel, TorchArtifactModel
+from export.runtime import open_runtime
 from export.verify import different_recalls
 from pipeline.checkpoint import load_model
 from pipeline.models import list_models
@@ -42,8 +42,10 @@ def exported(tmp_path_factory):
 @pytest.mark.parametrize("name", list_models())
 def test_every_model_exports_and_matches_pytorch(exported, name):
     art, ckpt = exported(name)
-    arts = load_artifacts(art)
+    loaded = load_artifacts(art)
+    arts = loaded.info  # the listing as written
     model, vocab, _ = load_model(ckpt)
+    assert loaded.model_name == name and loaded.vocab.to_dict() == vocab.to_dict()
     assert arts["model_name"] == name and arts["embed_dim"] == model.embed_dim
     assert list(arts["graphs"]) == expected_graphs(arts["text_repr_names"], arts["has_correction"])
     for graph, info in arts["graphs"].items():
@@ -66,8 +68,8 @@ def test_every_model_exports_and_matches_pytorch(exported, name):
     assert arts["tokenizer"]["vocab_size"] == len(vocab)
 
     # a batch size and text length never traced, through the whole query path
-    runtime = OnnxRuntimeModel(art, threads=1)
-    size = arts["preprocess"]["crop"]
+    runtime = open_runtime(loaded, "onnxruntime", threads=1)
+    size = loaded.image_size
     images = torch.randn(5, 3, size, size, generator=torch.Generator().manual_seed(3))
     tokens, lengths = vocab.encode(
         [
@@ -78,10 +80,10 @@ def test_every_model_exports_and_matches_pytorch(exported, name):
             "put a blue square left",
         ]
     )
-    ort_img = runtime.encode_image(images.numpy())
-    ort_txt = runtime.encode_text(tokens.numpy(), lengths.numpy())
-    query = runtime.compose(ort_img, ort_txt)
-    target = runtime.embed_target(ort_img)
+    ort_img = runtime.encode_image(images)
+    ort_txt = runtime.encode_text(tokens, lengths)
+    query = runtime.compose(ort_img, ort_txt).numpy()
+    target = runtime.embed_target(ort_img).numpy()
     with torch.no_grad():
         img = model.encode_image(images)
         txt = model.encode_text(tokens, lengths)
@@ -90,7 +92,8 @@ def test_every_model_exports_and_matches_pytorch(exported, name):
     assert compare(want_target.numpy(), target)["max_abs_diff"] <= 1e-4
     np.testing.assert_allclose(np.linalg.norm(query, axis=1), 1.0, atol=1e-5)
     if arts["has_correction"]:
-        score = runtime.correct(ort_img, {k: v[::-1].copy() for k, v in ort_img.items()}, ort_txt)
+        flipped = {k: v.flip(0) for k, v in ort_img.items()}
+        score = runtime.correct(ort_img, flipped, ort_txt).numpy()
         with torch.no_grad():
             want = model.correct(img, tuple(t.flip(0) for t in img), txt)
         assert score.shape == (5,)
@@ -99,12 +102,14 @@ def test_every_model_exports_and_matches_pytorch(exported, name):
 
 def test_torch_backend_of_the_artifacts_matches_onnxruntime(exported):
     art, _ = exported("tirg")
-    ort_model, torch_model = OnnxRuntimeModel(art, threads=1), TorchArtifactModel(art)
-    images = np.random.default_rng(0).standard_normal((2, 3, IMAGE_SIZE, IMAGE_SIZE))
+    ort_model = open_runtime(art, "onnxruntime", threads=1)
+    torch_model = open_runtime(art, "torch")
+    images = torch.randn((2, 3, IMAGE_SIZE, IMAGE_SIZE), generator=torch.Generator().manual_seed(0))
     tokens, lengths = ort_model.tokenize(["make it color0", "add shape2 left"])
     got = ort_model.query(images, tokens, lengths)
     want = torch_model.query(images, tokens, lengths)
-    assert compare(want, got)["max_abs_diff"] <= 1e-4
+    assert got.dtype == want.dtype == torch.float32 and got.shape == (2, ort_model.embed_dim)
+    assert compare(want.numpy(), got.numpy())["max_abs_diff"] <= 1e-4
 
 
 def test_recall_through_onnxruntime_equals_checkpoint(tmp_path):
@@ -188,13 +193,13 @@ def test_missing_or_mismatched_artifacts_are_named(exported, tmp_path):
     arts["graphs"]["composer"]["dtypes"]["repr_extra"] = "float32"
     (art / "artifacts.json").write_text(json.dumps(arts))
     with pytest.raises(ArtifactError, match=r"composer\.onnx: graph inputs .*repr_extra"):
-        OnnxRuntimeModel(art, threads=1)
+        open_runtime(art, "onnxruntime", threads=1)
 
     del arts["graphs"]["composer"]["inputs"]["repr_extra"]
     arts["graphs"]["composer"]["inputs"]["repr_feature"] = ["batch", 31]
     (art / "artifacts.json").write_text(json.dumps(arts))
     with pytest.raises(ArtifactError, match=r"composer\.onnx: input 'repr_feature' has shape"):
-        OnnxRuntimeModel(art, threads=1)
+        open_runtime(art, "onnxruntime", threads=1)
 
     (art / "text_encoder.onnx").unlink()
     with pytest.raises(ArtifactError, match=r"text_encoder\.onnx: missing"):

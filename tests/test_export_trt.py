@@ -15,14 +15,16 @@ import types
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
+import torch
 from export_fixtures import cached_export, limit_threads
 
+from export import engines
 from export import trt as export_trt
 from export.artifacts import ArtifactError, load_artifacts
 from export.fp16 import convert_to_fp16
 from export.parity import ParityError
+from export.runtime.onnxruntime_graphs import ort_session
 
 limit_threads()
 
@@ -158,12 +160,13 @@ class OrtEngine:
 
     def __init__(self, trt, engine_bytes, name="engine", logger=None, device="cuda"):
         path = engine_bytes[len(b"ENGINE:") :].decode()
-        self.session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        self.session = ort_session(path)
         self.names = [o.name for o in self.session.get_outputs()]
+        self.device = torch.device("cpu")  # the real runner's tensors live on the GPU
 
     def __call__(self, feeds):
-        out = self.session.run(self.names, feeds)
-        return {n: v + self.noise for n, v in zip(self.names, out)}
+        out = self.session.run(self.names, {n: t.numpy() for n, t in feeds.items()})
+        return {n: torch.from_numpy(v + self.noise) for n, v in zip(self.names, out)}
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +185,7 @@ def gpu(monkeypatch):
 
 def test_missing_tensorrt_exits_3_with_install_instructions(art_dir, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # makes `import tensorrt` fail
-    code = export_trt.main(["--onnx", str(art_dir)])
+    code = export_trt.main(["--artifacts", str(art_dir)])
     err = capsys.readouterr().err
     assert code == export_trt.EXIT_NO_TENSORRT == 3
     assert "TensorRT is not installed" in err and "pip install tensorrt-cu12" in err
@@ -192,18 +195,21 @@ def test_missing_tensorrt_exits_3_with_install_instructions(art_dir, monkeypatch
 def test_profiles_and_engine_names_follow_artifacts(art_dir):
     arts = load_artifacts(art_dir)
     shapes = export_trt.profile_shapes(
-        arts["graphs"]["text_encoder"], max_batch=64, opt_batch=8, max_text_len=40
+        arts.info["graphs"]["text_encoder"], max_batch=64, opt_batch=8, max_text_len=40
     )
     assert shapes == {"tokens": ((1, 1), (8, 16), (64, 40)), "lengths": ((1,), (8,), (64,))}
-    image = export_trt.profile_shapes(arts["graphs"]["image_encoder"], 16, 4, 40)
+    image = export_trt.profile_shapes(arts.info["graphs"]["image_encoder"], 16, 4, 40)
     assert image == {"images": ((1, 3, 32, 32), (4, 3, 32, 32), (16, 3, 32, 32))}
-    assert export_trt.profile_shapes(arts["graphs"]["text_encoder"], 4, 2, 8)["tokens"][1] == (2, 8)
+    assert export_trt.profile_shapes(arts.info["graphs"]["text_encoder"], 4, 2, 8)["tokens"][1] == (
+        2,
+        8,
+    )
     with pytest.raises(ValueError, match="opt batch"):
-        export_trt.profile_shapes(arts["graphs"]["composer"], 4, 8, 16)
-    name = export_trt.engine_file_name("composer", "10.13.0.35", (9, 0), "ab" * 32)
+        export_trt.profile_shapes(arts.info["graphs"]["composer"], 4, 8, 16)
+    name = engines.engine_file_name("composer", "10.13.0.35", (9, 0), "ab" * 32)
     assert name == "composer.trt10.13.0.35.sm90.abababababab.engine"
     assert (
-        export_trt.engine_file_name("composer", "11.4.0", (8, 9), "cd" * 32, fp16=True)
+        engines.engine_file_name("composer", "11.4.0", (8, 9), "cd" * 32, fp16=True)
         == "composer.trt11.4.0.sm89.cdcdcdcdcdcd.fp16.engine"
     )
 
@@ -212,7 +218,7 @@ def test_trt10_build_sequence_uses_explicit_batch_and_fp16_flag(art_dir):
     calls = []
     trt = fake_tensorrt("10.13.0.35", calls)
     arts = load_artifacts(art_dir)
-    info = arts["graphs"]["composer"]
+    info = arts.info["graphs"]["composer"]
     shapes = export_trt.profile_shapes(info, 32, 8, 64)
     engine, cache = export_trt.build_engine(
         trt, art_dir / "composer.onnx", info, shapes, fp16=True, workspace_gb=2, timing_cache=b"old"
@@ -271,10 +277,10 @@ def test_trt11_fp16_build_converts_onnx_and_records_engines(art_dir, gpu):
         assert (engine_dir / entry["file"]).read_bytes().startswith(b"ENGINE:")
     listing = json.loads((engine_dir / "engines.json").read_text())
     assert [e["file"] for e in listing["engines"]] == [e["file"] for e in entries]
-    found = export_trt.find_engine(listing, "composer", "11.4.0.106", (8, 9), fp16=True)
+    found = engines.find_engine(listing, "composer", "11.4.0.106", (8, 9), fp16=True)
     assert found["file"] == entries[2]["file"]
-    assert export_trt.find_engine(listing, "composer", "11.4.0.106", (8, 9), fp16=False) is None
-    assert export_trt.find_engine(listing, "composer", "11.4.0.106", (9, 0), fp16=True) is None
+    assert engines.find_engine(listing, "composer", "11.4.0.106", (8, 9), fp16=False) is None
+    assert engines.find_engine(listing, "composer", "11.4.0.106", (9, 0), fp16=True) is None
 
 
 def test_engine_failing_parity_is_not_written(art_dir, gpu, monkeypatch, capsys):
@@ -283,7 +289,9 @@ def test_engine_failing_parity_is_not_written(art_dir, gpu, monkeypatch, capsys)
     before = (
         set((art_dir / "engines").glob("*.engine")) if (art_dir / "engines").exists() else set()
     )
-    code = export_trt.main(["--onnx", str(art_dir), "--graphs", "target_head", "--max-batch", "4"])
+    code = export_trt.main(
+        ["--artifacts", str(art_dir), "--graphs", "target_head", "--max-batch", "4"]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and "target_head.trt10.13.0.35.sm89" in err[0]
     assert "max abs diff" in err[0]
@@ -299,10 +307,10 @@ def test_parser_errors_and_input_mismatch_are_reported(art_dir, tmp_path):
             return False
 
     arts = load_artifacts(art_dir)
-    info = arts["graphs"]["composer"]
+    info = arts.info["graphs"]["composer"]
     shapes = export_trt.profile_shapes(info, 4, 2, 8)
     trt.OnnxParser = FailingParser
-    with pytest.raises(export_trt.EngineBuildError, match="Unsupported op: Foo; node 3"):
+    with pytest.raises(engines.EngineBuildError, match="Unsupported op: Foo; node 3"):
         export_trt.build_engine(
             trt,
             art_dir / "composer.onnx",
@@ -317,7 +325,7 @@ def test_parser_errors_and_input_mismatch_are_reported(art_dir, tmp_path):
         export_trt.build_engine(
             trt,
             art_dir / "composer.onnx",
-            arts["graphs"]["target_head"],
+            arts.info["graphs"]["target_head"],
             shapes,
             fp16=False,
             workspace_gb=1,
@@ -350,8 +358,7 @@ def test_parity_gate_tolerances():
 def test_fp16_conversion_keeps_float32_io_and_accuracy(art_dir, tmp_path):
     src = art_dir / "text_encoder.onnx"
     dst = convert_to_fp16(src, tmp_path / "text_encoder.fp16.onnx")
-    fp32 = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])
-    fp16 = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
+    fp32, fp16 = ort_session(src), ort_session(dst)
     rng = np.random.default_rng(0)
     feeds = {
         "tokens": rng.integers(2, 8, (3, 6)).astype(np.int64),
@@ -360,3 +367,22 @@ def test_fp16_conversion_keeps_float32_io_and_accuracy(art_dir, tmp_path):
     want, got = fp32.run(None, feeds)[0], fp16.run(None, feeds)[0]
     assert got.dtype == np.float32
     assert np.abs(want - got).max() < 2e-2
+
+
+def test_real_engines_match_onnxruntime_through_the_runtime(art_dir):
+    """Engine parity with the real TensorRT: built by export.trt, run by export.runtime
+    (skipped where TensorRT or a CUDA GPU is missing; the fakes above check no parity)."""
+    pytest.importorskip("tensorrt", reason="TensorRT is not installed (NVIDIA's index)")
+    if not torch.cuda.is_available():
+        pytest.skip("TensorRT engines need a CUDA GPU")
+    from export.runtime import open_runtime
+
+    export_trt.build_all(art_dir, max_batch=8, opt_batch=4, max_text_len=16, workspace_gb=1)
+    engines_rt = open_runtime(art_dir, "tensorrt", "cuda")
+    reference = open_runtime(art_dir, "onnxruntime", "cpu", threads=1)
+    side = reference.artifacts.image_size
+    images = torch.randn((3, 3, side, side), generator=torch.Generator().manual_seed(0))
+    tokens, lengths = reference.tokenize(["make it red", "add a circle left", "x"])
+    want = reference.query(images, tokens, lengths)
+    got = engines_rt.query(images.cuda(), tokens.cuda(), lengths.cuda())
+    assert got.is_cuda and (got.cpu() - want).abs().max() <= 1e-3

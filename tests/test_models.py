@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from export.runtime.onnxruntime_graphs import ort_session
 from pipeline.losses import compute_loss
 from pipeline.models import accepted_kwargs, create_model, list_models
 from pipeline.models.export_wrappers import export_graph, graph_modules
@@ -169,7 +170,7 @@ def test_overfits_a_batch_of_eight_triplets(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_graphs_export_to_onnx_and_match_pytorch(models, name, tmp_path):
-    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxruntime")
     model = models(name).eval()
     graphs = graph_modules(model, image_size=SIZE)
     expected = {"image_encoder", "composer", "target_head"}
@@ -178,7 +179,7 @@ def test_graphs_export_to_onnx_and_match_pytorch(models, name, tmp_path):
     assert set(graphs) == expected
     for graph_name, graph in graphs.items():
         path = export_graph(graph, tmp_path / f"{graph_name}.onnx")
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        session = ort_session(path)
         assert [i.name for i in session.get_inputs()] == graph.input_names
         for batch, text_len in [(1, 3), (5, 7)]:
             inputs = graph.example_inputs(batch, text_len)
@@ -230,7 +231,7 @@ def test_tirg_weights_init_and_freeze():
 
 
 def test_ccnet_mutan_fusion_gets_gradients_and_exports(tmp_path):
-    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxruntime")
     torch.manual_seed(0)
     model = create_model(
         "ccnet", fusion="mutan", mutan_rank=16, mutan_heads=2, **small_kwargs("ccnet")
@@ -239,9 +240,7 @@ def test_ccnet_mutan_fusion_gets_gradients_and_exports(tmp_path):
     loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     graph = graph_modules(model.eval(), image_size=SIZE)["composer"]
-    session = ort.InferenceSession(
-        str(export_graph(graph, tmp_path / "composer.onnx")), providers=["CPUExecutionProvider"]
-    )
+    session = ort_session(export_graph(graph, tmp_path / "composer.onnx"))
     inputs = graph.example_inputs(3, 6)
     with torch.no_grad():
         expected = graph.module(*inputs).numpy()

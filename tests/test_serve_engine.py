@@ -52,7 +52,7 @@ def brute_force(art_dir, engine, text, k, image=None, ref_row=None):
     """Independent answer: eager model on freshly decoded pixels, numpy dot products
     over every gallery embedding, reference excluded, ties to the lower row."""
     model, vocab, _ = load_model(art_dir / "checkpoint.pt")
-    size = engine.arts["preprocess"]["crop"]
+    size = engine.artifacts.image_size
     data = image if image is not None else engine.index.image_bytes(ref_row)
     pixels = ImagePreprocess(size)(decode_image(data)).unsqueeze(0)
     tokens, lengths = vocab.encode([text], max_len=engine.max_text_len)
@@ -121,11 +121,11 @@ def test_text_padding_leaves_the_query_unchanged(engine):
 
 
 def test_bucket_and_batch_padding_helpers():
-    from serve.backends import BATCH_BUCKETS, _pad_batch, bucket
+    from export.runtime.cuda_graphs import BATCH_BUCKETS, bucket, pad_batch
 
     assert [bucket(n, BATCH_BUCKETS) for n in (1, 3, 4, 33, 64, 65)] == [1, 4, 4, 64, 64, None]
     x = torch.arange(6.0).view(3, 2)
-    padded = _pad_batch(x, 4)
+    padded = pad_batch(x, 4)
     assert padded.shape == (4, 2) and torch.equal(padded[3], x[0]) and torch.equal(padded[:3], x)
 
 
@@ -196,7 +196,7 @@ def test_ccnet_reranks_like_the_evaluation(tmp_path_factory):
     )
     assert torch_engine.has_correction and torch_engine.rerank_top == 10
     model = torch_engine.backend.model
-    names = torch_engine.arts["image_repr_names"]
+    names = torch_engine.artifacts.image_repr_names
     gallery_repr = tuple(
         torch.from_numpy(np.asarray(torch_engine.index.reprs[n], np.float32)) for n in names
     )
@@ -233,7 +233,7 @@ def test_ccnet_reranks_like_the_evaluation(tmp_path_factory):
 def test_a_failed_graph_capture_leaves_later_buckets_eager(monkeypatch):
     """One failed capture: that bucket and every later one run eagerly (no further
     capture into the shared pool), and query graphs are captured with cuDNN off."""
-    from serve import backends
+    from export.runtime import cuda_graphs, torch_model
 
     calls = []
 
@@ -241,8 +241,8 @@ def test_a_failed_graph_capture_leaves_later_buckets_eager(monkeypatch):
         calls.append((key, cudnn))
         return None  # as when the capture is invalidated
 
-    monkeypatch.setattr(backends.CapturedGraph, "try_capture", staticmethod(fake_capture))
-    backend = object.__new__(backends.TorchBackend)  # the graph bookkeeping alone, on a CPU
+    monkeypatch.setattr(cuda_graphs.CapturedGraph, "try_capture", staticmethod(fake_capture))
+    backend = object.__new__(torch_model.TorchModel)  # the graph bookkeeping alone, on a CPU
     backend.cuda_graphs, backend._graphs, backend._pool = True, {}, None
 
     def double(x):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from serve_fixtures import serving_artifacts
 
-from serve.backends import create_backend
+from export.runtime import open_runtime
 from serve.engine import Query, QueryEngine
 from serve.search import GallerySearch
 
@@ -24,9 +24,9 @@ def test_cuda_graph_query_network_equals_eager(art_dir):
     from export.artifacts import load_artifacts
 
     arts = load_artifacts(art_dir)
-    eager = create_backend("torch", art_dir, arts, torch.device("cuda"), cuda_graphs=False)
-    graphed = create_backend("torch", art_dir, arts, torch.device("cuda"), cuda_graphs=True)
-    side = int(arts["preprocess"]["crop"])
+    eager = open_runtime(arts, "torch", torch.device("cuda"), cuda_graphs=False)
+    graphed = open_runtime(arts, "torch", torch.device("cuda"), cuda_graphs=True)
+    side = arts.image_size
     gen = torch.Generator().manual_seed(0)
     for batch, length in [(1, 2), (3, 9), (17, 20), (64, 5)]:
         images = torch.randn((batch, 3, side, side), generator=gen).cuda()
@@ -39,7 +39,7 @@ def test_cuda_graph_query_network_equals_eager(art_dir):
         want, want_text = eager.compose_query(want_repr, tokens, lengths)
         got, got_text = graphed.compose_query(got_repr, tokens, lengths)
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-        assert got.shape == (batch, arts["embed_dim"])
+        assert got.shape == (batch, arts.embed_dim)
     captured = [key for key, graph in graphed._graphs.items() if graph is not None]
     assert ("image", None, 4) in captured and ("query", 32, 32) in captured
 

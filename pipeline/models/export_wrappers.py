@@ -6,19 +6,22 @@ output names, example inputs and dynamic axes (what ``export/`` turns into ONNX)
 ==============  ==========================================  =============================
 name            inputs                                      outputs
 ==============  ==========================================  =============================
-image_encoder   images (B, 3, S, S) float                   image_<n> for n in image_repr_names
+image_encoder   images (B, 3, S, S) float                   repr_<n> for n in image_repr_names
 text_encoder    tokens (B, T) int64, lengths (B,) int64     text_<n> for n in text_repr_names
-composer        image_<n>..., text_<n>...                   query (B, D)
-target_head     image_<n>...                                target (B, D)
-correction      ref_<n>..., cand_<n>..., text_<n>...        correction_logit (B,)
+composer        repr_<n>..., text_<n>...                    query (B, D)
+target_head     repr_<n>...                                 target (B, D)
+correction      ref_<n>..., cand_<n>..., text_<n>...        score (B,)
 ==============  ==========================================  =============================
+
+These are the names the ONNX files, ``artifacts.json``, the TensorRT engines and the
+runtime (``export.runtime``) all use: ``<role>_<repr name>`` (``graph_tensor_names``).
 
 ``composer``, ``target_head`` and ``correction`` take only the representation parts they
 read (``GraphModule.input_names`` lists them; e.g. ``text_only``'s composer reads no image
 part). ``text_encoder`` is absent when the model reads no text (``text_repr_names == ()``,
 ``image_only``); ``correction`` is present only when ``model.has_correction``. Axis 0 is
 the dynamic ``batch`` everywhere; a text-representation axis that grows with T is the
-dynamic ``text_len``. The image size S is fixed per export (feature-map shapes follow it).
+dynamic ``length``. The image size S is fixed per export (feature-map shapes follow it).
 """
 
 from __future__ import annotations
@@ -33,7 +36,13 @@ from torch import nn
 
 from pipeline.models.base import ComposedRetrievalModel
 
-ONNX_OPSET = 17
+ONNX_OPSET = 17  # the one opset of every export (TorchScript exporter, see export_graph)
+
+
+def graph_tensor_names(role: str, names) -> list[str]:
+    """Graph tensor names of representation parts: ``<role>_<name>`` (roles ``repr``,
+    ``text``, and ``ref``/``cand`` in the correction graph)."""
+    return [f"{role}_{name}" for name in names]
 
 
 class GraphModule(NamedTuple):
@@ -148,8 +157,8 @@ def example_images(batch: int, image_size: int, seed: int = 0) -> torch.Tensor:
 
 def graph_modules(model: ComposedRetrievalModel, image_size: int = 224) -> dict[str, GraphModule]:
     """The model's exportable graphs (see module docstring). Put the model in eval() first."""
-    image_names = [f"image_{n}" for n in model.image_repr_names]
-    text_names = [f"text_{n}" for n in model.text_repr_names]
+    image_names = graph_tensor_names("repr", model.image_repr_names)
+    text_names = graph_tensor_names("text", model.text_repr_names)
     vocab_size = model.vocab_size
 
     @torch.no_grad()
@@ -163,7 +172,7 @@ def graph_modules(model: ComposedRetrievalModel, image_size: int = 224) -> dict[
     # which text-representation axes follow T (e.g. per-word embeddings)
     short, long = text_repr(1, 2), text_repr(1, 3)
     text_axes = {
-        name: {0: "batch", **{a: "text_len" for a in range(1, s.dim()) if s.shape[a] != t.shape[a]}}
+        name: {0: "batch", **{a: "length" for a in range(1, s.dim()) if s.shape[a] != t.shape[a]}}
         for name, s, t in zip(text_names, short, long)
     }
 
@@ -185,7 +194,7 @@ def graph_modules(model: ComposedRetrievalModel, image_size: int = 224) -> dict[
             ["tokens", "lengths"],
             text_names,
             lambda b, t: example_text(vocab_size, b, t),
-            {"tokens": {0: "batch", 1: "text_len"}, "lengths": {0: "batch"}, **text_axes},
+            {"tokens": {0: "batch", 1: "length"}, "lengths": {0: "batch"}, **text_axes},
         )
 
     def step(
@@ -223,13 +232,13 @@ def graph_modules(model: ComposedRetrievalModel, image_size: int = 224) -> dict[
         batch_axes(image_names),
     )
     if model.has_correction:
-        ref = [f"ref_{n}" for n in model.image_repr_names]
-        cand = [f"cand_{n}" for n in model.image_repr_names]
+        ref = graph_tensor_names("ref", model.image_repr_names)
+        cand = graph_tensor_names("cand", model.image_repr_names)
         step(
             "correction",
             CorrectionGraph,
             ref + cand + text_names,
-            "correction_logit",
+            "score",
             lambda b, t: image_repr(b, 1) + image_repr(b, 2) + text_repr(b, t),
             {**batch_axes(ref + cand), **text_axes},
         )
