@@ -57,7 +57,7 @@ fi
 echo "mps_started=$mps_started"
 
 stage data: CSS default size at 64 px
-timeout 90 python3 -m shards.css --out /tmp/css64 --workers 16 2>&1 | tail -2
+timeout 90 python3 -m shards.css --out /tmp/css64 --render-processes 16 2>&1 | tail -2
 
 models=$(python3 -c "from bench.reproduce import resolve_models; print(len(resolve_models('$MODELS')))")
 runs=$(( models * SEEDS ))
@@ -65,7 +65,7 @@ stage "paper-scale CSS reproduction: $models models ($MODELS) x $SEEDS seeds, $r
 # Adam 1e-3 from random weights, as in the README's CPU tables: no ImageNet-trained trunk
 # can be fetched here, and the paper's SGD (trunk at 0.1 x 0.01) learns little from
 # scratch in a few thousand steps. One CPU thread and one loader process per run.
-repro_flags=(--dataset /tmp/css64 --models "$MODELS" --seeds "$SEEDS" --iterations 160000
+repro_flags=(--data /tmp/css64 --models "$MODELS" --seeds "$SEEDS" --steps 160000
     --in-process --paper-scale --parallel "$runs" --out /tmp/reproduce
     --set optim.name=adam --set optim.lr=0.001 --set optim.weight_decay=0
     --set optim.backbone_lr_mult=1 --set train.threads=1 --set train.loader_workers=1
@@ -100,7 +100,7 @@ timeout 35 python3 -m bench.export_latency --random-model tirg --image-size 224 
     2>&1 | tail -15
 
 stage training throughput through the training loop, TIRG ResNet-18 224 px, bf16
-timeout 30 python3 -m shards.css --small --image-size 224 --out /tmp/css224 --workers 16 2>&1 | tail -2
+timeout 30 python3 -m shards.css --small --image-size 224 --out /tmp/css224 --render-processes 16 2>&1 | tail -2
 timeout 50 python3 bench/train_throughput.py --config configs/css_tirg.yaml --data /tmp/css224 \
     --modes synthetic shards --steps 40 --set image.size=224 --set train.loader_workers=8 \
     --out "$OUT/train_throughput_tirg224.json" 2>&1 | tail -10

@@ -1,6 +1,6 @@
 """Reproduce the TIRG paper's CSS comparison: every composer, several seeds, mean ± std.
 
-``python -m bench.reproduce --dataset DIR --models all --seeds 3`` trains and evaluates
+``python -m bench.reproduce --data DIR --models all --seeds 3`` trains and evaluates
 each (model, seed) through the normal training entry point (``pipeline.train``: the
 config ``configs/css_<model>.yaml``, or ``configs/css_base.yaml`` with ``model.name``
 set where a model has no file of its own) and writes to ``--out``:
@@ -35,13 +35,14 @@ from typing import Any
 import yaml
 
 from bench.reproduce_report import markdown_table, plot_recalls, summarize, write_json
+from pipeline.cli_flags import add_config_flags, add_run_flags
 
 log = logging.getLogger("bench.reproduce")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RUN_RECORD = "reproduce_run.json"  # per run: model, seed, wall time (next to metrics.json)
 # The paper's CSS setting (Sec. 4.1 and the authors' code): 64 px renders, ResNet-18,
-# 512-d embedding, batch 32; the number of steps comes from --iterations.
+# 512-d embedding, batch 32; the number of steps comes from --steps.
 PAPER_SCALE = [
     "image.size=64",
     "model.image_backbone=resnet18",
@@ -88,23 +89,21 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
     parser = argparse.ArgumentParser(
         prog="python -m bench.reproduce", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("--dataset", required=True, help="CSS-style shard dataset (shards.css)")
+    add_run_flags(
+        parser,
+        ("data", "steps", "workers", "batch_size"),
+        help_overrides={
+            "data": "CSS-style shard dataset (shards.css; required)",
+            "steps": "training steps per run (sets train.steps; default: the config's; "
+            f"{CPU_SCALE_ITERATIONS} with --cpu-scale)",
+            "workers": "Ray Train workers per run (sets train.workers; default 1; 0 and "
+            "--in-process: in this process without Ray)",
+        },
+    )
     parser.add_argument(
         "--models", default="all", help="'all' (every registered model) or a comma-separated list"
     )
     parser.add_argument("--seeds", type=int, default=3, help="runs per model (seeds 0..N-1)")
-    parser.add_argument(
-        "--iterations",
-        type=int,
-        help="training steps per run (default: the config's train.steps; "
-        f"{CPU_SCALE_ITERATIONS} with --cpu-scale)",
-    )
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=1,
-        help="Ray Train workers per run (ignored with --in-process)",
-    )
     parser.add_argument("--parallel", type=int, default=1, help="runs in flight at once")
     parser.add_argument(
         "--in-process", action="store_true", help="train with --workers 0 in this process (no Ray)"
@@ -116,14 +115,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
     scale.add_argument(
         "--cpu-scale", action="store_true", help="reduced CPU setup: " + " ".join(CPU_SCALE)
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="config override for every run",
-    )
+    add_config_flags(parser, config=False)  # --set KEY=VALUE, for every run
     parser.add_argument(
         "--config-dir",
         default=str(REPO_ROOT / "configs"),
@@ -138,11 +130,15 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
     parser.add_argument("--ray-address", help="join this Ray cluster instead of a local one")
     parser.add_argument("--ray-cpus", type=int, help="CPUs of the local Ray cluster")
     args = parser.parse_args(argv)
+    if args.data is None:
+        parser.error("--data DIR is required (a CSS-style shard dataset)")
+    if args.workers is None:
+        args.workers = 0 if args.in_process else 1
     for name in ("seeds", "parallel"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.iterations is not None and args.iterations < 1:
-        parser.error(f"--iterations must be >= 1, got {args.iterations}")
+    if args.steps is not None and args.steps < 1:
+        parser.error(f"--steps must be >= 1, got {args.steps}")
     if args.workers < 1 and not args.in_process:
         parser.error(
             f"--workers must be >= 1 for Ray runs, got {args.workers} "
@@ -188,19 +184,19 @@ def scale_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def iterations(args: argparse.Namespace) -> int | None:
-    if args.iterations is None and args.cpu_scale:
+    if args.steps is None and args.cpu_scale:
         return CPU_SCALE_ITERATIONS
-    return args.iterations
+    return args.steps
 
 
 def plan_runs(args: argparse.Namespace, models: list[str]) -> list[PlannedRun]:
     """Resolved configs through the entry point's own flag handling (``pipeline.train``)."""
-    from pipeline.train import add_common_flags, config_from_args
+    from pipeline.cli_flags import add_common_flags, config_from_args
 
-    dataset = Path(args.dataset)
+    dataset = Path(args.data)
     if not (dataset / "manifest.json").is_file():
         raise ReproduceError(
-            f"--dataset {dataset}: no manifest.json (expected a shard "
+            f"--data {dataset}: no manifest.json (expected a shard "
             "dataset written by python -m shards.css)"
         )
     flag_parser = argparse.ArgumentParser(add_help=False)
@@ -226,6 +222,7 @@ def plan_runs(args: argparse.Namespace, models: list[str]) -> list[PlannedRun]:
                 str(out / "runs" / model / f"seed{seed}"),
             ]
             argv += [] if steps is None else ["--steps", str(steps)]
+            argv += [] if args.batch_size is None else ["--batch-size", str(args.batch_size)]
             for item in overrides:
                 argv += ["--set", item]
             config = config_from_args(flag_parser.parse_args(argv))
@@ -285,7 +282,7 @@ def result_dict(
 
 def train_timed(config: dict[str, Any]) -> tuple[dict[str, Any], float]:
     """One run through ``pipeline.train.run``; returns (metrics, wall seconds)."""
-    from pipeline.train import run as train_run
+    from pipeline.launch import run as train_run
 
     start = time.perf_counter()
     metrics = train_run(config)
@@ -518,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     results.sort(key=lambda r: order[(r["model"], r["seed"])])
     settings = {
         "command": "python -m bench.reproduce " + " ".join(sys.argv[1:] if argv is None else argv),
-        "dataset": str(Path(args.dataset).resolve()),
+        "dataset": str(Path(args.data).resolve()),
         "models": models,
         "seeds": args.seeds,
         "iterations": iterations(args),

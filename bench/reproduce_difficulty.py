@@ -17,7 +17,7 @@ gallery image with the target's object set) and the reference excluded:
 Ties are broken at random (the expected recall is computed exactly). Per modification
 type too.
 
-    python -m bench.reproduce_difficulty --dataset data/css-small
+    python -m bench.reproduce_difficulty --data data/css-small
     python -m bench.reproduce_difficulty --plan default   # shards.css defaults, unrendered
 """
 
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m bench.reproduce_difficulty", description=__doc__.splitlines()[0]
     )
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--dataset", help="CSS-style shard dataset (python -m shards.css)")
+    source.add_argument("--data", help="CSS-style shard dataset (python -m shards.css)")
     source.add_argument(
         "--plan",
         choices=("default", "small"),
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         dataset = Path(args.dataset)
         if not (dataset / "queries.json").is_file():
             parser.error(
-                f"--dataset {dataset}: no queries.json (expected python -m shards.css output)"
+                f"--data {dataset}: no queries.json (expected python -m shards.css output)"
             )
         ids, objects, queries = read_dataset(dataset)
     result = ceilings(ids, objects, queries)

@@ -62,7 +62,12 @@ def measure(config: css.CssConfig, workers: int, preset: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", choices=("small", "default"), default="small")
-    parser.add_argument("--workers", default="1,2", help="comma-separated worker counts")
+    parser.add_argument(
+        "--render-processes",
+        dest="workers",
+        default="1,2",
+        help="comma-separated shards.css render-process counts",
+    )
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--train-scenes", type=int, help="override the preset's source scenes")
     parser.add_argument("--test-scenes", type=int, help="override the preset's source scenes")

@@ -127,8 +127,8 @@ def synthetic_batches(
             }
         )
 
-    def epoch_batches(epoch: int):
-        for i in range(train["batches_per_epoch"]):
+    def epoch_batches(epoch: int, skip: int = 0):
+        for i in range(skip, train["batches_per_epoch"]):
             yield batches[i % pool]
 
     return epoch_batches
@@ -165,7 +165,7 @@ def run_mode(args: argparse.Namespace, mode: str, scratch: Path) -> dict[str, An
         vocab = synthetic_vocab()
         source = synthetic_batches(config, vocab, device)
     else:
-        from pipeline.data import build_vocabulary, default_batches_per_epoch
+        from pipeline.shard_groups import build_vocabulary, default_batches_per_epoch
 
         vocab = build_vocabulary(config["data"])
         per_epoch = config["train"]["batches_per_epoch"] or default_batches_per_epoch(
@@ -173,8 +173,8 @@ def run_mode(args: argparse.Namespace, mode: str, scratch: Path) -> dict[str, An
         )
         source = shard_batches(config, vocab, context, per_epoch)
 
-    def timed(epoch: int):
-        return clock.wrap(source(epoch), device)
+    def timed(epoch: int, skip: int = 0):
+        return clock.wrap(source(epoch, skip), device)
 
     sampler = GpuSampler(device) if device.type == "cuda" else None
     if sampler:

@@ -1,4 +1,5 @@
-"""Streaming training triplets and gallery images from WebDataset shards.
+"""Streaming training triplets from WebDataset shards (gallery images:
+``pipeline.gallery_data``; group scans and reader splits: ``pipeline.shard_groups``).
 
 Distributed streaming follows open_clip's WebDataset reader:
 
@@ -36,16 +37,15 @@ from __future__ import annotations
 import json
 import logging
 import random
-import tarfile
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from itertools import count, islice
 from pathlib import Path
 from typing import Any
 
 import torch
 import webdataset as wds
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset
 
 from pipeline.images import (
     IMAGENET_MEAN,
@@ -55,125 +55,18 @@ from pipeline.images import (
     decode_images,
     predecode_for_gpu,
 )
-from pipeline.triplets import draw_triplets, group_texts, triplets_per_epoch
+from pipeline.shard_groups import (
+    default_batches_per_epoch,
+    group_runs,
+    image_entry,
+    loader_worker,
+    reader_shards,
+)
+from pipeline.triplets import draw_triplets
 from pipeline.vocab import Vocabulary
 from shards.manifest import load_manifest, shard_paths
 
 log = logging.getLogger(__name__)
-
-SPLIT_MODES = ("auto", "shards", "samples")
-
-
-# -- group JSON scans (vocabulary, epoch length) -----------------------------------------
-
-
-def iter_group_jsons(dataset_dir: str | Path, split: str = "train") -> Iterator[dict[str, Any]]:
-    """Every group JSON of a ``groups`` split, in shard order, without reading images
-    into memory. Unparseable JSON is skipped with a warning."""
-    manifest = load_manifest(dataset_dir)
-    bad = 0
-    for path in shard_paths(dataset_dir, manifest, split):
-        with tarfile.open(path) as tar:
-            for member in tar:
-                if not member.isfile() or not member.name.endswith(".json"):
-                    continue
-                try:
-                    group = json.loads(tar.extractfile(member).read())
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    bad += 1
-                    continue
-                yield group
-    if bad:
-        log.warning(
-            "%s split %r: skipped %d group(s) with unreadable JSON", dataset_dir, split, bad
-        )
-
-
-def build_vocabulary(
-    dataset_dir: str | Path, split: str = "train", min_count: int = 1
-) -> Vocabulary:
-    """Vocabulary of every training text: explicit pair texts and derived texts."""
-
-    def texts():
-        for group in iter_group_jsons(dataset_dir, split):
-            try:
-                yield from group_texts(group)
-            except ValueError as err:
-                log.warning("vocabulary: skipping malformed group: %s", err)
-
-    return Vocabulary.build(texts(), min_count=min_count)
-
-
-def count_triplets(dataset_dir: str | Path, split: str = "train") -> int:
-    """Triplets drawn per epoch over the whole split (malformed groups count 0)."""
-    total = 0
-    for group in iter_group_jsons(dataset_dir, split):
-        try:
-            total += triplets_per_epoch(group)
-        except ValueError:
-            pass
-    return total
-
-
-def default_batches_per_epoch(
-    dataset_dir: str | Path, batch_size: int, world_size: int = 1, split: str = "train"
-) -> int:
-    """``triplets per epoch // (batch_size * world_size)``, at least 1."""
-    if batch_size < 1 or world_size < 1:
-        raise ValueError(f"batch_size and world_size must be >= 1, got {batch_size}, {world_size}")
-    return max(1, count_triplets(dataset_dir, split) // (batch_size * world_size))
-
-
-# -- shard assignment ---------------------------------------------------------------------
-
-
-def reader_shards(
-    shards: list[str],
-    *,
-    seed: int,
-    epoch: int,
-    rank: int,
-    world_size: int,
-    worker: int,
-    num_workers: int,
-    split_by: str = "auto",
-) -> tuple[list[str], int, int]:
-    """Which shards one reader streams this epoch, and which of their samples it keeps.
-
-    Returns ``(shards, stride, offset)``: the reader keeps samples ``i`` (counted over
-    its shard list) with ``i % stride == offset``; ``stride == 1`` for a shard split.
-    """
-    if split_by not in SPLIT_MODES:
-        raise ValueError(f"split_by must be one of {SPLIT_MODES}, got {split_by!r}")
-    if not 0 <= rank < world_size or not 0 <= worker < num_workers:
-        raise ValueError(f"rank {rank}/{world_size} or worker {worker}/{num_workers} out of range")
-    order = list(shards)
-    random.Random(f"shards-{seed}-{epoch}").shuffle(order)
-    readers = world_size * num_workers
-    if split_by == "shards" or (split_by == "auto" and len(order) >= readers):
-        if len(order) < readers:
-            raise ValueError(
-                f"{len(order)} shard(s) for {readers} readers ({world_size} rank(s) x "
-                f"{num_workers} loader worker(s)): write more shards or use fewer workers"
-            )
-        return order[rank::world_size][worker::num_workers], 1, 0
-    return order, readers, rank * num_workers + worker
-
-
-def _worker() -> tuple[int, int]:
-    info = get_worker_info()
-    return (0, 1) if info is None else (info.id, info.num_workers)
-
-
-def _image_entry(sample: dict[str, Any], name: str) -> tuple[bytes, str]:
-    """The bytes and extension of ``<name>.<ext>`` in a WebDataset sample."""
-    for key, value in sample.items():
-        if key.startswith(name + ".") and "." not in key[len(name) + 1 :]:
-            return value, key[len(name) + 1 :]
-    raise KeyError(f"sample {sample.get('__key__')!r} has no image {name}.<ext>")
-
-
-# -- training triplets --------------------------------------------------------------------
 
 
 class TripletStream(IterableDataset):
@@ -200,6 +93,7 @@ class TripletStream(IterableDataset):
         max_text_len: int | None,
         decode_on_worker: bool,
         triplets_per_group: int = 1,
+        skip_batches: int = 0,
     ):
         super().__init__()
         self.shards = shards
@@ -213,9 +107,10 @@ class TripletStream(IterableDataset):
         self.max_text_len = max_text_len
         self.decode_on_worker = decode_on_worker
         self.triplets_per_group = triplets_per_group
+        self.skip_batches = skip_batches  # of the whole loader (all workers), see __iter__
 
     def __iter__(self):
-        worker, num_workers = _worker()
+        worker, num_workers = loader_worker()
         shards, stride, offset = reader_shards(
             self.shards,
             seed=self.seed,
@@ -252,10 +147,19 @@ class TripletStream(IterableDataset):
                 initial=self.shuffle_buffer,
                 rng=random.Random(f"buffer-{reader_seed}"),
             )(triplets)
-        crop_rng = random.Random(f"crop-{reader_seed}")
+        # The DataLoader takes batch i from worker i % W: this worker's share of the
+        # batches to skip (already trained on before a restore) is drawn, not decoded.
+        own_skip = len(range(worker, self.skip_batches, num_workers))
+        triplets = iter(triplets)
+        for _ in range(own_skip * self.batch_size):
+            next(triplets)
+        drawn = own_skip * self.batch_size
         try:
             batch: list[dict[str, Any]] = []
             for triplet in triplets:
+                drawn += 1
+                # a seed per triplet: skipped triplets leave later crops as they were
+                crop_rng = random.Random(f"crop-{reader_seed}-{drawn}")
                 try:
                     self._prepare_images(triplet, crop_rng)
                 except ValueError as err:
@@ -301,7 +205,7 @@ class TripletStream(IterableDataset):
                     drawn = draw_triplets(
                         group, random.Random(f"{self.seed}-{self.epoch}-{repeat}-{key}")
                     )
-                    images = [_image_entry(sample, str(i)) for i in range(len(group["members"]))]
+                    images = [image_entry(sample, str(i)) for i in range(len(group["members"]))]
                 except (KeyError, ValueError, TypeError, UnicodeDecodeError) as err:
                     skipped["bad group json"] += 1
                     log.debug("%s: skipping group %s: %s", where, key, err)
@@ -358,9 +262,9 @@ class TripletStream(IterableDataset):
 class TripletLoader:
     """Iterable of exactly ``len(self)`` training batches per epoch on this rank.
 
-    Each ``iter()`` runs the epoch set by ``set_epoch`` (initially the ``epoch``
-    argument) and then advances it by one, so ``for epoch ...: for batch in loader``
-    sees a fresh shard order and fresh triplets every epoch. Batches are dicts:
+    Each ``iter()`` runs the next epoch (initially the ``epoch`` argument), so ``for
+    epoch ...: for batch in loader`` sees a fresh shard order and fresh triplets every
+    epoch; ``epoch_batches(epoch, skip)`` runs a given epoch from batch ``skip`` on. Batches are dicts:
     ``ref_images``/``target_images`` (B, 3, S, S) float32, ``tokens`` (B, T) int64,
     ``lengths`` (B,) int64, ``texts``, ``ref_ids``, ``target_ids`` (lists of str).
     """
@@ -379,26 +283,32 @@ class TripletLoader:
         self.device = device
         self.epoch = stream.epoch
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
     def __len__(self) -> int:
         return self.batches_per_epoch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        self.stream.epoch = self.epoch
-        self.epoch += 1
+        return self.epoch_batches(self.epoch)
+
+    def epoch_batches(self, epoch: int, skip: int = 0) -> Iterator[dict[str, Any]]:
+        """Batches ``skip``..``batches_per_epoch - 1`` of ``epoch``: the ones before are
+        drawn (so the rest are the same batches) but their images are never decoded --
+        a resumed run skips what it trained on at the cost of reading JSON only. (A
+        corrupt image among the skipped triplets, which a full pass would have dropped,
+        shifts the rest of that epoch by one triplet.) Advances ``self.epoch`` past it."""
+        if not 0 <= skip <= self.batches_per_epoch:
+            raise ValueError(f"skip must be in 0..{self.batches_per_epoch}, got {skip}")
+        self.stream.epoch, self.stream.skip_batches = epoch, skip
+        self.epoch = epoch + 1
         loader = DataLoader(
             self.stream, batch_size=None, num_workers=self.loader_workers, persistent_workers=False
         )
-        crop_rng = random.Random(
-            f"gpu-crop-{self.stream.seed}-{self.stream.epoch}-{self.stream.rank}"
-        )
-        for batch in islice(loader, self.batches_per_epoch):
+        seed, rank = self.stream.seed, self.stream.rank
+        for index, batch in enumerate(islice(loader, self.batches_per_epoch - skip), start=skip):
             if self.stream.decode_on_worker:
                 yield batch
-            else:
-                yield _decode_batch_on_device(batch, self.stream.preprocess, self.device, crop_rng)
+            else:  # a seed per batch, like the CPU path's per triplet: skips change nothing
+                rng = random.Random(f"gpu-crop-{seed}-{epoch}-{rank}-{index}")
+                yield _decode_batch_on_device(batch, self.stream.preprocess, self.device, rng)
 
 
 def _decode_batch_on_device(
@@ -436,34 +346,6 @@ def _decode_batch_on_device(
         "ref_ids": [batch["ref_ids"][i] for i in keep],
         "target_ids": [batch["target_ids"][i] for i in keep],
     }
-
-
-def group_runs(
-    triplets: Iterable[dict[str, Any]], size: int, rng: random.Random
-) -> Iterator[list[dict[str, Any]]]:
-    """Consecutive triplets of one group (``"group"`` key), shuffled, in runs of <= size.
-
-    With ``train.triplets_per_group`` = k the shuffle buffer moves whole runs, so a batch
-    holds k modifications of a scene: each other's targets are the hard negatives that
-    only the text tells apart (in random batches about 1 % of the loss's negatives are).
-    Every triplet is kept, in exactly one run.
-    """
-    pending: list[dict[str, Any]] = []
-    for triplet in triplets:
-        if pending and triplet["group"] != pending[0]["group"]:
-            yield from _split_runs(pending, size, rng)
-            pending = []
-        pending.append(triplet)
-    if pending:
-        yield from _split_runs(pending, size, rng)
-
-
-def _split_runs(
-    group: list[dict[str, Any]], size: int, rng: random.Random
-) -> Iterator[list[dict[str, Any]]]:
-    rng.shuffle(group)
-    for start in range(0, len(group), size):
-        yield group[start : start + size]
 
 
 def triplet_loader(
@@ -532,114 +414,3 @@ def triplet_loader(
 
 
 # -- gallery ------------------------------------------------------------------------------
-
-
-def iter_gallery_samples(
-    dataset_dir: str | Path, split: str = "gallery"
-) -> Iterator[tuple[dict[str, Any], bytes, str]]:
-    """``(meta, image bytes, ext)`` of every gallery sample in shard order."""
-    manifest = load_manifest(dataset_dir)
-    if manifest["splits"].get(split, {}).get("kind") != "gallery":
-        raise ValueError(f"split {split!r} of {dataset_dir} is not a 'gallery' split")
-    for sample in wds.tarfile_samples(
-        [{"url": p} for p in shard_paths(dataset_dir, manifest, split)]
-    ):
-        meta = json.loads(sample["json"])
-        data, ext = _image_entry(sample, "img")
-        yield meta, data, ext
-
-
-class GalleryStream(IterableDataset):
-    """Gallery batches in shard order: worker ``w`` of ``W`` builds batches ``w, w+W, ...``
-    so the DataLoader's round-robin returns batch 0, 1, 2, ... (each worker reads every
-    shard's bytes but decodes only its own batches)."""
-
-    def __init__(
-        self,
-        dataset_dir: str,
-        split: str,
-        batch_size: int,
-        preprocess: ImagePreprocess,
-        decode_on_worker: bool = True,
-    ):
-        super().__init__()
-        self.dataset_dir, self.split = dataset_dir, split
-        self.batch_size = batch_size
-        self.preprocess = preprocess
-        self.decode_on_worker = decode_on_worker
-
-    def __iter__(self):
-        worker, num_workers = _worker()
-        batch: list[tuple[dict, bytes]] = []
-        index = 0
-        for meta, data, _ in iter_gallery_samples(self.dataset_dir, self.split):
-            if (index // self.batch_size) % num_workers == worker:
-                batch.append((meta, data))
-            index += 1
-            if index % self.batch_size == 0 and batch:
-                yield self._collate(batch)
-                batch = []
-        if batch:
-            yield self._collate(batch)
-
-    def _collate(self, batch: list[tuple[dict, bytes]]):
-        ids = [str(meta["id"]) for meta, _ in batch]
-        metas = [meta for meta, _ in batch]
-        if not self.decode_on_worker:
-            try:
-                return ids, [predecode_for_gpu(data) for _, data in batch], metas
-            except ValueError as err:
-                raise ValueError(f"gallery image in {self.dataset_dir}: {err}") from err
-        images = []
-        for meta, data in batch:
-            try:
-                images.append(self.preprocess(decode_image(data)))
-            except ValueError as err:
-                raise ValueError(
-                    f"gallery image {meta['id']!r} in {self.dataset_dir}: {err}"
-                ) from err
-        return ids, torch.stack(images), metas
-
-
-def gallery_loader(
-    dataset_dir: str | Path,
-    split: str = "gallery",
-    *,
-    batch_size: int,
-    image_size: int,
-    loader_workers: int = 0,
-    mean=IMAGENET_MEAN,
-    std=IMAGENET_STD,
-    device: str | torch.device = "cpu",
-) -> Iterator[tuple[list[str], torch.Tensor, list[dict]]]:
-    """``(ids, images (B, 3, S, S) float32, metas)`` batches, every gallery image once, in
-    shard order. A corrupt gallery image raises ``ValueError`` naming its id (a gallery
-    must be complete; converters skip bad images before writing)."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    device = torch.device(device)
-    preprocess = ImagePreprocess(image_size, mean, std)
-    stream = GalleryStream(
-        str(dataset_dir), split, batch_size, preprocess, decode_on_worker=device.type != "cuda"
-    )
-    loader = DataLoader(stream, batch_size=None, num_workers=loader_workers)
-    for ids, images, metas in loader:
-        if device.type == "cuda":
-            images = torch.stack([preprocess(img) for img in decode_images(images, device)])
-        yield ids, images, metas
-
-
-def read_gallery_bytes(
-    dataset_dir: str | Path, split: str = "gallery", ids=None
-) -> dict[str, tuple[bytes, str]]:
-    """``{id: (encoded bytes, ext)}`` of a gallery split (only ``ids`` when given)."""
-    wanted = None if ids is None else {str(i) for i in ids}
-    out = {}
-    for meta, data, ext in iter_gallery_samples(dataset_dir, split):
-        gid = str(meta["id"])
-        if wanted is None or gid in wanted:
-            out[gid] = (bytes(data), ext)
-    if wanted is not None and len(out) < len(wanted):
-        missing = sorted(wanted - out.keys())[:5]
-        raise KeyError(f"gallery split {split!r} of {dataset_dir} has no image(s) {missing}")
-    return out

@@ -35,7 +35,7 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline import protocols
-from pipeline.data import gallery_loader
+from pipeline.gallery_data import gallery_loader
 from pipeline.images import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.models.base import Repr
 from pipeline.vocab import Vocabulary

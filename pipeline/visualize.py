@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from pipeline.data import read_gallery_bytes
+from pipeline.gallery_data import read_gallery_bytes
 from pipeline.protocols import hit_matrix
 
 THUMB = 112

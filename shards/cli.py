@@ -49,7 +49,8 @@ def converter_parser(prog: str, description: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument(
-        "--workers",
+        "--read-threads",
+        dest="workers",
         type=positive_int,
         default=default_workers(),
         help="threads reading and checking images",

@@ -596,7 +596,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small", action="store_true", help="small preset for tests and the demo")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument(
-        "--workers", type=int, default=None, help="render processes (default: all cores)"
+        "--render-processes",
+        dest="workers",
+        type=int,
+        default=None,
+        help="render processes (default: all cores)",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -135,7 +135,7 @@ def test_shipped_configs_load(path):
 
 @pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_build_their_model(path):
-    from pipeline.loop import build_model
+    from pipeline.optimization import build_model
     from pipeline.vocab import Vocabulary
 
     config = load_config(

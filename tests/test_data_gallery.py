@@ -9,7 +9,8 @@ import pytest
 import torch
 from shard_fixtures import image_bytes, write_dataset
 
-from pipeline.data import _decode_batch_on_device, gallery_loader, read_gallery_bytes
+from pipeline.data import _decode_batch_on_device
+from pipeline.gallery_data import gallery_loader, read_gallery_bytes
 from pipeline.images import ImagePreprocess, decode_image, decode_images, predecode_for_gpu
 
 torch.set_num_threads(1)

@@ -15,14 +15,8 @@ from shard_fixtures import (
     write_dataset,
 )
 
-from pipeline.data import (
-    build_vocabulary,
-    count_triplets,
-    default_batches_per_epoch,
-    group_runs,
-    reader_shards,
-    triplet_loader,
-)
+from pipeline.data import group_runs, reader_shards, triplet_loader
+from pipeline.shard_groups import build_vocabulary, count_triplets, default_batches_per_epoch
 from pipeline.triplets import derive_pairs, draw_triplets
 
 torch.set_num_threads(1)
@@ -311,3 +305,45 @@ def test_triplets_per_group_puts_a_scene_s_modifications_in_one_batch(dataset, v
     )
     with pytest.raises(ValueError, match="triplets_per_group must be >= 1"):
         triplet_loader(dataset, vocab, batch_size=4, image_size=32, triplets_per_group=0)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_resumed_epoch_skips_its_trained_batches_without_decoding_them(
+    dataset, vocab, monkeypatch, workers
+):
+    """``epoch_batches(epoch, skip)`` yields what a full pass yields from batch ``skip``
+    on (same triplets, same augmented crops), and decodes none of the skipped images."""
+    import pipeline.data as data
+
+    def loader():
+        return triplet_loader(
+            dataset,
+            vocab,
+            batch_size=3,
+            image_size=16,
+            seed=5,
+            batches_per_epoch=6,
+            shuffle_buffer=8,
+            augment=True,
+            loader_workers=workers,
+        )
+
+    full = list(loader().epoch_batches(1))
+    decoded = []
+    real_decode = data.decode_image
+
+    def counting_decode(raw, *args, **kwargs):
+        decoded.append(1)
+        return real_decode(raw, *args, **kwargs)
+
+    monkeypatch.setattr(data, "decode_image", counting_decode)
+    resumed = list(loader().epoch_batches(1, skip=4))
+    assert len(full) == 6 and len(resumed) == 2
+    for want, got in zip(full[4:], resumed):
+        assert got["ref_ids"] == want["ref_ids"] and got["texts"] == want["texts"]
+        assert torch.equal(got["ref_images"], want["ref_images"])
+        assert torch.equal(got["target_images"], want["target_images"])
+    if workers == 0:  # (worker processes decode in their own copy of the module)
+        assert len(decoded) == 2 * 3 * 2  # two batches of three (reference, target) pairs
+    with pytest.raises(ValueError, match="skip must be in 0..6"):
+        next(iter(loader().epoch_batches(0, skip=7)))

@@ -13,10 +13,11 @@ from shard_fixtures import write_dataset
 from torch import nn
 
 from pipeline.checkpoint import save_checkpoint
-from pipeline.data import build_vocabulary, iter_gallery_samples, read_gallery_bytes
 from pipeline.evaluate import composition_logit_scale, evaluate_model, main, rerank_with_correction
+from pipeline.gallery_data import iter_gallery_samples, read_gallery_bytes
 from pipeline.images import ImagePreprocess, decode_image
 from pipeline.models import ComposedRetrievalModel, create_model, list_models
+from pipeline.shard_groups import build_vocabulary
 from pipeline.vocab import Vocabulary
 
 torch.set_num_threads(1)

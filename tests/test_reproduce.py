@@ -122,13 +122,13 @@ def fake_training(calls: list):
 
 def test_resume_skips_finished_runs(tmp_path, fake_dataset, monkeypatch):
     argv = [
-        "--dataset",
+        "--data",
         str(fake_dataset),
         "--models",
         "tirg,concat",
         "--seeds",
         "2",
-        "--iterations",
+        "--steps",
         "3",
         "--in-process",
         "--cpu-scale",
@@ -172,14 +172,14 @@ def test_resume_skips_finished_runs(tmp_path, fake_dataset, monkeypatch):
 
 def test_report_only_trains_nothing(tmp_path, fake_dataset, monkeypatch):
     argv = [
-        "--dataset",
+        "--data",
         str(fake_dataset),
         "--models",
         "tirg",
         "--seeds",
         "2",
         "--in-process",
-        "--iterations",
+        "--steps",
         "3",
         "--out",
         str(tmp_path / "out"),
@@ -199,7 +199,7 @@ def test_report_only_trains_nothing(tmp_path, fake_dataset, monkeypatch):
 
 def test_finished_run_with_other_settings_is_an_error(tmp_path, fake_dataset, monkeypatch):
     base = [
-        "--dataset",
+        "--data",
         str(fake_dataset),
         "--models",
         "tirg",
@@ -209,10 +209,10 @@ def test_finished_run_with_other_settings_is_an_error(tmp_path, fake_dataset, mo
         "--out",
         str(tmp_path / "out"),
     ]
-    _, args = reproduce.parse_args([*base, "--iterations", "3"])
+    _, args = reproduce.parse_args([*base, "--steps", "3"])
     monkeypatch.setattr(reproduce, "train_timed", fake_training([]))
     reproduce.run_all(reproduce.plan_runs(args, ["tirg"]), args)
-    _, longer = reproduce.parse_args([*base, "--iterations", "4"])
+    _, longer = reproduce.parse_args([*base, "--steps", "4"])
     with pytest.raises(reproduce.ReproduceError, match="train.steps: 3 -> 4"):
         reproduce.run_all(reproduce.plan_runs(longer, ["tirg"]), longer)
 
@@ -230,13 +230,13 @@ def test_failed_run_is_reported_and_others_kept(tmp_path, fake_dataset, monkeypa
     out = tmp_path / "out"
     code = reproduce.main(
         [
-            "--dataset",
+            "--data",
             str(fake_dataset),
             "--models",
             "tirg,concat",
             "--seeds",
             "2",
-            "--iterations",
+            "--steps",
             "3",
             "--in-process",
             "--out",
@@ -261,12 +261,12 @@ def test_failed_run_is_reported_and_others_kept(tmp_path, fake_dataset, monkeypa
         (["--seeds", "0"], "--seeds must be >= 1"),
         (["--workers", "0"], "use --in-process"),
         (["--paper-scale", "--cpu-scale"], "not allowed with argument"),
-        (["--iterations", "0"], "--iterations must be >= 1"),
+        (["--steps", "0"], "--steps must be >= 1"),
     ],
 )
 def test_cli_argument_errors(tmp_path, fake_dataset, capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
-        reproduce.main(["--dataset", str(fake_dataset), "--out", str(tmp_path / "o"), *argv])
+        reproduce.main(["--data", str(fake_dataset), "--out", str(tmp_path / "o"), *argv])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
 
@@ -274,7 +274,7 @@ def test_cli_argument_errors(tmp_path, fake_dataset, capsys, argv, message):
 def test_missing_dataset_is_an_error(tmp_path, capsys):
     code = reproduce.main(
         [
-            "--dataset",
+            "--data",
             str(tmp_path / "nowhere"),
             "--models",
             "tirg",
@@ -306,13 +306,13 @@ def test_real_tiny_run_in_process(tmp_path):
     )
     out = tmp_path / "out"
     argv = [
-        "--dataset",
+        "--data",
         str(data),
         "--models",
         "image_only",
         "--seeds",
         "1",
-        "--iterations",
+        "--steps",
         "2",
         "--in-process",
         "--cpu-scale",

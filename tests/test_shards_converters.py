@@ -20,7 +20,7 @@ from shards.manifest import load_queries
 
 
 def convert(module, src, out, *extra):
-    return module.main(["--src", str(src), "--out", str(out), "--workers", "2", *extra])
+    return module.main(["--src", str(src), "--out", str(out), "--read-threads", "2", *extra])
 
 
 # -- CSS -----------------------------------------------------------------------------------

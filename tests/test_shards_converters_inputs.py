@@ -137,7 +137,7 @@ def test_missing_src_and_existing_out(tmp_path, capsys):
     assert exit_info.value.code == 2 and "nowhere: no such directory" in capsys.readouterr().err
 
     make_mitstates(tmp_path / "raw")
-    args = ["--src", str(tmp_path / "raw"), "--out", str(tmp_path / "out"), "--workers", "1"]
+    args = ["--src", str(tmp_path / "raw"), "--out", str(tmp_path / "out"), "--read-threads", "1"]
     mitstates.main(args)
     with pytest.raises(SystemExit) as exit_info:
         mitstates.main(args)

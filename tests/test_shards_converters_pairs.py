@@ -11,7 +11,7 @@ from shards.manifest import load_queries
 
 
 def convert(module, src, out, *extra):
-    return module.main(["--src", str(src), "--out", str(out), "--workers", "2", *extra])
+    return module.main(["--src", str(src), "--out", str(out), "--read-threads", "2", *extra])
 
 
 def test_fashioniq_to_shards(tmp_path):

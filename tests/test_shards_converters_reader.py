@@ -7,8 +7,10 @@ import pytest
 import torch
 from raw_datasets import make_cirr, make_css3d, make_fashion200k, make_fashioniq, make_mitstates
 
-from pipeline.data import build_vocabulary, count_triplets, gallery_loader, triplet_loader
+from pipeline.data import triplet_loader
+from pipeline.gallery_data import gallery_loader
 from pipeline.protocols import build_plan, resolve_protocol
+from pipeline.shard_groups import build_vocabulary, count_triplets
 from shards import cirr, css3d, fashion200k, fashioniq, mitstates
 from shards.manifest import load_manifest, load_queries
 
@@ -27,7 +29,7 @@ def test_reader_streams_converted_dataset(name, tmp_path):
     module, make, triplets = CASES[name]
     make(tmp_path / "raw")
     out = tmp_path / "out"
-    module.main(["--src", str(tmp_path / "raw"), "--out", str(out), "--workers", "1"])
+    module.main(["--src", str(tmp_path / "raw"), "--out", str(out), "--read-threads", "1"])
     assert count_triplets(out) == triplets
 
     vocab = build_vocabulary(out)

@@ -96,7 +96,7 @@ def test_same_seed_gives_same_bytes_for_any_worker_count(tiny, tmp_path):
         "32",
         "--shard-size",
         "30",
-        "--workers",
+        "--render-processes",
         "2",
     ]
     env = {**os.environ, "PYTHONHASHSEED": "12345"}

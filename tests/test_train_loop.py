@@ -14,8 +14,10 @@ from train_fixtures import ROOT, tiny_config
 
 from pipeline.checkpoint import load_checkpoint, load_model
 from pipeline.distributed import LocalContext
-from pipeline.loop import TimeLimit, build_optimizer, lr_factor, train_loop
+from pipeline.loop import train_loop
 from pipeline.models import create_model
+from pipeline.optimization import build_optimizer, lr_factor
+from pipeline.run_control import TimeLimit
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +191,7 @@ def test_nan_loss_stops_the_run_with_the_step(dataset, tmp_path):
     """The loss is read back only every log_every steps; a NaN still stops the run."""
     config = tiny_config(dataset, tmp_path / "run", "train.steps=6", "train.log_every=3")
 
-    def nan_batches(epoch):
+    def nan_batches(epoch, skip=0):
         for _ in range(5):
             images = torch.full((4, 3, 32, 32), float("nan"))
             yield {

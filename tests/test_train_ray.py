@@ -15,10 +15,10 @@ from shard_fixtures import write_dataset
 from train_fixtures import tiny_config
 
 from pipeline.checkpoint import load_checkpoint
-from pipeline.data import build_vocabulary
 from pipeline.distributed import LocalContext
+from pipeline.launch import fit_with_ray, run
 from pipeline.loop import train_loop
-from pipeline.train import fit_with_ray, run
+from pipeline.shard_groups import build_vocabulary
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow  # a local Ray cluster and three TorchTrainer runs

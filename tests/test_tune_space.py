@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -269,3 +270,41 @@ def test_optuna_refuses_grid_entries():
     space = parse_space({"optim.name": {"type": "grid", "values": ["sgd", "adam"]}})
     with pytest.raises(SearchSetupError, match="does not take grid entries"):
         make_searcher("optuna", "R@1", 0, 1, space)
+
+
+@pytest.mark.parametrize(
+    "config_file, cadence", [("configs/tune_css_tirg.yaml", 20), ("configs/css_tirg.yaml", 20)]
+)
+def test_a_shortened_search_evaluates_within_its_steps(tmp_path, caplog, config_file, cadence):
+    """``--steps 60`` on a config made for long trials: the evaluation cadence and ASHA's
+    grace period follow the steps (they used to exit 2: grace period 2000 / 10000 must
+    be in [1, max_t=60]), and the log says what they became."""
+    pytest.importorskip("ray")
+    from shard_fixtures import write_dataset
+
+    from tune.search import load_search_config, make_scheduler, parse_args
+
+    data = write_dataset(tmp_path / "shards", explicit_groups=4)
+    root = Path(__file__).resolve().parent.parent
+    args = parse_args(
+        [
+            "--config",
+            str(root / config_file),
+            "--data",
+            str(data),
+            "--steps",
+            "60",
+            "--num-samples",
+            "3",
+            "--out",
+            str(tmp_path / "search"),
+        ]
+    )
+    with caplog.at_level("WARNING", logger="tune.search"):
+        config, _ = load_search_config(args)
+    assert config["train"]["eval_every"] == cadence
+    assert config["train"]["checkpoint_every"] <= 60
+    scheduler = make_scheduler("asha", config, args)
+    rungs = sorted(milestone for milestone, _ in scheduler._brackets[0]._rungs)
+    assert rungs[0] == cadence and scheduler._max_t == 60  # the first rung: the grace period
+    assert any(f"evaluate every {cadence} steps" in r.message for r in caplog.records)

@@ -1,13 +1,13 @@
 """Hyper-parameter search over the training loop with Ray Tune.
 
     python -m tune.search --config configs/css_tirg.yaml --num-samples 8 \
-        [--max-concurrent K] [--workers-per-trial W] [--out DIR] [--set key=value ...] \
+        [--max-concurrent K] [--workers W] [--out DIR] [--set key=value ...] \
         [--scheduler asha|fifo] [--search random|optuna] [--resume]
 
 Each trial applies its sampled values (``tune:`` section of the config, else the
 model's default space: ``tune.space``) to the run config and runs the one training
 loop (``tune.trial``): as a Ray Train ``TorchTrainer`` with W workers, or with
-``--workers-per-trial 0`` inside the trial's own process. ASHA stops weak trials on
+``--workers 0`` inside the trial's own process. ASHA stops weak trials on
 the protocol's recall (default the first K of the evaluation protocol, e.g. ``R@1``,
 mode max) at the loop's evaluations (``time_attr`` = ``step``).
 
@@ -27,7 +27,6 @@ when it exists or with ``--resume``), ``DIR/trials/<id>`` each trial's run direc
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -36,6 +35,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pipeline.cli_flags import add_config_flags, add_run_flags, flag_overrides
 from pipeline.config import ConfigError, dump_config, load_config, resolve_run_paths
 from shards.manifest import ManifestError
 from tune.report import markdown_table, trial_table, write_outputs
@@ -56,7 +56,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m tune.search", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("--config", required=True, help="YAML run config (configs/*.yaml)")
+    add_config_flags(parser)
+    add_run_flags(
+        parser,
+        help_overrides={
+            "steps": "training steps per trial (sets train.steps)",
+            "workers": "Ray Train workers per trial; 0 = the loop in the trial's process "
+            "(sets train.workers; default 1)",
+            "seed": "random seed of every trial (sets train.seed)",
+            "out": "search directory (sets 'out'; default runs/<name>-tune)",
+        },
+    )
     parser.add_argument(
         "--num-samples",
         type=int,
@@ -68,23 +78,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         help="at most K trials at once (default and upper bound: what fits)",
     )
-    parser.add_argument(
-        "--workers-per-trial",
-        type=int,
-        default=1,
-        help="Ray Train workers per trial; 0 = the loop in the trial's process",
-    )
-    parser.add_argument("--out", help="search directory (default runs/<name>-tune)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. train.steps=2000",
-    )
-    parser.add_argument("--data", help="shard dataset directory (sets 'data')")
-    parser.add_argument("--steps", type=int, help="training steps per trial (sets train.steps)")
     parser.add_argument("--scheduler", choices=SCHEDULERS, default="asha")
     parser.add_argument(
         "--search", choices=SEARCHERS, default="random", help="optuna needs the optuna package"
@@ -116,7 +109,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=0.2,
         help="CPU of a trial's driver process when it launches Train workers",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the search algorithm")
+    parser.add_argument("--search-seed", type=int, default=0, help="seed of the search algorithm")
     parser.add_argument(
         "--address",
         help="Ray cluster to join (default RAY_ADDRESS, as set by "
@@ -128,18 +121,43 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def load_search_config(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, ParamSpec]]:
     """(resolved run config without its ``tune`` section, checked search space)."""
-    overrides = list(args.overrides)
-    if args.data:
-        overrides.append(f"data={json.dumps(args.data)}")
-    if args.steps is not None:
-        overrides.append(f"train.steps={args.steps}")
-    config = load_config(args.config, overrides)
+    out = args.out
+    args.out = None  # the search directory, not a run's: trials get their own run dirs
+    config = load_config(args.config, flag_overrides(args))
+    args.out = out
     space = search_space(config)
     config[SPACE_SECTION] = None
     config["out"] = str(Path(args.out or Path("runs") / f"{config['name']}-tune").resolve())
     if not config["train"]["storage_path"]:
         config["train"]["storage_path"] = str(Path(config["out"]) / "train")
+    shorten_cadence(config["train"])
     return resolve_run_paths(config), space
+
+
+def shorten_cadence(train: dict[str, Any], rungs: int = 3) -> None:
+    """When ``train.steps`` is below the config's evaluation (or checkpoint) cadence, as
+    after ``--steps 60`` on a config made for 10k-step trials, evaluate ``rungs`` times
+    per trial instead (ASHA's default grace period is the cadence, so it follows) and
+    checkpoint at the end; log what the cadence became."""
+    steps = int(train["steps"])
+    eval_every = int(train["eval_every"])
+    if eval_every > steps:
+        train["eval_every"] = max(1, steps // rungs)
+        log.warning(
+            "train.steps %d is below train.eval_every %d: trials evaluate every %d steps "
+            "instead, and ASHA's default grace period follows (%d)",
+            steps,
+            eval_every,
+            train["eval_every"],
+            train["eval_every"],
+        )
+    if int(train["checkpoint_every"]) > steps:
+        log.info(
+            "train.checkpoint_every %d > train.steps %d: trials checkpoint at their end",
+            train["checkpoint_every"],
+            steps,
+        )
+        train["checkpoint_every"] = steps
 
 
 def default_metric(config: dict[str, Any]) -> str:
@@ -215,7 +233,7 @@ def concurrency(
         have = {r: cluster.get(r, 0.0) for r in need}
         raise SearchSetupError(
             f"one trial needs {need} but the cluster has {have}; lower "
-            f"train.cpus_per_worker / --cpus-per-trial / --workers-per-trial, or on an "
+            f"train.cpus_per_worker / --cpus-per-trial / --workers, or on an "
             f"autoscaling cluster pass --max-concurrent"
         )
     if requested is not None and requested > fits:
@@ -348,14 +366,14 @@ def run_search(args: argparse.Namespace) -> dict[str, Any]:
     import ray
     from ray import tune as ray_tune
 
-    from pipeline.data import build_vocabulary
-    from pipeline.train import use_gpu
+    from pipeline.launch import use_gpu
+    from pipeline.shard_groups import build_vocabulary
 
     config, space = load_search_config(args)
     metric = args.metric or default_metric(config)
-    workers = int(args.workers_per_trial)
+    workers = 1 if args.workers is None else int(args.workers)
     if workers < 0:
-        raise SearchSetupError(f"--workers-per-trial must be >= 0, got {workers}")
+        raise SearchSetupError(f"--workers must be >= 0, got {workers}")
     joined = connect_ray(args.address, args.num_cpus, dashboard=workers > 0)
     gpu = use_gpu(config)
     config["train"]["use_gpu"] = gpu
@@ -364,7 +382,7 @@ def run_search(args: argparse.Namespace) -> dict[str, Any]:
     fits = fitting_trials(cluster, need)
     max_concurrent = concurrency(args.max_concurrent, fits, need, cluster, joined=joined)
     scheduler = make_scheduler(args.scheduler, config, args)
-    searcher = make_searcher(args.search, metric, args.seed, max_concurrent, space)
+    searcher = make_searcher(args.search, metric, args.search_seed, max_concurrent, space)
 
     out = Path(config["out"])
     out.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,7 @@ training loop (``pipeline.loop.train_loop``), run either
 * in the trial's own process (``workers_per_trial == 0``), reporting through
   ``ray.tune.report`` via ``TuneContext``, checkpoints persisted by Tune in the trial
   directory; or
-* as a Ray Train V2 run (``pipeline.train.run_with_ray``: a ``TorchTrainer`` with
+* as a Ray Train V2 run (``pipeline.launch.run_with_ray``: a ``TorchTrainer`` with
   ``workers_per_trial`` DDP workers), whose rank-0 reports reach Tune through
   ``ray.tune.integration.ray_train.TuneReportCallback``; checkpoints stay in the Train
   run's storage (``train.storage_path/train.run_name``), so a restored trial resumes
@@ -108,6 +108,6 @@ def run_trial(
         return
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pipeline.train import run_with_ray
+    from pipeline.launch import run_with_ray
 
     run_with_ray(config, vocab, callbacks=[TuneReportCallback()])

@@ -42,6 +42,7 @@ from torch import nn
 
 from pipeline.models.base import ComposedRetrievalModel, Repr
 from pipeline.models.checks import check_images, check_repr, check_same_batch, check_text
+from pipeline.models.composers.tirg import gate_and_residual, gated_residual
 from pipeline.models.encoder_composer import check_positive
 from pipeline.models.image_encoder import Backbone
 from pipeline.models.registry import register_model
@@ -154,18 +155,11 @@ class ExpertComposer(nn.Module):
         self.fusion = fusion
         self.w_g = nn.Parameter(torch.tensor(float(w_g_init)))
         self.w_r = nn.Parameter(torch.tensor(float(w_r_init)))
-        self.gate = nn.Sequential(nn.BatchNorm1d(3 * dim), nn.ReLU(), nn.Linear(3 * dim, dim))
-        self.residual = nn.Sequential(
-            nn.BatchNorm1d(3 * dim),
-            nn.ReLU(),
-            nn.Linear(3 * dim, 2 * dim),
-            nn.ReLU(),
-            nn.Linear(2 * dim, dim),
-        )
+        self.gate, self.residual = gate_and_residual(3 * dim, dim)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         joint = torch.cat([x, t, self.fusion(x, t)], dim=1)
-        return self.w_g * torch.sigmoid(self.gate(joint)) * x + self.w_r * self.residual(joint)
+        return gated_residual(x, joint, self.gate, self.residual, self.w_g, self.w_r)
 
 
 class ExpertCorrector(nn.Module):

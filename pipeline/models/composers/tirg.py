@@ -18,6 +18,33 @@ from pipeline.models.encoder_composer import EncoderComposerModel
 from pipeline.models.registry import register_model
 
 
+def gate_and_residual(joint_dim: int, dim: int) -> tuple[nn.Sequential, nn.Sequential]:
+    """TIRG's two MLPs over a joint feature (B, joint_dim) -> (B, dim), as the released
+    code builds them: gate BN-ReLU-FC, residual BN-ReLU-FC(2 dim)-ReLU-FC. CCNet's
+    expert composers (Eq. 5-7) use the same pair over [x, t, fusion(x, t)]."""
+    gate = nn.Sequential(nn.BatchNorm1d(joint_dim), nn.ReLU(), nn.Linear(joint_dim, dim))
+    residual = nn.Sequential(
+        nn.BatchNorm1d(joint_dim),
+        nn.ReLU(),
+        nn.Linear(joint_dim, 2 * dim),
+        nn.ReLU(),
+        nn.Linear(2 * dim, dim),
+    )
+    return gate, residual
+
+
+def gated_residual(
+    x: torch.Tensor,
+    joint: torch.Tensor,
+    gate: nn.Module,
+    residual: nn.Module,
+    w_g: torch.Tensor,
+    w_r: torch.Tensor,
+) -> torch.Tensor:
+    """Eq. 1: ``w_g * sigmoid(gate(joint)) * x + w_r * residual(joint)``; x (B, D)."""
+    return w_g * torch.sigmoid(gate(joint)) * x + w_r * residual(joint)
+
+
 class _GateResidualWeights(nn.Module):
     """The learnable scalars w_g, w_r of Eq. 1 (frozen when ``learn_weights`` is False)."""
 
@@ -43,22 +70,15 @@ class TIRG(EncoderComposerModel):
         **common,
     ):
         super().__init__(vocab_size, embed_dim, image_backbone, pretrained_path, **common)
-        d = embed_dim
         self.weights = _GateResidualWeights(w_g_init, w_r_init, learn_weights)
-        self.gate = nn.Sequential(nn.BatchNorm1d(2 * d), nn.ReLU(), nn.Linear(2 * d, d))
-        self.residual = nn.Sequential(
-            nn.BatchNorm1d(2 * d),
-            nn.ReLU(),
-            nn.Linear(2 * d, 2 * d),
-            nn.ReLU(),
-            nn.Linear(2 * d, d),
-        )
+        self.gate, self.residual = gate_and_residual(2 * embed_dim, embed_dim)
 
     def combine(self, image_repr: Repr, text_repr: Repr) -> torch.Tensor:
         image, text = image_repr[0], text_repr[0]
         joint = torch.cat([image, text], dim=1)
-        gated = torch.sigmoid(self.gate(joint)) * image
-        return self.weights.w_g * gated + self.weights.w_r * self.residual(joint)
+        return gated_residual(
+            image, joint, self.gate, self.residual, self.weights.w_g, self.weights.w_r
+        )
 
 
 @register_model("tirg_lastconv")

@@ -1,0 +1,168 @@
+"""Reading a shard dataset's training groups: the vocabulary, epoch lengths, and which
+shards (or samples) each reader of a distributed run takes.
+
+``reader_shards`` is step 1-2 of ``pipeline.data``'s distributed streaming (an
+epoch-seeded shard shuffle, split by node then by DataLoader worker, with a sample split
+when there are fewer shards than readers); ``group_runs`` keeps ``triplets_per_group``
+triplets of one group together through the shuffle buffer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import tarfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import get_worker_info
+
+from pipeline.triplets import group_texts, triplets_per_epoch
+from pipeline.vocab import Vocabulary
+from shards.manifest import load_manifest, shard_paths
+
+log = logging.getLogger(__name__)
+
+SPLIT_MODES = ("auto", "shards", "samples")
+
+
+# -- group JSON scans (vocabulary, epoch length) -----------------------------------------
+
+
+def iter_group_jsons(dataset_dir: str | Path, split: str = "train") -> Iterator[dict[str, Any]]:
+    """Every group JSON of a ``groups`` split, in shard order, without reading images
+    into memory. Unparseable JSON is skipped with a warning."""
+    manifest = load_manifest(dataset_dir)
+    bad = 0
+    for path in shard_paths(dataset_dir, manifest, split):
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if not member.isfile() or not member.name.endswith(".json"):
+                    continue
+                try:
+                    group = json.loads(tar.extractfile(member).read())
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    bad += 1
+                    continue
+                yield group
+    if bad:
+        log.warning(
+            "%s split %r: skipped %d group(s) with unreadable JSON", dataset_dir, split, bad
+        )
+
+
+def build_vocabulary(
+    dataset_dir: str | Path, split: str = "train", min_count: int = 1
+) -> Vocabulary:
+    """Vocabulary of every training text: explicit pair texts and derived texts."""
+
+    def texts():
+        for group in iter_group_jsons(dataset_dir, split):
+            try:
+                yield from group_texts(group)
+            except ValueError as err:
+                log.warning("vocabulary: skipping malformed group: %s", err)
+
+    return Vocabulary.build(texts(), min_count=min_count)
+
+
+def count_triplets(dataset_dir: str | Path, split: str = "train") -> int:
+    """Triplets drawn per epoch over the whole split (malformed groups count 0)."""
+    total = 0
+    for group in iter_group_jsons(dataset_dir, split):
+        try:
+            total += triplets_per_epoch(group)
+        except ValueError:
+            pass
+    return total
+
+
+def default_batches_per_epoch(
+    dataset_dir: str | Path, batch_size: int, world_size: int = 1, split: str = "train"
+) -> int:
+    """``triplets per epoch // (batch_size * world_size)``, at least 1."""
+    if batch_size < 1 or world_size < 1:
+        raise ValueError(f"batch_size and world_size must be >= 1, got {batch_size}, {world_size}")
+    return max(1, count_triplets(dataset_dir, split) // (batch_size * world_size))
+
+
+# -- shard assignment ---------------------------------------------------------------------
+
+
+def reader_shards(
+    shards: list[str],
+    *,
+    seed: int,
+    epoch: int,
+    rank: int,
+    world_size: int,
+    worker: int,
+    num_workers: int,
+    split_by: str = "auto",
+) -> tuple[list[str], int, int]:
+    """Which shards one reader streams this epoch, and which of their samples it keeps.
+
+    Returns ``(shards, stride, offset)``: the reader keeps samples ``i`` (counted over
+    its shard list) with ``i % stride == offset``; ``stride == 1`` for a shard split.
+    """
+    if split_by not in SPLIT_MODES:
+        raise ValueError(f"split_by must be one of {SPLIT_MODES}, got {split_by!r}")
+    if not 0 <= rank < world_size or not 0 <= worker < num_workers:
+        raise ValueError(f"rank {rank}/{world_size} or worker {worker}/{num_workers} out of range")
+    order = list(shards)
+    random.Random(f"shards-{seed}-{epoch}").shuffle(order)
+    readers = world_size * num_workers
+    if split_by == "shards" or (split_by == "auto" and len(order) >= readers):
+        if len(order) < readers:
+            raise ValueError(
+                f"{len(order)} shard(s) for {readers} readers ({world_size} rank(s) x "
+                f"{num_workers} loader worker(s)): write more shards or use fewer workers"
+            )
+        return order[rank::world_size][worker::num_workers], 1, 0
+    return order, readers, rank * num_workers + worker
+
+
+def loader_worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+def image_entry(sample: dict[str, Any], name: str) -> tuple[bytes, str]:
+    """The bytes and extension of ``<name>.<ext>`` in a WebDataset sample."""
+    for key, value in sample.items():
+        if key.startswith(name + ".") and "." not in key[len(name) + 1 :]:
+            return value, key[len(name) + 1 :]
+    raise KeyError(f"sample {sample.get('__key__')!r} has no image {name}.<ext>")
+
+
+# -- training triplets --------------------------------------------------------------------
+
+
+def group_runs(
+    triplets: Iterable[dict[str, Any]], size: int, rng: random.Random
+) -> Iterator[list[dict[str, Any]]]:
+    """Consecutive triplets of one group (``"group"`` key), shuffled, in runs of <= size.
+
+    With ``train.triplets_per_group`` = k the shuffle buffer moves whole runs, so a batch
+    holds k modifications of a scene: each other's targets are the hard negatives that
+    only the text tells apart (in random batches about 1 % of the loss's negatives are).
+    Every triplet is kept, in exactly one run.
+    """
+    pending: list[dict[str, Any]] = []
+    for triplet in triplets:
+        if pending and triplet["group"] != pending[0]["group"]:
+            yield from _split_runs(pending, size, rng)
+            pending = []
+        pending.append(triplet)
+    if pending:
+        yield from _split_runs(pending, size, rng)
+
+
+def _split_runs(
+    group: list[dict[str, Any]], size: int, rng: random.Random
+) -> Iterator[list[dict[str, Any]]]:
+    rng.shuffle(group)
+    for start in range(0, len(group), size):
+        yield group[start : start + size]
