@@ -67,7 +67,7 @@ def read_dataset(dataset: Path) -> tuple[list[str], np.ndarray, list[dict[str, A
 def plan_dataset(config) -> tuple[list[str], np.ndarray, list[dict[str, Any]]]:
     """The same as ``read_dataset`` for the test split ``shards.css`` would write with
     ``config`` (a ``CssConfig``), from its plan alone: no image is rendered."""
-    from shards.css import mod_dict, object_dict, plan_split
+    from shards.css_scenes import mod_dict, object_dict, plan_split
 
     ids, rows, queries = [], [], []
     for plan in plan_split("test", config):

@@ -38,16 +38,17 @@ from pipeline import protocols
 from pipeline.gallery_data import gallery_loader
 from pipeline.images import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.models.base import Repr
+from pipeline.rerank import (  # noqa: F401  (re-exported: evaluation's re-ranking)
+    DEFAULT_LOGIT_SCALE,
+    composition_logit_scale,
+    gather_rows,
+    model_device,
+    rerank_with_correction,
+)
 from pipeline.vocab import Vocabulary
 from shards.manifest import default_eval, load_manifest, load_queries
 
 log = logging.getLogger(__name__)
-DEFAULT_LOGIT_SCALE = 16.0  # (TIRG's initial normalisation scale 4)^2
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
 
 
 @torch.inference_mode()
@@ -112,69 +113,6 @@ def embed_gallery(
     return ids, image_repr, targets
 
 
-def composition_logit_scale(model: nn.Module) -> float:
-    """The composition network's softmax scale: ``s^2`` with ``s`` the model's learned
-    ``loss_scale`` (the batch-classification logits of training, CCNet Eq. 9)."""
-    scale = getattr(model, "loss_scale", None)
-    if scale is None:
-        return DEFAULT_LOGIT_SCALE
-    return float(scale.detach() if isinstance(scale, torch.Tensor) else scale) ** 2
-
-
-def _gather(repr_: Repr, rows: torch.Tensor, device: torch.device) -> Repr:
-    return tuple(r[rows.to(r.device)].to(device) for r in repr_)
-
-
-@torch.inference_mode()
-def rerank_with_correction(
-    model: nn.Module,
-    *,
-    ref_repr: Repr,
-    text_repr: Repr,
-    gallery_repr: Repr,
-    candidates: torch.Tensor,
-    candidate_scores: torch.Tensor,
-    gallery_logsumexp: torch.Tensor | None = None,
-    logit_scale: float | None = None,
-    pair_batch: int = 4096,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """CCNet Eq. 15: re-rank each query's candidates by
-    ``log softmax_gallery(lambda * s_j) + log softmax_candidates(c_j)``.
-
-    ``ref_repr``/``text_repr``: the c queries' representations (c, ...);
-    ``gallery_repr``: stored image representations (N, ...); ``candidates`` (c, K) gallery
-    rows (-1 = empty slot); ``candidate_scores`` (c, K) composition scores (cosines);
-    ``gallery_logsumexp`` (c,) the log-sum-exp of ``lambda * scores`` over the query's
-    whole allowed gallery (None: over the candidates; the order is the same, only the
-    returned values change); ``logit_scale`` lambda (default ``composition_logit_scale``).
-    Returns ``(candidates (c, K), scores (c, K))`` sorted best first; empty slots last.
-    """
-    device = _device_of(model)
-    lam = composition_logit_scale(model) if logit_scale is None else float(logit_scale)
-    candidates = candidates.to(device)
-    count, width = candidates.shape
-    valid = candidates >= 0
-    flat = candidates.clamp(min=0).reshape(-1)
-    correction = torch.empty(count * width, device=device)
-    for start in range(0, count * width, pair_batch):
-        pos = torch.arange(start, min(start + pair_batch, count * width), device=device)
-        query = pos // width
-        correction[pos] = model.correct(
-            _gather(ref_repr, query, device),
-            _gather(gallery_repr, flat[pos], device),
-            _gather(text_repr, query, device),
-        ).float()
-    correction = correction.view(count, width).masked_fill(~valid, float("-inf"))
-    logits = lam * candidate_scores.to(device).float()
-    logits = logits.masked_fill(~valid, float("-inf"))
-    if gallery_logsumexp is None:
-        gallery_logsumexp = torch.logsumexp(logits, dim=1)
-    total = (logits - gallery_logsumexp.to(device).unsqueeze(1)) + torch.log_softmax(correction, 1)
-    total = total.masked_fill(~valid, float("-inf"))
-    order = total.argsort(dim=1, descending=True, stable=True)
-    return candidates.gather(1, order), total.gather(1, order)
-
-
 @torch.inference_mode()
 def rank_queries(
     model: nn.Module,
@@ -208,7 +146,7 @@ def rank_queries(
         tokens, lengths = vocab.encode([q["text"] for q in chunk])
         text_repr = model.encode_text(tokens.to(device), lengths.to(device))
         ref_rows = torch.as_tensor(plan.ref_index[rows])
-        ref_repr = _gather(gallery_repr, ref_rows, device)
+        ref_repr = gather_rows(gallery_repr, ref_rows, device)
         scores = model.compose(ref_repr, text_repr).float() @ targets.T  # (c, N)
         top_idx, top_scores = protocols.rank_scores(scores, plan, rows, k)  # masks in place
         if subsets:

@@ -5,7 +5,7 @@ A query composes the reference's image representation with the text (TIRG-style
 (``serve.search``). A gallery-id reference reuses the representation the index stored
 (``repr_<name>.npy``) instead of decoding and encoding its image again (DESIGN.md).
 For models with a correction network (CCNet) the top ``rerank_top`` candidates are
-re-scored by ``pipeline.evaluate.rerank_with_correction`` -- the same function the
+re-scored by ``pipeline.rerank.rerank_with_correction`` -- the same function the
 evaluation uses, so served and evaluated rankings agree.
 
 Shapes: B queries in a batch, S image side, D embedding size.
@@ -28,8 +28,8 @@ from PIL import Image, UnidentifiedImageError
 from export.artifacts import ArtifactError, load_artifacts
 from export.runtime import BACKENDS, open_runtime
 from export.runtime.model_api import RuntimeModule
-from pipeline.evaluate import composition_logit_scale
 from pipeline.images import ImageGeometryError, check_image_geometry, decode_image
+from pipeline.rerank import composition_logit_scale, rerank_with_correction
 from serve.gallery import GalleryIndex
 from serve.limits import ServiceLimits
 from serve.search import GallerySearch
@@ -302,8 +302,6 @@ class QueryEngine:
         """CCNet: re-rank the (B, C) candidates with evaluation's ``rerank_with_correction``
         (CCNet Eq. 15). Returns (scores (B, C), rows (B, C)) best first; the scores are
         Eq. 15's log-probabilities over the candidates, empty slots ``-inf``."""
-        from pipeline.evaluate import rerank_with_correction
-
         valid = torch.isfinite(scores)
         unique, local = torch.unique(rows.clamp(min=0), return_inverse=True)
         stored = self.index.gather_reprs(unique.numpy())

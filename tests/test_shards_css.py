@@ -17,7 +17,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from shards import css
+from shards import css, css_scenes
 from shards.manifest import load_manifest, load_queries, shard_paths
 from shards.render import COLORS, RGB, SHAPES, SIZES, render_scene
 
@@ -112,8 +112,8 @@ def test_same_seed_gives_same_bytes_for_any_worker_count(tiny, tmp_path):
 
 
 def test_another_seed_gives_other_scenes(tiny, tmp_path):
-    other = css.plan_split("train", dataclasses.replace(TINY, seed=4))
-    assert [p.scene for p in other] != [p.scene for p in css.plan_split("train", TINY)]
+    other = css_scenes.plan_split("train", dataclasses.replace(TINY, seed=4))
+    assert [p.scene for p in other] != [p.scene for p in css_scenes.plan_split("train", TINY)]
 
 
 def test_counts_match_the_configuration_and_the_manifest(tiny):
@@ -146,13 +146,13 @@ def test_counts_match_the_configuration_and_the_manifest(tiny):
 
 
 def test_held_out_combinations_never_appear_in_train(tiny):
-    held_out_words = [f"{c} {s}" for s, c in css.HELD_OUT_SHAPE_COLOR] + [
-        f"{z} {c}" for c, z in css.HELD_OUT_COLOR_SIZE
+    held_out_words = [f"{c} {s}" for s, c in css_scenes.HELD_OUT_SHAPE_COLOR] + [
+        f"{z} {c}" for c, z in css_scenes.HELD_OUT_COLOR_SIZE
     ]
     for group in read_groups(tiny):
         meta = json.loads(group["json"])
         for member in meta["members"]:
-            assert not any(css.is_held_out(o) for o in member["objects"]), member
+            assert not any(css_scenes.is_held_out(o) for o in member["objects"]), member
         for pair in meta["pairs"]:
             for text in pair["texts"]:
                 assert not any(w in text for w in held_out_words), text
@@ -164,9 +164,9 @@ def test_held_out_combinations_never_appear_in_train(tiny):
         json.loads(s["json"])["id"]: json.loads(s["json"])["objects"] for s in read_gallery(tiny)
     }
     for ref_id in {q["ref_id"] for q in queries}:
-        assert any(css.is_held_out(o) for o in objects[ref_id]), ref_id
+        assert any(css_scenes.is_held_out(o) for o in objects[ref_id]), ref_id
     recorded = load_manifest(tiny)["extra"]["held_out"]
-    assert recorded["shape_color"] == [list(p) for p in css.HELD_OUT_SHAPE_COLOR]
+    assert recorded["shape_color"] == [list(p) for p in css_scenes.HELD_OUT_SHAPE_COLOR]
 
 
 def test_every_pair_and_query_applies_its_mod(tiny):
@@ -193,17 +193,17 @@ def test_every_pair_and_query_applies_its_mod(tiny):
 
 def test_texts_name_what_the_mod_does():
     add = ("add", (("color", "red"), ("pos", (0, 0)), ("shape", "circle"), ("size", "large")), ())
-    assert all("large red circle" in t and "top-left" in t for t in css.mod_texts(add))
+    assert all("large red circle" in t and "top-left" in t for t in css_scenes.mod_texts(add))
     change = ("change", (("color", "blue"),), (("size", "small"),))
-    texts = css.mod_texts(change)
+    texts = css_scenes.mod_texts(change)
     assert "make the blue object small" in texts and "shrink blue object" in texts
     remove = ("remove", (("pos", (1, 1)), ("shape", "triangle")), ())
-    assert "remove the triangle at middle-center" in css.mod_texts(remove)
+    assert "remove the triangle at middle-center" in css_scenes.mod_texts(remove)
 
 
 def test_mods_are_shared_by_many_sources_and_queries_are_not_text_identifiable():
     config = dataclasses.replace(css.CssConfig(), **css.SMALL)
-    plans = css.plan_split("train", config)
+    plans = css_scenes.plan_split("train", config)
     uses = Counter(m for p in plans for m in p.mods)
     assert sum(uses.values()) / len(uses) > 2.5
     assert max(uses.values()) >= 5
@@ -224,7 +224,10 @@ def test_labels_are_object_sets(tiny):
     sets = [next(iter(s)) for s in by_label.values()]
     assert len(set(sets)) == len(sets), "equal object sets must share one label"
     scene = ((("circle", "red", "large", 0, 0)), ("rectangle", "blue", "small", 2, 1))
-    assert css.scene_label(tuple(sorted(scene))) == "large-red-circle@00 small-blue-rectangle@21"
+    assert (
+        css_scenes.scene_label(tuple(sorted(scene)))
+        == "large-red-circle@00 small-blue-rectangle@21"
+    )
     queries = load_queries(tiny, load_manifest(tiny), "test")
     labels = {
         json.loads(s["json"])["id"]: json.loads(s["json"])["label"] for s in read_gallery(tiny)
