@@ -40,6 +40,7 @@ import torch
 from tqdm import tqdm
 
 from export.artifacts import ArtifactError, write_json_atomic
+from export.index_layouts import add_layouts
 from export.runtime import GraphRuntime, open_runtime
 
 log = logging.getLogger(__name__)
@@ -328,7 +329,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m export.index", description="embed every gallery image into ART_DIR/index"
     )
     parser.add_argument("--artifacts", required=True, metavar="ART_DIR")
-    parser.add_argument("--data", required=True, metavar="SHARDS", help="shard dataset directory")
+    parser.add_argument(
+        "--data",
+        default=None,
+        metavar="SHARDS",
+        help="shard dataset directory to index (leave out to only --shards / --faiss a "
+        "built index)",
+    )
     parser.add_argument("--split", default="gallery")
     parser.add_argument("--out", default=None, help="index directory (default ART_DIR/index)")
     parser.add_argument("--dtype", choices=DTYPES, default="float16")
@@ -344,7 +351,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0,
         help="image decoding processes of the loader",
     )
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--shards",
+        type=int,
+        default=None,
+        help="split the index into N shards of contiguous rows (index/shards.json), one per "
+        "searcher; also re-splits a built index",
+    )
+    parser.add_argument(
+        "--faiss",
+        action="store_true",
+        help="also build the approximate faiss layout (IVF-PQ, per shard) and measure its "
+        "recall@10 against exact search",
+    )
+    parser.add_argument("--faiss-nlist", type=int, default=None, help="IVF cells (default ~sqrt N)")
+    parser.add_argument("--faiss-m", type=int, default=64, help="PQ sub-quantisers (divides D)")
+    parser.add_argument(
+        "--faiss-candidates", type=int, default=800, help="candidates re-scored per query"
+    )
+    args = parser.parse_args(argv)
+    if args.shards is not None and args.shards < 1:
+        parser.error(f"--shards must be >= 1, got {args.shards}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -353,26 +381,41 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.checkpoint import CheckpointError
     from shards.manifest import ManifestError
 
+    out = Path(args.out or Path(args.artifacts) / INDEX_DIR)
     try:
-        info = build_index(
-            args.artifacts,
-            args.data,
-            split=args.split,
-            out=args.out,
-            dtype=args.dtype,
-            batch_size=args.batch_size,
-            backend=args.backend,
-            threads=args.threads,
-            loader_workers=args.workers,
-        )
+        if args.data is not None:
+            info = build_index(
+                args.artifacts,
+                args.data,
+                split=args.split,
+                out=args.out,
+                dtype=args.dtype,
+                batch_size=args.batch_size,
+                backend=args.backend,
+                threads=args.threads,
+                loader_workers=args.workers,
+            )
+            print(
+                f"{out}: {info['count']} images of {info['dataset']}/{info['split']}, "
+                f"embed_dim {info['embed_dim']}, {info['dtype']}"
+            )
+        elif args.shards is None and not args.faiss:
+            print("error: give --data to build an index, or --shards / --faiss", file=sys.stderr)
+            return 2
+        recorded = add_layouts(out, args)
     except (ArtifactError, ManifestError, CheckpointError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    out = args.out or Path(args.artifacts) / INDEX_DIR
-    print(
-        f"{out}: {info['count']} images of {info['dataset']}/{info['split']}, "
-        f"embed_dim {info['embed_dim']}, {info['dtype']}"
-    )
+    except ImportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
+    if "shards" in recorded:
+        print(f"{out}: {len(recorded['shards'])} shards: {recorded['shards']}")
+    for i, faiss_info in enumerate(recorded.get("faiss", [])):
+        print(
+            f"{out}: faiss IVF{faiss_info['nlist']},PQ{faiss_info['m']} (shard {i}): "
+            f"recall@{faiss_info['k']} {faiss_info['recall_at_k']:.4f} against exact search"
+        )
     return 0
 
 

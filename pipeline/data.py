@@ -74,7 +74,8 @@ class TripletStream(IterableDataset):
 
     Yields dicts with ``texts``, ``tokens``, ``lengths``, ``ref_ids``, ``target_ids`` and
     either decoded ``ref_images``/``target_images`` (B, 3, S, S) or, when
-    ``decode_on_worker`` is False, the encoded ``ref_bytes``/``target_bytes``.
+    ``decode_on_worker`` is False, ``ref_data``/``target_data``: per image, JPEG bytes
+    (for one batched nvJPEG call on the GPU) or a uint8 tensor the worker decoded (PNG).
     """
 
     def __init__(
@@ -237,8 +238,8 @@ class TripletStream(IterableDataset):
                 decode_image(triplet["target_bytes"]), crop_rng
             )
         else:
-            triplet["ref_bytes"] = predecode_for_gpu(triplet["ref_bytes"])
-            triplet["target_bytes"] = predecode_for_gpu(triplet["target_bytes"])
+            triplet["ref_data"] = predecode_for_gpu(triplet.pop("ref_bytes"))
+            triplet["target_data"] = predecode_for_gpu(triplet.pop("target_bytes"))
 
     def _collate(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
         texts = [t["text"] for t in batch]
@@ -254,8 +255,8 @@ class TripletStream(IterableDataset):
             out["ref_images"] = torch.stack([t["ref_image"] for t in batch])
             out["target_images"] = torch.stack([t["target_image"] for t in batch])
         else:
-            out["ref_bytes"] = [t["ref_bytes"] for t in batch]
-            out["target_bytes"] = [t["target_bytes"] for t in batch]
+            out["ref_data"] = [t["ref_data"] for t in batch]
+            out["target_data"] = [t["target_data"] for t in batch]
         return out
 
 
@@ -318,11 +319,11 @@ def _decode_batch_on_device(
     with an undecodable image are dropped with a warning, so the batch may shrink."""
     size = len(batch["texts"])
     try:
-        images = decode_images(batch["ref_bytes"] + batch["target_bytes"], device)
+        images = decode_images(batch["ref_data"] + batch["target_data"], device)
         pairs = [(images[i], images[size + i]) for i in range(size)]
     except ValueError:
         pairs = []
-        for i, (ref, tgt) in enumerate(zip(batch["ref_bytes"], batch["target_bytes"])):
+        for i, (ref, tgt) in enumerate(zip(batch["ref_data"], batch["target_data"])):
             try:
                 pairs.append((decode_image(ref, device), decode_image(tgt, device)))
             except ValueError as err:

@@ -18,6 +18,7 @@ from export.engines import TensorRTUnavailable
 from export.runtime import BACKENDS
 from pipeline.checkpoint import CheckpointError
 from serve.gallery import GalleryIndexError
+from serve.layouts import LAYOUTS
 from serve.limits import add_limit_flags, limits_from_args
 
 STARTUP_ERRORS = (ArtifactError, CheckpointError, GalleryIndexError)
@@ -62,6 +63,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="how long a batch waits for more queries (default 2 on GPU, 0 on CPU)",
     )
+    parser.add_argument(
+        "--layout",
+        choices=LAYOUTS,
+        default="exact",
+        help="gallery search: exact, or fp16 / int8 / faiss candidates re-scored in float32 "
+        "(faiss needs `export.index --faiss`); see docs/serving.md",
+    )
+    parser.add_argument(
+        "--margin", type=int, default=32, help="extra candidates the compressed layouts re-score"
+    )
+    parser.add_argument("--nprobe", type=int, default=None, help="faiss: cells probed per query")
     parser.add_argument(
         "--rerank-top",
         type=int,
@@ -112,8 +124,11 @@ def main(argv: list[str] | None = None) -> int:
             max_image_side=limits.max_image_side,
             max_aspect_ratio=limits.max_aspect_ratio,
             backend_options=_backend_options(args),
+            layout=args.layout,
+            margin=args.margin,
+            nprobe=args.nprobe,
         )
-    except (*STARTUP_ERRORS, TensorRTUnavailable) as err:
+    except (*STARTUP_ERRORS, TensorRTUnavailable, FileNotFoundError, ImportError) as err:
         print(f"serve: error: {err}", file=sys.stderr)
         return 2
     if not args.no_warmup:

@@ -32,7 +32,8 @@ from pipeline.images import ImageGeometryError, check_image_geometry, decode_ima
 from pipeline.rerank import composition_logit_scale, rerank_with_correction
 from serve.gallery import GalleryIndex
 from serve.limits import ServiceLimits
-from serve.search import GallerySearch
+from serve.search import DEFAULT_MARGIN, GallerySearch
+from serve.sharding import ShardedSearch, read_shards
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +89,11 @@ class QueryEngine:
 
     ``backend``: ``torch`` (eager; CUDA graphs per batch bucket on a GPU), ``onnxruntime``
     or ``tensorrt``. ``device``: ``None`` picks CUDA when available. ``index_dir``
-    defaults to ``ART_DIR/index``. Not thread-safe: one thread calls ``search`` at a time
-    (the HTTP service runs every batch on one worker thread).
+    defaults to ``ART_DIR/index``. ``layout`` (``exact``, ``fp16``, ``int8``, ``faiss``)
+    and ``margin``/``nprobe`` choose the gallery search (``serve.search``); an index with
+    ``shards.json`` is searched shard by shard and merged (``serve.sharding``). Not
+    thread-safe: one thread calls ``search`` at a time (the HTTP service runs every batch
+    on one worker thread).
     """
 
     def __init__(
@@ -105,6 +109,9 @@ class QueryEngine:
         max_aspect_ratio: float = ServiceLimits.max_aspect_ratio,
         chunk_rows: int = 65536,
         max_resident_bytes: int = 4 << 30,
+        layout: str = "exact",
+        margin: int = DEFAULT_MARGIN,
+        nprobe: int | None = None,
         backend_options: dict[str, Any] | None = None,
     ):
         if backend not in BACKENDS:
@@ -138,11 +145,14 @@ class QueryEngine:
         if self.has_correction:
             self._correction_model = RuntimeModule(self.backend)
             self._logit_scale = composition_logit_scale(self._correction_model)
-        self.gallery = GallerySearch(
-            self.index.embeddings,
+        self.gallery = gallery_search(
+            self.index,
             self.device,
             chunk_rows=chunk_rows,
             max_resident_bytes=max_resident_bytes,
+            layout=layout,
+            margin=margin,
+            nprobe=nprobe,
         )
         log.info(
             "query engine: %s, %d gallery images, %s on %s",
@@ -342,3 +352,15 @@ class QueryEngine:
 
 def _as_tuple(reprs: dict[str, torch.Tensor], names: Sequence[str]) -> tuple[torch.Tensor, ...]:
     return tuple(reprs[n] for n in names)
+
+
+def gallery_search(index: GalleryIndex, device: torch.device, **options):
+    """The index's search: one ``GallerySearch``, or a ``ShardedSearch`` over the row
+    ranges of its ``shards.json``."""
+    try:
+        ranges = read_shards(index.dir, len(index))
+    except ValueError as err:
+        raise ArtifactError(str(err)) from None
+    if ranges is None:
+        return GallerySearch(index.embeddings, device, index_dir=index.dir, **options)
+    return ShardedSearch(index.embeddings, ranges, device, index_dir=index.dir, **options)

@@ -1,7 +1,11 @@
-"""Exact top-k inner-product search over a gallery's (N, D) unit embeddings.
+"""Top-k inner-product search over a gallery's (N, D) unit embeddings.
 
 Scores are dot products of unit vectors (``pipeline.models.base``), so the best match
-is the largest score. Two layouts:
+is the largest score. ``layout="exact"`` (default) searches every row in float32 (or
+selects with fp16 on the GPU, below); ``fp16``, ``int8`` and ``faiss``
+(``serve.layouts``) select ``k + margin`` candidates from compressed or approximate rows,
+which are then re-scored in float32 from the stored rows, so reported scores are exact.
+The exact layout:
 
 * GPU: the gallery is copied once into a preallocated fp16 (N, D) tensor on the device;
   a batch of queries is one fp16 matrix product + ``topk`` over (B, N). The fp16
@@ -17,15 +21,20 @@ Ties are broken by the lower row, so every backend returns the same order.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import torch
+
+from serve.layouts import LAYOUTS
 
 log = logging.getLogger(__name__)
 
 # Extra candidates the fp16 pass keeps before the float32 rescoring: fp16 scores of unit
 # vectors are off by ~1e-3, enough to swap neighbours at the cut.
 FP16_MARGIN = 16
+# ... and what the compressed layouts keep (int8 errors are ~1e-2 on 512-d unit rows)
+DEFAULT_MARGIN = 32
 
 
 class GallerySearch:
@@ -38,6 +47,10 @@ class GallerySearch:
         *,
         chunk_rows: int = 65536,
         max_resident_bytes: int = 4 << 30,
+        layout: str = "exact",
+        margin: int = DEFAULT_MARGIN,
+        index_dir: str | Path | None = None,
+        nprobe: int | None = None,
     ):
         self.device = torch.device(device)
         self.count, self.dim = embeddings.shape
@@ -45,8 +58,20 @@ class GallerySearch:
         self.chunk_rows = int(chunk_rows)
         if self.chunk_rows < 1:
             raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown gallery layout {layout!r}; expected one of {LAYOUTS}")
+        if margin < 0:
+            raise ValueError(f"margin must be >= 0, got {margin}")
+        self.margin = int(margin)
         self.gallery: torch.Tensor | None = None
-        if self.device.type == "cuda":
+        self.selector = None
+        if layout != "exact":
+            self.selector = _selector(
+                layout, embeddings, self.device, self.chunk_rows, index_dir, nprobe
+            )
+            self.layout = f"{layout}+rescore"
+            self.resident_bytes = self.selector.nbytes
+        elif self.device.type == "cuda":
             self.gallery = torch.empty(
                 (self.count, self.dim), dtype=torch.float16, device=self.device
             )
@@ -61,6 +86,10 @@ class GallerySearch:
             self.layout = "resident-fp32"
         else:
             self.layout = "chunked-mmap-fp32"
+        if layout == "exact":
+            self.resident_bytes = (
+                0 if self.gallery is None else self.gallery.numel() * (self.gallery.element_size())
+            )
         log.info(
             "gallery search: %d x %d, %s on %s", self.count, self.dim, self.layout, self.device
         )
@@ -84,7 +113,9 @@ class GallerySearch:
         extra = 1 if any(r is not None for r in excluded) else 0
         wanted = min(self.count, k + extra)
         with torch.inference_mode():
-            if self.layout == "device-fp16":
+            if self.selector is not None:
+                scores, rows = self._search_selected(queries.float(), wanted)
+            elif self.layout == "device-fp16":
                 scores, rows = self._search_device(queries, wanted)
             elif self.layout == "resident-fp32":
                 scores, rows = _topk(queries.float().cpu() @ self.gallery.T, wanted)
@@ -100,6 +131,20 @@ class GallerySearch:
         _, rows = torch.topk(queries.half() @ self.gallery.T, candidates, dim=1, sorted=False)
         exact = torch.einsum("bd,bcd->bc", queries, self.gallery[rows].float())
         return _topk_of(exact, rows, wanted)
+
+    def _search_selected(
+        self, queries: torch.Tensor, wanted: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Candidates from the compressed layout, re-scored in float32 from the stored rows."""
+        floor = getattr(self.selector, "min_candidates", 0)  # faiss: what its recall needs
+        count = min(self.count, max(wanted + self.margin, floor))
+        rows = self.selector.candidates(queries, count)
+        rows = torch.where(rows < 0, rows.max(dim=1, keepdim=True).values, rows)  # faiss pads -1
+        unique, inverse = torch.unique(rows, return_inverse=True)
+        stored = torch.from_numpy(np.asarray(self.source[unique.numpy()], dtype=np.float32))
+        exact = torch.einsum("bd,bcd->bc", queries.cpu(), stored[inverse])
+        exact = _mask_repeats(exact, rows)
+        return _topk_of(exact, rows, min(wanted, rows.shape[1]))
 
     def _search_chunked(
         self, queries: torch.Tensor, wanted: int
@@ -117,6 +162,27 @@ class GallerySearch:
                 best_scores, best_rows, min(wanted, best_rows.shape[1])
             )
         return best_scores, best_rows
+
+
+def _selector(layout, embeddings, device, chunk_rows, index_dir, nprobe):
+    from serve import layouts
+
+    if layout == "fp16":
+        return layouts.Fp16Rows(embeddings, device, chunk_rows)
+    if layout == "int8":
+        return layouts.Int8Rows(embeddings, device, chunk_rows)
+    if index_dir is None:
+        raise ValueError("the faiss layout needs index_dir (where export.index wrote it)")
+    return layouts.FaissRows(Path(index_dir), nprobe)
+
+
+def _mask_repeats(scores: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """-inf for a row repeated among a query's candidates (faiss pads short lists)."""
+    order = torch.sort(rows, dim=1, stable=True)
+    repeated = torch.zeros_like(rows, dtype=torch.bool)
+    repeated[:, 1:] = order.values[:, 1:] == order.values[:, :-1]
+    mask = torch.zeros_like(repeated).scatter_(1, order.indices, repeated)
+    return scores.masked_fill(mask, -torch.inf)
 
 
 def _topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,6 +203,15 @@ def _finish(
     for b, row in enumerate(excluded):
         if row is not None:
             scores[b][rows[b] == row] = -torch.inf
+    return finish_topk(scores, rows, k)
+
+
+def finish_topk(
+    scores: torch.Tensor, rows: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best ``k`` of candidate (scores, rows) (B, C), ordered by score, ties by the
+    lower row: the one order every search and the shard merge agree on."""
+    scores = scores.float()
     by_row = torch.argsort(rows, dim=1)
     scores, rows = torch.gather(scores, 1, by_row), torch.gather(rows, 1, by_row)
     by_score = torch.sort(scores, dim=1, descending=True, stable=True).indices

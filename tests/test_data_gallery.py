@@ -89,8 +89,8 @@ def test_preprocess_resizes_shorter_side_and_center_crops():
 def test_decode_on_device_batch_drops_corrupt_triplets():
     vocab_tokens = torch.tensor([[2, 3], [4, 0], [5, 0]])
     batch = {
-        "ref_bytes": [image_bytes(1), image_bytes(2), image_bytes(3, ext="jpg")],
-        "target_bytes": [image_bytes(4), b"broken", image_bytes(6, ext="jpg")],
+        "ref_data": [image_bytes(1), image_bytes(2), image_bytes(3, ext="jpg")],
+        "target_data": [image_bytes(4), b"broken", image_bytes(6, ext="jpg")],
         "tokens": vocab_tokens,
         "lengths": torch.tensor([2, 1, 1]),
         "texts": ["a b", "c", "d"],
@@ -114,8 +114,8 @@ def test_gpu_readers_predecode_png_in_the_worker_and_keep_jpeg_bytes():
     mixed = decode_images([decoded, jpg], "cpu")
     assert torch.equal(mixed[0], decode_image(png)) and torch.equal(mixed[1], decode_image(jpg))
     batch = {
-        "ref_bytes": [decoded, jpg],
-        "target_bytes": [predecode_for_gpu(image_bytes(3)), jpg],
+        "ref_data": [decoded, jpg],
+        "target_data": [predecode_for_gpu(image_bytes(3)), jpg],
         "tokens": torch.tensor([[2], [3]]),
         "lengths": torch.tensor([1, 1]),
         "texts": ["a", "b"],
