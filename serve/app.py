@@ -24,6 +24,7 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -79,26 +80,40 @@ def create_app(
     *,
     max_batch: int | None = None,
     max_wait_ms: float | None = None,
+    answer: Callable[[EngineQuery, int], Awaitable[tuple[list[Hit], dict]]] | None = None,
 ) -> FastAPI:
     """The FastAPI app over ``engine``. Batching defaults: on a GPU up to 64 queries
-    collected for up to 2 ms; on the CPU up to 16, never waiting (what is queued runs)."""
+    collected for up to 2 ms; on the CPU up to 16, never waiting (what is queued runs).
+
+    ``answer(query, k) -> (hits, info)`` replaces the micro-batcher: the Ray Serve
+    deployment (``serve.deployment``) answers each request through its query-network
+    replicas (batched there by ``@serve.batch``) and gallery searchers.
+    """
     limits = limits or ServiceLimits()
     on_gpu = engine.device.type == "cuda"
-    batcher = MicroBatcher(
-        lambda items: _run_batch(engine, items),
-        max_batch=max_batch if max_batch is not None else (64 if on_gpu else 16),
-        max_wait_ms=max_wait_ms if max_wait_ms is not None else (2.0 if on_gpu else 0.0),
-        max_queue=limits.max_queue,
-    )
+    batcher = None
+    if answer is None:
+        batcher = MicroBatcher(
+            lambda items: _run_batch(engine, items),
+            max_batch=max_batch if max_batch is not None else (64 if on_gpu else 16),
+            max_wait_ms=max_wait_ms if max_wait_ms is not None else (2.0 if on_gpu else 0.0),
+            max_queue=limits.max_queue,
+        )
+
+        async def answer(query: EngineQuery, k: int) -> tuple[list[Hit], dict]:
+            return await batcher.submit((query, k), timeout=limits.queue_timeout_s)
+
     decode_slots = asyncio.Semaphore(limits.concurrent_decodes)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        await batcher.start()
+        if batcher is not None:
+            await batcher.start()
         try:
             yield
         finally:
-            await batcher.stop()
+            if batcher is not None:
+                await batcher.stop()
 
     app = FastAPI(
         title="Composed image retrieval",
@@ -166,7 +181,7 @@ def create_app(
             reference = {"ref_id": ref_id, "image_url": image_url(ref_id)}
         prepared = time.perf_counter()
         hits, info = await _unless_disconnected(
-            request, batcher.submit((query, k), timeout=limits.queue_timeout_s)
+            request, asyncio.wait_for(answer(query, k), limits.queue_timeout_s)
         )
         done = time.perf_counter()
         timing = {
@@ -222,9 +237,15 @@ def create_app(
         return {
             "status": "ok",
             **engine.describe(),
-            "batches": batcher.batches,
-            "queries": batcher.items,
-            "dropped_queries": batcher.dropped,
+            **(
+                {
+                    "batches": batcher.batches,
+                    "queries": batcher.items,
+                    "dropped_queries": batcher.dropped,
+                }
+                if batcher is not None
+                else {}
+            ),
             "limits": {
                 "max_image_bytes": limits.max_image_bytes,
                 "max_text_chars": limits.max_text_chars,
@@ -312,8 +333,10 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(QueueFullError)
     @app.exception_handler(QueueTimeoutError)
+    @app.exception_handler(TimeoutError)  # answer() past queue_timeout_s
     async def overloaded(request: Request, err: Exception) -> JSONResponse:
-        return error_response(503, "overloaded", str(err), headers={"Retry-After": "1"})
+        detail = str(err) or "no answer within the queue timeout (queue_timeout_s)"
+        return error_response(503, "overloaded", detail, headers={"Retry-After": "1"})
 
     @app.exception_handler(ClientGone)
     async def client_gone(request: Request, err: ClientGone) -> Response:

@@ -77,6 +77,43 @@ class Hit:
 
 
 @dataclass
+class EncodedQueries:
+    """A batch through the query network: reference rows (None for uploads), query
+    embeddings (B, D), and the image / text representations CCNet's re-ranking reads."""
+
+    rows: list[int | None]
+    query: torch.Tensor
+    image_repr: dict[str, torch.Tensor]
+    text_repr: dict[str, torch.Tensor]
+
+    def split(self) -> list[EncodedQueries]:
+        """One ``EncodedQueries`` per query, on the CPU (what a replica sends back)."""
+        return [
+            EncodedQueries(
+                [row],
+                self.query[i : i + 1].cpu(),
+                {n: t[i : i + 1].cpu() for n, t in self.image_repr.items()},
+                {n: t[i : i + 1].cpu() for n, t in self.text_repr.items()},
+            )
+            for i, row in enumerate(self.rows)
+        ]
+
+    @staticmethod
+    def join(parts: Sequence[EncodedQueries]) -> EncodedQueries:
+        """The batch of several ``EncodedQueries`` (in order)."""
+
+        def cat(dicts):
+            return {n: torch.cat([d[n] for d in dicts]) for n in dicts[0]} if dicts[0] else {}
+
+        return EncodedQueries(
+            [r for p in parts for r in p.rows],
+            torch.cat([p.query for p in parts]),
+            cat([p.image_repr for p in parts]),
+            cat([p.text_repr for p in parts]),
+        )
+
+
+@dataclass
 class BatchResult:
     """Answers of a batch, in query order, and where the time went (milliseconds)."""
 
@@ -91,7 +128,8 @@ class QueryEngine:
     or ``tensorrt``. ``device``: ``None`` picks CUDA when available. ``index_dir``
     defaults to ``ART_DIR/index``. ``layout`` (``exact``, ``fp16``, ``int8``, ``faiss``)
     and ``margin``/``nprobe`` choose the gallery search (``serve.search``); an index with
-    ``shards.json`` is searched shard by shard and merged (``serve.sharding``). Not
+    ``shards.json`` is searched shard by shard and merged (``serve.sharding``);
+    ``search_gallery=False`` leaves the search to others (a deployment's searchers). Not
     thread-safe: one thread calls ``search`` at a time (the HTTP service runs every batch
     on one worker thread).
     """
@@ -112,6 +150,7 @@ class QueryEngine:
         layout: str = "exact",
         margin: int = DEFAULT_MARGIN,
         nprobe: int | None = None,
+        search_gallery: bool = True,
         backend_options: dict[str, Any] | None = None,
     ):
         if backend not in BACKENDS:
@@ -145,14 +184,18 @@ class QueryEngine:
         if self.has_correction:
             self._correction_model = RuntimeModule(self.backend)
             self._logit_scale = composition_logit_scale(self._correction_model)
-        self.gallery = gallery_search(
-            self.index,
-            self.device,
-            chunk_rows=chunk_rows,
-            max_resident_bytes=max_resident_bytes,
-            layout=layout,
-            margin=margin,
-            nprobe=nprobe,
+        self.gallery = (
+            None
+            if not search_gallery
+            else gallery_search(
+                self.index,
+                self.device,
+                chunk_rows=chunk_rows,
+                max_resident_bytes=max_resident_bytes,
+                layout=layout,
+                margin=margin,
+                nprobe=nprobe,
+            )
         )
         log.info(
             "query engine: %s, %d gallery images, %s on %s",
@@ -232,7 +275,30 @@ class QueryEngine:
         """Answer a batch: top-``k`` hits per query, best first.
 
         With ``exclude_reference`` a gallery-id reference is not returned as its own answer.
+        The three steps are ``encode`` (the query network), the gallery search, and
+        ``finish`` (CCNet's re-ranking, ids); a deployment runs them on different replicas.
         """
+        self.check(queries, k)
+        start = time.perf_counter()
+        encoded = self.encode(queries)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        encode_done = time.perf_counter()
+        excluded = encoded.rows if exclude_reference else None
+        scores, found = self.gallery.search(encoded.query, self.candidates(k), excluded)
+        searched = time.perf_counter()
+        hits = self.finish(encoded, scores, found, k)
+        done = time.perf_counter()
+        timing = {
+            "encode_ms": (encode_done - start) * 1e3,
+            "search_ms": (searched - encode_done) * 1e3,
+            "rerank_ms": (done - searched) * 1e3,
+            "engine_ms": (done - start) * 1e3,
+        }
+        return BatchResult(hits, timing)
+
+    def check(self, queries: Sequence[Query], k: int) -> None:
+        """``QueryError`` for a batch the engine cannot answer (before any work)."""
         if not queries:
             raise QueryError("search() got no queries")
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
@@ -242,23 +308,28 @@ class QueryEngine:
                 raise QueryError("each query needs exactly one reference: an image or a ref_id")
             if not isinstance(q.text, str):
                 raise QueryError(f"query text must be a str, got {type(q.text).__name__}")
-        sync = self.device.type == "cuda"
-        start = time.perf_counter()
+
+    def candidates(self, k: int) -> int:
+        """How many results the gallery search returns for top-``k`` (CCNet re-ranks more)."""
+        return max(k, self.rerank_top)
+
+    def encode(self, queries: Sequence[Query]) -> EncodedQueries:
+        """The query network over a batch: reference representations (encoded uploads or
+        stored rows), texts, and the composed (B, D) query embeddings."""
         rows = [self.row_of(q.ref_id) if q.ref_id is not None else None for q in queries]
         image_repr = self._reference_reprs(queries, rows)
         tokens, lengths = self.vocab.encode([q.text for q in queries], max_len=self.max_text_len)
         query_emb, text_repr = self.backend.compose_query(image_repr, tokens, lengths)
-        if sync:
-            torch.cuda.synchronize(self.device)
-        encoded = time.perf_counter()
-        excluded = rows if exclude_reference else None
-        wanted = max(k, self.rerank_top)
-        scores, found = self.gallery.search(query_emb, wanted, excluded)
-        searched = time.perf_counter()
+        return EncodedQueries(rows, query_emb, image_repr, text_repr)
+
+    def finish(
+        self, encoded: EncodedQueries, scores: torch.Tensor, found: torch.Tensor, k: int
+    ) -> list[list[Hit]]:
+        """Hits from the search's (B, C) scores and rows: re-ranked by CCNet's correction
+        network first where the model has one."""
         if self.has_correction:
-            scores, found = self._rerank(image_repr, text_repr, scores, found)
-        done = time.perf_counter()
-        hits = [
+            scores, found = self._rerank(encoded.image_repr, encoded.text_repr, scores, found)
+        return [
             [
                 Hit(self.index.ids[r], float(s))
                 for s, r in zip(srow[:k], rrow[:k])
@@ -266,13 +337,6 @@ class QueryEngine:
             ]  # an excluded reference in a gallery smaller than k
             for srow, rrow in zip(scores.tolist(), found.tolist())
         ]
-        timing = {
-            "encode_ms": (encoded - start) * 1e3,
-            "search_ms": (searched - encoded) * 1e3,
-            "rerank_ms": (done - searched) * 1e3,
-            "engine_ms": (done - start) * 1e3,
-        }
-        return BatchResult(hits, timing)
 
     def _reference_reprs(
         self, queries: Sequence[Query], rows: list[int | None]
@@ -342,7 +406,7 @@ class QueryEngine:
             "device": str(self.device),
             "gallery_size": len(self.index),
             "embed_dim": self.embed_dim,
-            "search_layout": self.gallery.layout,
+            "search_layout": self.gallery.layout if self.gallery is not None else "remote",
             "has_correction": self.has_correction,
         }
 

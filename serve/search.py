@@ -15,7 +15,9 @@ The exact layout:
   is held in memory; a larger one is streamed from the memory map in chunks of
   ``chunk_rows`` rows, keeping a running top-k.
 
-Ties are broken by the lower row, so every backend returns the same order.
+Ties are broken by the lower row, so every backend returns the same order, and the
+scores returned are recomputed in float64 for the rows found (then float32), so one
+(query, row) pair gets the same score in every layout, shard split and batch.
 """
 
 from __future__ import annotations
@@ -121,7 +123,20 @@ class GallerySearch:
                 scores, rows = _topk(queries.float().cpu() @ self.gallery.T, wanted)
             else:
                 scores, rows = self._search_chunked(queries.float().cpu(), wanted)
-            return _finish(scores.cpu(), rows.cpu(), excluded, min(k, self.count))
+            scores = self._exact_scores(queries, rows.cpu(), scores.cpu())
+            return _finish(scores, rows.cpu(), excluded, min(k, self.count))
+
+    def _exact_scores(
+        self, queries: torch.Tensor, rows: torch.Tensor, scores: torch.Tensor
+    ) -> torch.Tensor:
+        """The found rows' scores recomputed in float64 from the stored rows and rounded
+        to float32: the same number for a (query, row) pair however the gallery is laid
+        out, sharded or batched (a matrix product's rounding depends on its shape)."""
+        valid = torch.isfinite(scores)
+        unique, inverse = torch.unique(rows.clamp(min=0), return_inverse=True)
+        stored = torch.from_numpy(np.asarray(self.source[unique.numpy()], dtype=np.float64))
+        exact = torch.einsum("bd,bkd->bk", queries.cpu().double(), stored[inverse]).float()
+        return torch.where(valid, exact, scores)
 
     def _search_device(
         self, queries: torch.Tensor, wanted: int
