@@ -1,7 +1,7 @@
 """The query service on Ray Serve: the same FastAPI app (``serve.app.create_app``) as
 an ingress deployment over query-network replicas and one gallery searcher per shard.
 
-    serve run serve.deployment:build_app artifacts=ART_DIR     # locally
+    serve run serve.deployment:app artifacts=ART_DIR           # locally
     serve deploy serve_config.yaml                              # on a cluster
 
 Deployments (``build_app(args)``; every key of ``DeploymentSettings`` is an ``args``
@@ -233,3 +233,6 @@ class _Ingress:
 
     def __init__(self, *deployments):
         self.deployments = deployments
+
+
+app = build_app  # `serve run serve.deployment:app artifacts=ART_DIR`: Serve passes the args

@@ -70,9 +70,12 @@ class Int8Rows:
 
     def candidates(self, queries: torch.Tensor, count: int) -> torch.Tensor:
         codes, _ = quantize_rows(queries.to(self.rows.device, torch.float32))
+        batch = len(codes)
+        if self.rows.is_cuda and batch <= 16:  # CUDA's int8 product wants more than 16 rows
+            codes = torch.cat([codes, codes[:1].expand(17 - batch, -1)])
         # int32 (B, N) dot products times the row scales; the query's own scale is one
         # factor per query and does not change its order, so it is left out
-        scores = torch._int_mm(codes, self.rows.T) * self.scales
+        scores = torch._int_mm(codes, self.rows.T)[:batch] * self.scales
         return torch.topk(scores, count, dim=1, sorted=False).indices.cpu()
 
 
@@ -89,7 +92,7 @@ class FaissRows:
 
     name = "faiss"
 
-    def __init__(self, index_dir: Path, nprobe: int | None = None):
+    def __init__(self, index_dir: Path, nprobe: int | None = None, device=None):
         faiss = import_faiss()
         path = Path(index_dir) / FAISS_FILE
         if not path.is_file():
@@ -102,6 +105,11 @@ class FaissRows:
         self.min_candidates = int(self.info.get("candidates", 0))  # re-scored per query
         faiss.extract_index_ivf(self.index).nprobe = self.nprobe
         self.nbytes = path.stat().st_size
+        device = torch.device(device or "cpu")
+        if device.type == "cuda" and hasattr(faiss, "StandardGpuResources"):  # faiss-gpu
+            self._resources = faiss.StandardGpuResources()
+            self.index = faiss.index_cpu_to_gpu(self._resources, device.index or 0, self.index)
+            self.index.nprobe = self.nprobe
 
     def candidates(self, queries: torch.Tensor, count: int) -> torch.Tensor:
         _, rows = self.index.search(np.ascontiguousarray(queries.float().cpu().numpy()), count)

@@ -188,7 +188,7 @@ def _selector(layout, embeddings, device, chunk_rows, index_dir, nprobe):
         return layouts.Int8Rows(embeddings, device, chunk_rows)
     if index_dir is None:
         raise ValueError("the faiss layout needs index_dir (where export.index wrote it)")
-    return layouts.FaissRows(Path(index_dir), nprobe)
+    return layouts.FaissRows(Path(index_dir), nprobe, device)
 
 
 def _mask_repeats(scores: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
