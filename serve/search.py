@@ -115,16 +115,17 @@ class GallerySearch:
         extra = 1 if any(r is not None for r in excluded) else 0
         wanted = min(self.count, k + extra)
         with torch.inference_mode():
-            if self.selector is not None:
+            if self.selector is not None:  # its re-scoring is already the exact one
                 scores, rows = self._search_selected(queries.float(), wanted)
-            elif self.layout == "device-fp16":
-                scores, rows = self._search_device(queries, wanted)
-            elif self.layout == "resident-fp32":
-                scores, rows = _topk(queries.float().cpu() @ self.gallery.T, wanted)
             else:
-                scores, rows = self._search_chunked(queries.float().cpu(), wanted)
-            scores = self._exact_scores(queries, rows.cpu(), scores.cpu())
-            return _finish(scores, rows.cpu(), excluded, min(k, self.count))
+                if self.layout == "device-fp16":
+                    scores, rows = self._search_device(queries, wanted)
+                elif self.layout == "resident-fp32":
+                    scores, rows = _topk(queries.float().cpu() @ self.gallery.T, wanted)
+                else:
+                    scores, rows = self._search_chunked(queries.float().cpu(), wanted)
+                scores = self._exact_scores(queries, rows.cpu(), scores.cpu())
+            return _finish(scores.cpu(), rows.cpu(), excluded, min(k, self.count))
 
     def _exact_scores(
         self, queries: torch.Tensor, rows: torch.Tensor, scores: torch.Tensor
@@ -150,14 +151,15 @@ class GallerySearch:
     def _search_selected(
         self, queries: torch.Tensor, wanted: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Candidates from the compressed layout, re-scored in float32 from the stored rows."""
+        """Candidates from the compressed layout, re-scored from the stored rows in
+        float64 and rounded to float32 (the scores ``_exact_scores`` gives)."""
         floor = getattr(self.selector, "min_candidates", 0)  # faiss: what its recall needs
         count = min(self.count, max(wanted + self.margin, floor))
         rows = self.selector.candidates(queries, count)
         rows = torch.where(rows < 0, rows.max(dim=1, keepdim=True).values, rows)  # faiss pads -1
         unique, inverse = torch.unique(rows, return_inverse=True)
-        stored = torch.from_numpy(np.asarray(self.source[unique.numpy()], dtype=np.float32))
-        exact = torch.einsum("bd,bcd->bc", queries.cpu(), stored[inverse])
+        stored = torch.from_numpy(np.asarray(self.source[unique.numpy()], dtype=np.float64))
+        exact = torch.einsum("bd,bcd->bc", queries.cpu().double(), stored[inverse]).float()
         exact = _mask_repeats(exact, rows)
         return _topk_of(exact, rows, min(wanted, rows.shape[1]))
 
