@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--layout",
         choices=LAYOUTS,
         default="exact",
-        help="gallery search: exact, or fp16 / int8 / faiss candidates re-scored in float32 "
+        help="gallery search: exact, or fp16 / int8 / faiss candidates re-scored exactly "
         "(faiss needs `export.index --faiss`); see docs/serving.md",
     )
     parser.add_argument(

@@ -1,5 +1,5 @@
 """Compressed and approximate gallery layouts: they *select* candidates, and
-``serve.search.GallerySearch`` re-scores the candidates in float32 from the stored rows.
+``serve.search.GallerySearch`` re-scores the candidates exactly (float64) from the stored rows.
 
 * ``fp16``: the rows as float16 (half the memory of float32); candidate scores are one
   float16-stored matrix product.

@@ -4,7 +4,7 @@ Scores are dot products of unit vectors (``pipeline.models.base``), so the best 
 is the largest score. ``layout="exact"`` (default) searches every row in float32 (or
 selects with fp16 on the GPU, below); ``fp16``, ``int8`` and ``faiss``
 (``serve.layouts``) select ``k + margin`` candidates from compressed or approximate rows,
-which are then re-scored in float32 from the stored rows, so reported scores are exact.
+which are then re-scored exactly (float64, rounded to float32) from the stored rows.
 The exact layout:
 
 * GPU: the gallery is copied once into a preallocated fp16 (N, D) tensor on the device;
