@@ -45,7 +45,7 @@ def test_image_pins_ray_and_python_of_the_project(cluster):
     assert image.startswith(f"rayproject/ray:{ray.__version__}-py311-")
     assert image.endswith(("-gpu", "-cu121", "-cu124", "-cu128"))
     pyproject = (ROOT / "pyproject.toml").read_text()
-    assert f"ray[default,train,tune]=={'.'.join(ray.__version__.split('.')[:2])}" in pyproject
+    assert f"ray[default,serve,train,tune]=={'.'.join(ray.__version__.split('.')[:2])}" in pyproject
     assert any("pip install" in c and "composed-retrieval" in c for c in cluster["setup_commands"])
 
 
