@@ -56,6 +56,7 @@ class Int8Rows:
     """(N, D) rows quantised per row to int8, with their (N,) float32 scales."""
 
     name = "int8"
+    block_rows = 65536
 
     def __init__(self, source: np.ndarray, device: torch.device, chunk_rows: int):
         count, dim = source.shape
@@ -73,10 +74,22 @@ class Int8Rows:
         batch = len(codes)
         if self.rows.is_cuda and batch <= 16:  # CUDA's int8 product wants more than 16 rows
             codes = torch.cat([codes, codes[:1].expand(17 - batch, -1)])
-        # int32 (B, N) dot products times the row scales; the query's own scale is one
-        # factor per query and does not change its order, so it is left out
-        scores = torch._int_mm(codes, self.rows.T)[:batch] * self.scales
-        return torch.topk(scores, count, dim=1, sorted=False).indices.cpu()
+        # Blocks of rows keep the (B, block) scores in cache instead of a (B, N) float
+        # matrix in memory; each block's top ``count`` joins a running top ``count``.
+        best_scores, best_rows = None, None
+        for start in range(0, len(self.rows), self.block_rows):
+            block = self.rows[start : start + self.block_rows]
+            # int32 dot products times the row scales; the query's own scale is one
+            # factor per query and does not change its order, so it is left out
+            scores = torch._int_mm(codes, block.T)[:batch] * self.scales[start : start + len(block)]
+            top, where = torch.topk(scores, min(count, len(block)), dim=1, sorted=False)
+            where = where + start
+            if best_scores is not None:
+                top, where = torch.cat([best_scores, top], 1), torch.cat([best_rows, where], 1)
+                keep = torch.topk(top, min(count, top.shape[1]), dim=1, sorted=False).indices
+                top, where = torch.gather(top, 1, keep), torch.gather(where, 1, keep)
+            best_scores, best_rows = top, where
+        return best_rows.cpu()
 
 
 def quantize_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

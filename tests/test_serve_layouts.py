@@ -91,3 +91,15 @@ def test_bad_layout_settings_are_errors(gallery, tmp_path):
         GallerySearch(gallery, "cpu", layout="faiss", index_dir=tmp_path)
     with pytest.raises(ValueError, match="margin must be >= 0"):
         GallerySearch(gallery, "cpu", layout="int8", margin=-1)
+
+
+def test_int8_blocks_give_the_answer_of_one_block(gallery, monkeypatch):
+    """The int8 product runs over blocks of rows with a running top-k: block sizes that
+    do not divide the gallery change nothing."""
+    from serve.layouts import Int8Rows
+
+    queries = near_queries(gallery, 16, seed=11)
+    want = GallerySearch(gallery, "cpu", layout="int8").search(queries, 10)
+    monkeypatch.setattr(Int8Rows, "block_rows", 777)
+    got = GallerySearch(gallery, "cpu", layout="int8").search(queries, 10)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
