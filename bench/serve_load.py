@@ -30,11 +30,13 @@ import os
 import platform
 import random
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import zlib
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -54,21 +56,15 @@ def _png(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
     return out.getvalue()
 
 
-def _png16(rgb: np.ndarray) -> bytes:
-    import struct
-    import zlib
-
-    height, width = rgb.shape[:2]
-    rows = b"".join(
-        b"\x00" + row.tobytes() for row in (rgb.astype(">u2") * 257).reshape(height, -1)
-    )
+def _raw_png(width: int, height: int, bit_depth: int, color_type: int, rows: bytes) -> bytes:
+    """A PNG with exactly this IHDR (whatever size it claims) and ``rows`` as its IDAT."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return (
             struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
         )
 
-    ihdr = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
+    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
     return (
         b"\x89PNG\r\n\x1a\n"
         + chunk(b"IHDR", ihdr)
@@ -77,26 +73,23 @@ def _png16(rgb: np.ndarray) -> bytes:
     )
 
 
+def _png16(rgb: np.ndarray) -> bytes:
+    """A 16-bit RGB PNG of a uint8 (H, W, 3) picture (samples x 257: the same picture)."""
+    height, width = rgb.shape[:2]
+    samples = (rgb.astype(">u2") * 257).reshape(height, -1)
+    return _raw_png(width, height, 16, 2, b"".join(b"\x00" + row.tobytes() for row in samples))
+
+
 def request_mix(ids: list[str], upload: bytes) -> list[tuple[str, bool, dict]]:
     """(kind, valid, httpx post kwargs) of every kind of request the load sends."""
-    from struct import pack
-    from zlib import compress, crc32
-
     rgb = np.asarray(Image.open(io.BytesIO(upload)).convert("RGB"))
     image = Image.fromarray(rgb)
 
     def file(data: bytes, name="ref.png", kind="image/png") -> dict:
         return {"image": (name, data, kind)}
 
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return pack(">I", len(data)) + kind + data + pack(">I", crc32(kind + data))
-
-    header_only = (  # the IHDR of a 1 x 40,000,000 RGB image, no pixel data worth decoding
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", pack(">IIBBBBB", 1, 40_000_000, 8, 2, 0, 0, 0))
-        + chunk(b"IDAT", compress(b"\0" * 64))
-        + chunk(b"IEND", b"")
-    )
+    # the IHDR of a 1 x 40,000,000 RGB image, no pixel data worth decoding
+    header_only = _raw_png(1, 40_000_000, 8, 2, b"\0" * 64)
     ref = random.Random(0).choice
     return [
         ("valid_ref_id", True, {"data": {"ref_id": ref(ids), "text": "make it red", "k": "10"}}),

@@ -115,12 +115,14 @@ class GallerySearch:
         extra = 1 if any(r is not None for r in excluded) else 0
         wanted = min(self.count, k + extra)
         with torch.inference_mode():
-            if self.selector is not None:  # its re-scoring is already the exact one
+            # the compressed layouts and the GPU re-score in float64 themselves; the CPU
+            # float32 layouts re-score the rows they found from the stored rows
+            if self.selector is not None:
                 scores, rows = self._search_selected(queries.float(), wanted)
+            elif self.layout == "device-fp16":
+                scores, rows = self._search_device(queries, wanted)
             else:
-                if self.layout == "device-fp16":
-                    scores, rows = self._search_device(queries, wanted)
-                elif self.layout == "resident-fp32":
+                if self.layout == "resident-fp32":
                     scores, rows = _topk(queries.float().cpu() @ self.gallery.T, wanted)
                 else:
                     scores, rows = self._search_chunked(queries.float().cpu(), wanted)
@@ -145,8 +147,10 @@ class GallerySearch:
         queries = queries.to(self.device, torch.float32)
         candidates = min(self.count, wanted + FP16_MARGIN)
         _, rows = torch.topk(queries.half() @ self.gallery.T, candidates, dim=1, sorted=False)
-        exact = torch.einsum("bd,bcd->bc", queries, self.gallery[rows].float())
-        return _topk_of(exact, rows, wanted)
+        # re-scored on the device (no host round trip in the query path), in float64 like
+        # every other layout, from the rows the index stores as float16
+        exact = torch.einsum("bd,bcd->bc", queries.double(), self.gallery[rows].double())
+        return _topk_of(exact.float(), rows, wanted)
 
     def _search_selected(
         self, queries: torch.Tensor, wanted: int

@@ -8,7 +8,6 @@ import os
 import socket
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -22,8 +21,6 @@ from serve_fixtures import ServerThread, limit_threads, serving_artifacts
 
 from serve.app import ServiceLimits, create_app
 from serve.engine import QueryEngine
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
