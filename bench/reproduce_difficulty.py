@@ -188,19 +188,18 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--data", help="CSS-style shard dataset (python -m shards.css)")
     source.add_argument(
         "--plan",
-        choices=("default", "small"),
-        help="plan shards.css's default or --small test split (seed --seed) without rendering it",
+        choices=("default", "small", "medium"),
+        help="plan the test split of a shards.css --preset (seed --seed) without rendering it",
     )
     parser.add_argument("--seed", type=int, default=0, help="generator seed for --plan")
     parser.add_argument("--json", help="also write the numbers here")
     args = parser.parse_args(argv)
     if args.plan:
-        from shards.css import SMALL, CssConfig
+        from shards.css import PRESETS, CssConfig
 
-        settings = SMALL if args.plan == "small" else {}
-        ids, objects, queries = plan_dataset(CssConfig(seed=args.seed, **settings))
+        ids, objects, queries = plan_dataset(CssConfig(seed=args.seed, **PRESETS[args.plan]))
     else:
-        dataset = Path(args.dataset)
+        dataset = Path(args.data)
         if not (dataset / "queries.json").is_file():
             parser.error(
                 f"--data {dataset}: no queries.json (expected python -m shards.css output)"

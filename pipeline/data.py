@@ -30,16 +30,20 @@ formats nvJPEG cannot read (PNG, as the CSS shards use) are decoded in the worke
 
 Corrupt samples (bad JSON, an image that does not decode) are skipped; each reader
 logs a warning with the count per epoch.
+
+Image cache (``train.image_cache``, ``pipeline.image_cache``): data that fits is decoded
+once onto the training device; the readers then run in this process over the cache's
+records of the same shards and yield index batches that are gathered on the device --
+the same triplets in the same order as streaming, with no image decoded per epoch.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from collections import Counter
 from collections.abc import Iterator
-from itertools import count, islice
+from itertools import chain, count, islice
 from pathlib import Path
 from typing import Any
 
@@ -47,19 +51,21 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
+from pipeline.device_batches import decode_batch_on_device
+from pipeline.image_cache import ImageCache, wants_cache
 from pipeline.images import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ImagePreprocess,
     decode_image,
-    decode_images,
     predecode_for_gpu,
 )
 from pipeline.shard_groups import (
+    GroupSample,
     default_batches_per_epoch,
     group_runs,
-    image_entry,
     loader_worker,
+    read_group_samples,
     reader_shards,
 )
 from pipeline.triplets import draw_triplets
@@ -69,13 +75,18 @@ from shards.manifest import load_manifest, shard_paths
 log = logging.getLogger(__name__)
 
 
+IMAGE_MODES = ("decode", "gpu", "cache")
+
+
 class TripletStream(IterableDataset):
     """One reader's endless stream of batches for one epoch (runs on a DataLoader worker).
 
-    Yields dicts with ``texts``, ``tokens``, ``lengths``, ``ref_ids``, ``target_ids`` and
-    either decoded ``ref_images``/``target_images`` (B, 3, S, S) or, when
-    ``decode_on_worker`` is False, ``ref_data``/``target_data``: per image, JPEG bytes
-    (for one batched nvJPEG call on the GPU) or a uint8 tensor the worker decoded (PNG).
+    Yields dicts with ``texts``, ``tokens``, ``lengths``, ``ref_ids``, ``target_ids`` and,
+    by ``image_mode``: ``"decode"``, decoded ``ref_images``/``target_images`` (B, 3, S,
+    S); ``"gpu"``, ``ref_data``/``target_data``: per image, JPEG bytes (for one batched
+    nvJPEG call on the GPU) or a uint8 tensor the worker decoded (PNG); ``"cache"``,
+    ``ref_index``/``target_index`` (B,) int64 rows of ``cache.images``
+    (``pipeline.image_cache``): the same triplets, in the same order, with no image read.
     """
 
     def __init__(
@@ -92,11 +103,16 @@ class TripletStream(IterableDataset):
         shuffle_buffer: int,
         split_by: str,
         max_text_len: int | None,
-        decode_on_worker: bool,
+        image_mode: str = "decode",
         triplets_per_group: int = 1,
         skip_batches: int = 0,
+        cache: ImageCache | None = None,
     ):
         super().__init__()
+        if image_mode not in IMAGE_MODES:
+            raise ValueError(f"image_mode must be one of {IMAGE_MODES}, got {image_mode!r}")
+        if (image_mode == "cache") != (cache is not None):
+            raise ValueError("image_mode 'cache' needs a cache, and only it takes one")
         self.shards = shards
         self.vocab = vocab
         self.batch_size = batch_size
@@ -106,12 +122,18 @@ class TripletStream(IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.split_by = split_by
         self.max_text_len = max_text_len
-        self.decode_on_worker = decode_on_worker
+        self.image_mode = image_mode
         self.triplets_per_group = triplets_per_group
-        self.skip_batches = skip_batches  # of the whole loader (all workers), see __iter__
+        self.skip_batches = skip_batches  # of the whole loader (all workers), see reader_batches
+        self.cache = cache
 
     def __iter__(self):
-        worker, num_workers = loader_worker()
+        return self.reader_batches(*loader_worker())
+
+    def reader_batches(self, worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
+        """The batches of reader ``worker`` of ``num_workers`` (a DataLoader worker, or
+        one the cache path runs in-process): of the loader's batch sequence, it makes
+        batches ``worker``, ``worker + num_workers``, ..."""
         shards, stride, offset = reader_shards(
             self.shards,
             seed=self.seed,
@@ -132,51 +154,29 @@ class TripletStream(IterableDataset):
             )
         skipped: Counter = Counter()
         reader_seed = f"{self.seed}-{self.epoch}-{self.rank}-{worker}"
-        triplets = self._triplets(shards, stride, offset, skipped, where)
-        per_group = self.triplets_per_group
-        if per_group > 1:  # shuffle runs of one group's triplets, so they share a batch
-            runs = group_runs(triplets, per_group, random.Random(f"runs-{reader_seed}"))
-            if self.shuffle_buffer > 1:
-                size = max(2, self.shuffle_buffer // per_group)  # about as many triplets
-                runs = wds.shuffle(size, initial=size, rng=random.Random(f"buffer-{reader_seed}"))(
-                    runs
-                )
-            triplets = (triplet for run in runs for triplet in run)
-        elif self.shuffle_buffer > 1:
-            triplets = wds.shuffle(
-                self.shuffle_buffer,
-                initial=self.shuffle_buffer,
-                rng=random.Random(f"buffer-{reader_seed}"),
-            )(triplets)
+        units = self._units(self._triplets(shards, stride, offset, skipped, where), reader_seed)
         # The DataLoader takes batch i from worker i % W: this worker's share of the
         # batches to skip (already trained on before a restore) is drawn, not decoded.
         own_skip = len(range(worker, self.skip_batches, num_workers))
-        triplets = iter(triplets)
-        for _ in range(own_skip * self.batch_size):
-            next(triplets)
-        drawn = own_skip * self.batch_size
+        units, drawn = _skip_triplets(units, own_skip * self.batch_size)
         try:
             batch: list[dict[str, Any]] = []
-            for triplet in triplets:
-                drawn += 1
-                # a seed per triplet: skipped triplets leave later crops as they were
-                crop_rng = random.Random(f"crop-{reader_seed}-{drawn}")
+            for unit in units:
                 try:
-                    self._prepare_images(triplet, crop_rng)
-                except ValueError as err:
-                    skipped["undecodable image"] += 1
-                    log.debug(
-                        "%s: skipping triplet %s -> %s: %s",
-                        where,
-                        triplet["ref_id"],
-                        triplet["target_id"],
-                        err,
-                    )
+                    for triplet in unit:
+                        drawn += 1
+                        # a seed per triplet: skipped triplets leave later crops as they were
+                        crop_rng = random.Random(f"crop-{reader_seed}-{drawn}")
+                        self._prepare_images(triplet, crop_rng)
+                except ValueError as err:  # the whole run goes, so runs stay aligned
+                    skipped["undecodable image"] += len(unit)
+                    log.debug("%s: skipping a run of %d triplet(s): %s", where, len(unit), err)
                     continue
-                batch.append(triplet)
-                if len(batch) == self.batch_size:
-                    yield self._collate(batch)
-                    batch = []
+                for triplet in unit:
+                    batch.append(triplet)
+                    if len(batch) == self.batch_size:
+                        yield self._collate(batch)
+                        batch = []
         finally:
             if skipped:
                 log.warning(
@@ -186,28 +186,42 @@ class TripletStream(IterableDataset):
                     dict(skipped),
                 )
 
+    def _units(self, triplets: Iterator[dict], reader_seed: str) -> Iterator[list[dict]]:
+        """Shuffled triplets, one per unit, or with ``triplets_per_group`` = k > 1
+        shuffled runs of k triplets of one group (``group_runs``), so they share a batch."""
+        per_group = self.triplets_per_group
+        if per_group > 1:
+            runs = group_runs(triplets, per_group, random.Random(f"runs-{reader_seed}"))
+            if self.shuffle_buffer > 1:
+                size = max(2, self.shuffle_buffer // per_group)  # about as many triplets
+                runs = wds.shuffle(size, initial=size, rng=random.Random(f"buffer-{reader_seed}"))(
+                    runs
+                )
+            return iter(runs)
+        if self.shuffle_buffer > 1:
+            triplets = wds.shuffle(
+                self.shuffle_buffer,
+                initial=self.shuffle_buffer,
+                rng=random.Random(f"buffer-{reader_seed}"),
+            )(triplets)
+        return ([triplet] for triplet in triplets)
+
     def _triplets(
         self, shards: list[str], stride: int, offset: int, skipped: Counter, where: str
     ) -> Iterator[dict[str, Any]]:
         """Endless passes over the reader's groups, each drawing fresh triplets."""
         for repeat in count():
             produced = 0
-            index = -1
-            samples = wds.tarfile_samples(
-                [{"url": s} for s in shards], handler=wds.warn_and_continue
-            )
-            for sample in samples:
-                index += 1
+            for index, (key, group, images, error) in enumerate(self._groups(shards)):
                 if index % stride != offset:
                     continue
-                key = sample.get("__key__")
                 try:
-                    group = json.loads(sample["json"])
+                    if error:
+                        raise ValueError(error)
                     drawn = draw_triplets(
                         group, random.Random(f"{self.seed}-{self.epoch}-{repeat}-{key}")
                     )
-                    images = [image_entry(sample, str(i)) for i in range(len(group["members"]))]
-                except (KeyError, ValueError, TypeError, UnicodeDecodeError) as err:
+                except (KeyError, ValueError, TypeError) as err:
                     skipped["bad group json"] += 1
                     log.debug("%s: skipping group %s: %s", where, key, err)
                     continue
@@ -215,8 +229,8 @@ class TripletStream(IterableDataset):
                 for ref, tgt, text in drawn:
                     produced += 1
                     yield {
-                        "ref_bytes": images[ref][0],
-                        "target_bytes": images[tgt][0],
+                        "ref_image_data": images[ref],
+                        "target_image_data": images[tgt],
                         "ref_id": str(members[ref].get("id", f"{key}/{ref}")),
                         "target_id": str(members[tgt].get("id", f"{key}/{tgt}")),
                         "text": text,
@@ -228,18 +242,28 @@ class TripletStream(IterableDataset):
                     f"(stride {stride}); the dataset has fewer usable groups than readers"
                 )
 
+    def _groups(self, shards: list[str]) -> Iterator[GroupSample]:
+        """The samples of ``shards`` in order: from the cache's records, or read from the
+        tar files (``read_group_samples``); the two give the same sequence."""
+        if self.cache is not None:
+            return (sample for shard in shards for sample in self.cache.samples[shard])
+        return read_group_samples(shards)
+
     def _prepare_images(self, triplet: dict[str, Any], crop_rng: random.Random) -> None:
         """CPU readers decode and preprocess here (``ref_image``/``target_image``); CUDA
-        readers keep JPEG bytes for nvJPEG and decode the rest (``predecode_for_gpu``).
-        Raises ``ValueError`` for an undecodable image."""
-        if self.decode_on_worker:
-            triplet["ref_image"] = self.preprocess(decode_image(triplet["ref_bytes"]), crop_rng)
-            triplet["target_image"] = self.preprocess(
-                decode_image(triplet["target_bytes"]), crop_rng
-            )
+        readers keep JPEG bytes for nvJPEG and decode the rest (``predecode_for_gpu``);
+        cache readers check the rows. Raises ``ValueError`` for an undecodable image."""
+        ref, target = triplet.pop("ref_image_data"), triplet.pop("target_image_data")
+        if self.image_mode == "decode":
+            triplet["ref_image"] = self.preprocess(decode_image(ref), crop_rng)
+            triplet["target_image"] = self.preprocess(decode_image(target), crop_rng)
+        elif self.image_mode == "gpu":
+            triplet["ref_data"] = predecode_for_gpu(ref)
+            triplet["target_data"] = predecode_for_gpu(target)
         else:
-            triplet["ref_data"] = predecode_for_gpu(triplet.pop("ref_bytes"))
-            triplet["target_data"] = predecode_for_gpu(triplet.pop("target_bytes"))
+            if ref < 0 or target < 0:
+                raise ValueError("an image of the triplet did not decode when the cache was built")
+            triplet["ref_index"], triplet["target_index"] = ref, target
 
     def _collate(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
         texts = [t["text"] for t in batch]
@@ -251,13 +275,33 @@ class TripletStream(IterableDataset):
             "ref_ids": [t["ref_id"] for t in batch],
             "target_ids": [t["target_id"] for t in batch],
         }
-        if self.decode_on_worker:
+        if self.image_mode == "decode":
             out["ref_images"] = torch.stack([t["ref_image"] for t in batch])
             out["target_images"] = torch.stack([t["target_image"] for t in batch])
-        else:
+        elif self.image_mode == "gpu":
             out["ref_data"] = [t["ref_data"] for t in batch]
             out["target_data"] = [t["target_data"] for t in batch]
+        else:
+            out["ref_index"] = torch.tensor([t["ref_index"] for t in batch], dtype=torch.long)
+            out["target_index"] = torch.tensor([t["target_index"] for t in batch], dtype=torch.long)
         return out
+
+
+def _skip_triplets(
+    units: Iterator[list[dict[str, Any]]], count_: int
+) -> tuple[Iterator[list[dict[str, Any]]], int]:
+    """Draw ``count_`` triplets off ``units`` without preparing them: (the rest, with a
+    unit cut in two kept as its tail, and how many were drawn)."""
+    units = iter(units)
+    drawn = 0
+    for unit in units:
+        if drawn + len(unit) > count_:
+            tail = unit[count_ - drawn :]
+            return chain([tail], units), count_
+        drawn += len(unit)
+        if drawn == count_:
+            break
+    return units, drawn
 
 
 class TripletLoader:
@@ -268,6 +312,10 @@ class TripletLoader:
     epoch; ``epoch_batches(epoch, skip)`` runs a given epoch from batch ``skip`` on. Batches are dicts:
     ``ref_images``/``target_images`` (B, 3, S, S) float32, ``tokens`` (B, T) int64,
     ``lengths`` (B,) int64, ``texts``, ``ref_ids``, ``target_ids`` (lists of str).
+
+    With an image cache no DataLoader runs: ``loader_workers`` readers (at least one)
+    draw their index batches in this process, taken in the DataLoader's order, so the
+    batches are those streaming would give, gathered from the cache on the device.
     """
 
     def __init__(
@@ -295,58 +343,38 @@ class TripletLoader:
         drawn (so the rest are the same batches) but their images are never decoded --
         a resumed run skips what it trained on at the cost of reading JSON only. (A
         corrupt image among the skipped triplets, which a full pass would have dropped,
-        shifts the rest of that epoch by one triplet.) Advances ``self.epoch`` past it."""
+        shifts the rest of that epoch by one run.) Advances ``self.epoch`` past it."""
         if not 0 <= skip <= self.batches_per_epoch:
             raise ValueError(f"skip must be in 0..{self.batches_per_epoch}, got {skip}")
         self.stream.epoch, self.stream.skip_batches = epoch, skip
         self.epoch = epoch + 1
-        loader = DataLoader(
-            self.stream, batch_size=None, num_workers=self.loader_workers, persistent_workers=False
-        )
-        seed, rank = self.stream.seed, self.stream.rank
-        for index, batch in enumerate(islice(loader, self.batches_per_epoch - skip), start=skip):
-            if self.stream.decode_on_worker:
+        stream = self.stream
+        if stream.image_mode == "cache":
+            readers = max(1, self.loader_workers)
+            batches = _round_robin(
+                [stream.reader_batches(w, readers) for w in range(readers)], skip
+            )
+        else:
+            batches = DataLoader(
+                stream, batch_size=None, num_workers=self.loader_workers, persistent_workers=False
+            )
+        seed, rank = stream.seed, stream.rank
+        for index, batch in enumerate(islice(batches, self.batches_per_epoch - skip), start=skip):
+            if stream.image_mode == "decode":
                 yield batch
-            else:  # a seed per batch, like the CPU path's per triplet: skips change nothing
-                rng = random.Random(f"gpu-crop-{seed}-{epoch}-{rank}-{index}")
-                yield _decode_batch_on_device(batch, self.stream.preprocess, self.device, rng)
+                continue
+            # a seed per batch, like the CPU path's per triplet: skips change nothing
+            rng = random.Random(f"gpu-crop-{seed}-{epoch}-{rank}-{index}")
+            if stream.image_mode == "gpu":
+                yield decode_batch_on_device(batch, stream.preprocess, self.device, rng)
+            else:
+                yield stream.cache.batch(batch, stream.preprocess, rng)
 
 
-def _decode_batch_on_device(
-    batch: dict[str, Any], preprocess: ImagePreprocess, device: torch.device, rng: random.Random
-) -> dict[str, Any]:
-    """Decode a batch's images on ``device`` (one batched nvJPEG call for JPEGs); triplets
-    with an undecodable image are dropped with a warning, so the batch may shrink."""
-    size = len(batch["texts"])
-    try:
-        images = decode_images(batch["ref_data"] + batch["target_data"], device)
-        pairs = [(images[i], images[size + i]) for i in range(size)]
-    except ValueError:
-        pairs = []
-        for i, (ref, tgt) in enumerate(zip(batch["ref_data"], batch["target_data"])):
-            try:
-                pairs.append((decode_image(ref, device), decode_image(tgt, device)))
-            except ValueError as err:
-                pairs.append(None)
-                log.warning(
-                    "skipping triplet %s -> %s: %s",
-                    batch["ref_ids"][i],
-                    batch["target_ids"][i],
-                    err,
-                )
-    keep = [i for i, pair in enumerate(pairs) if pair is not None]
-    if not keep:
-        raise ValueError(f"every image of a batch failed to decode on {device}: {batch['ref_ids']}")
-    index = torch.tensor(keep, dtype=torch.long)
-    return {
-        "ref_images": torch.stack([preprocess(pairs[i][0], rng) for i in keep]),
-        "target_images": torch.stack([preprocess(pairs[i][1], rng) for i in keep]),
-        "tokens": batch["tokens"][index].to(device),
-        "lengths": batch["lengths"][index].to(device),
-        "texts": [batch["texts"][i] for i in keep],
-        "ref_ids": [batch["ref_ids"][i] for i in keep],
-        "target_ids": [batch["target_ids"][i] for i in keep],
-    }
+def _round_robin(readers: list[Iterator[dict[str, Any]]], skip: int) -> Iterator[dict[str, Any]]:
+    """Batch ``i`` (from ``skip`` on) from reader ``i % len(readers)``: the DataLoader's order."""
+    for index in count(skip):
+        yield next(readers[index % len(readers)])
 
 
 def triplet_loader(
@@ -370,12 +398,17 @@ def triplet_loader(
     max_text_len: int | None = None,
     split_by: str = "auto",
     triplets_per_group: int = 1,
+    image_cache: str = "none",
+    image_cache_gb: float | None = None,
+    progress: bool = False,
 ) -> TripletLoader:
     """Training batches of one rank (see the module docstring for the streaming scheme).
 
     ``batches_per_epoch`` defaults to ``default_batches_per_epoch(...)``; pass the same
     value on every rank (it is what keeps DDP ranks in step). ``triplets_per_group`` > 1
     keeps that many triplets of one group together in a batch (``group_runs``).
+    ``image_cache`` (``none``/``device``/``auto``, ``pipeline.image_cache``) decodes the
+    split once onto ``device`` when it fits ``image_cache_gb`` (``progress``: a bar).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -394,11 +427,21 @@ def triplet_loader(
     if batches_per_epoch < 1:
         raise ValueError(f"batches_per_epoch must be >= 1, got {batches_per_epoch}")
     device = torch.device(device)
+    shards = shard_paths(dataset_dir, manifest, split)
+    preprocess = ImagePreprocess(image_size, mean, std, augment=augment)
+    images = int(manifest["splits"][split].get("images", 0))
+    cache = None
+    if wants_cache(image_cache, images, image_size, device, image_cache_gb):
+        cache = ImageCache.build(shards, preprocess, device, images, progress=progress)
+    if cache is not None:
+        image_mode = "cache"
+    else:
+        image_mode = "gpu" if device.type == "cuda" else "decode"
     stream = TripletStream(
-        shard_paths(dataset_dir, manifest, split),
+        shards,
         vocab,
         batch_size=batch_size,
-        preprocess=ImagePreprocess(image_size, mean, std, augment=augment),
+        preprocess=preprocess,
         rank=rank,
         world_size=world_size,
         seed=seed,
@@ -406,8 +449,9 @@ def triplet_loader(
         shuffle_buffer=shuffle_buffer,
         split_by=split_by,
         max_text_len=max_text_len,
-        decode_on_worker=device.type != "cuda",
+        image_mode=image_mode,
         triplets_per_group=triplets_per_group,
+        cache=cache,
     )
     return TripletLoader(
         stream, batches_per_epoch=batches_per_epoch, loader_workers=loader_workers, device=device

@@ -246,6 +246,21 @@ def _to_float(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
 
 
+def draw_crop_box(rng: random.Random, height: int, width: int) -> tuple[int, int, int, int] | None:
+    """The training augmentation's crop: ``(top, left, h, w)`` covering 80-100 % of the
+    area with aspect 3/4-4/3, or None when 10 draws found none inside the image (then
+    the caller centre-crops)."""
+    area = height * width
+    for _ in range(10):
+        target = area * rng.uniform(0.8, 1.0)
+        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        w = round(math.sqrt(target * ratio))
+        h = round(math.sqrt(target / ratio))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+    return None
+
+
 class ImagePreprocess:
     """uint8 (3, H, W) or (B, 3, H, W) -> float32 (..., 3, size, size), normalised.
 
@@ -283,15 +298,22 @@ class ImagePreprocess:
                 f"expected uint8 images (3, H, W) or (B, 3, H, W), got {tuple(images.shape)}"
             )
         if not self.augment:
-            window = self._central_square(images)
-            if window is not None:
-                x = window
-            else:
-                x = _to_float(images)
-                x = TF.resize(x, [self.size], antialias=True)
-                x = TF.center_crop(x, [self.size, self.size])
+            x = self.square(images)
         else:
             x = self._random_crop(_to_float(images), rng or random.Random())
+        return self.normalise(x)
+
+    def square(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (..., 3, H, W) -> float32 (..., 3, size, size) in [0, 1]: the resize and
+        centre crop, without normalisation (what ``pipeline.image_cache`` stores)."""
+        window = self._central_square(images)
+        if window is not None:
+            return window
+        x = TF.resize(_to_float(images), [self.size], antialias=True)
+        return TF.center_crop(x, [self.size, self.size])
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """float (..., 3, size, size) in [0, 1] -> ``(x - mean) / std``, contiguous."""
         mean = torch.tensor(self.mean, device=x.device).view(3, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(3, 1, 1)
         return ((x - mean) / std).contiguous()
@@ -314,16 +336,10 @@ class ImagePreprocess:
         return x[..., : self.size, first : first + self.size]
 
     def _random_crop(self, x: torch.Tensor, rng: random.Random) -> torch.Tensor:
-        height, width = x.shape[-2:]
-        area = height * width
-        for _ in range(10):
-            target = area * rng.uniform(0.8, 1.0)
-            ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-            w = round(math.sqrt(target * ratio))
-            h = round(math.sqrt(target / ratio))
-            if 0 < w <= width and 0 < h <= height:
-                top, left = rng.randint(0, height - h), rng.randint(0, width - w)
-                return TF.resized_crop(x, top, left, h, w, [self.size, self.size], antialias=True)
+        box = draw_crop_box(rng, *x.shape[-2:])
+        if box is not None:
+            top, left, h, w = box
+            return TF.resized_crop(x, top, left, h, w, [self.size, self.size], antialias=True)
         x = TF.resize(x, [self.size], antialias=True)
         return TF.center_crop(x, [self.size, self.size])
 

@@ -118,6 +118,9 @@ def shard_batches(
             device=context.device,
             max_text_len=train["max_text_len"],
             triplets_per_group=train["triplets_per_group"],
+            image_cache=train["image_cache"],
+            image_cache_gb=train["image_cache_gb"],
+            progress=context.is_main,
         )
 
     return epoch_batches
@@ -163,7 +166,8 @@ def build_run(
     batches_per_epoch = train["batches_per_epoch"] or default_batches_per_epoch(
         config["data"], train["batch_size"], context.world_size
     )
-    use_amp = bool(train["amp"]) and context.device.type == "cuda"
+    device_type = context.device.type
+    use_amp = bool(train["amp"]) and (device_type == "cuda" or bool(train["amp_on_cpu"]))
     return Run(
         config=config,
         context=context,
@@ -174,7 +178,7 @@ def build_run(
         scheduler=build_scheduler(optimizer, optim, batches_per_epoch),
         batches_per_epoch=batches_per_epoch,
         batch_source=batch_source or shard_batches(config, vocab, context, batches_per_epoch),
-        autocast=torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext(),
+        autocast=torch.autocast(device_type, dtype=torch.bfloat16) if use_amp else nullcontext(),
         writer=tensorboard_writer(config) if context.is_main else None,
     )
 

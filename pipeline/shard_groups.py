@@ -88,6 +88,31 @@ def default_batches_per_epoch(
     return max(1, count_triplets(dataset_dir, split) // (batch_size * world_size))
 
 
+# -- group samples (the training readers' input) -----------------------------------------
+
+# (key, group JSON, per-member image data, error): image data are the encoded bytes of
+# each member (or, in ``pipeline.image_cache``'s records, its cache row); error is a
+# message when the sample is unusable (bad JSON, a missing image), else None.
+GroupSample = tuple[str, Any, list, "str | None"]
+
+
+def read_group_samples(shards: list[str]) -> Iterator[GroupSample]:
+    """Every sample of ``shards``, in order, as ``GroupSample``s (unreadable tar members
+    are skipped by webdataset with a warning)."""
+    import webdataset as wds
+
+    samples = wds.tarfile_samples([{"url": s} for s in shards], handler=wds.warn_and_continue)
+    for sample in samples:
+        key = sample.get("__key__")
+        try:
+            group = json.loads(sample["json"])
+            images = [image_entry(sample, str(i))[0] for i in range(len(group["members"]))]
+        except (KeyError, ValueError, TypeError, UnicodeDecodeError) as err:
+            yield key, None, [], f"{type(err).__name__}: {err}"
+            continue
+        yield key, group, images, None
+
+
 # -- shard assignment ---------------------------------------------------------------------
 
 
@@ -143,12 +168,19 @@ def image_entry(sample: dict[str, Any], name: str) -> tuple[bytes, str]:
 def group_runs(
     triplets: Iterable[dict[str, Any]], size: int, rng: random.Random
 ) -> Iterator[list[dict[str, Any]]]:
-    """Consecutive triplets of one group (``"group"`` key), shuffled, in runs of <= size.
+    """Consecutive triplets of one group (``"group"`` key), shuffled, in runs of ``size``.
 
     With ``train.triplets_per_group`` = k the shuffle buffer moves whole runs, so a batch
     holds k modifications of a scene: each other's targets are the hard negatives that
     only the text tells apart (in random batches about 1 % of the loss's negatives are).
-    Every triplet is kept, in exactly one run.
+    k = 2 on CSS is the TIRG authors' sampler (``generate_random_query_target``: a
+    random triplet, then the same reference with a different modification), so a batch
+    of 32 is 16 references x 2 modifications.
+
+    Every triplet is kept, in exactly one run. A group with at least k triplets gives
+    only runs of exactly k: its last, short run is completed with other triplets of the
+    group (copies, distinct from the run's own), as the authors' sampler would draw
+    them. A group with fewer than k triplets gives one shorter run.
     """
     pending: list[dict[str, Any]] = []
     for triplet in triplets:
@@ -164,5 +196,10 @@ def _split_runs(
     group: list[dict[str, Any]], size: int, rng: random.Random
 ) -> Iterator[list[dict[str, Any]]]:
     rng.shuffle(group)
-    for start in range(0, len(group), size):
-        yield group[start : start + size]
+    runs = [group[start : start + size] for start in range(0, len(group), size)]
+    last = runs[-1]
+    if len(last) < size <= len(group):
+        in_last = {id(t) for t in last}
+        others = [t for t in group if id(t) not in in_last]
+        last.extend(dict(t) for t in rng.sample(others, size - len(last)))
+    yield from runs

@@ -44,10 +44,12 @@ from typing import Any
 
 from tqdm import tqdm
 
-from shards.css_scenes import (  # noqa: F401  (SMALL, CssConfig: the public API)
+from shards.css_scenes import (  # noqa: F401  (SMALL, PRESETS, CssConfig: the public API)
     HELD_OUT_COLOR_SIZE,
     HELD_OUT_SHAPE_COLOR,
+    MEDIUM,
     OBJECTS_PER_SCENE,
+    PRESETS,
     PROTOCOL,
     SMALL,
     TAR_MTIME,
@@ -249,37 +251,41 @@ def main(argv: list[str] | None = None) -> int:
     defaults = CssConfig()
     parser.add_argument("--out", required=True, help="output dataset directory")
     parser.add_argument("--seed", type=int, default=defaults.seed)
+
+    def preset_help(field: str, what: str) -> str:
+        values = ", ".join(
+            f"{n} {p.get(field, getattr(defaults, field))}" for n, p in PRESETS.items()
+        )
+        return f"{what} (presets: {values})"
+
     parser.add_argument(
-        "--train-scenes",
-        type=int,
-        help=f"source scenes in train "
-        f"(default {defaults.train_scenes}, --small {SMALL['train_scenes']})",
+        "--preset",
+        choices=tuple(PRESETS),
+        default="default",
+        help="dataset size: default (paper-sized test split), medium (CPU-sized "
+        "reproductions), small (tests and the demo); the flags below override it",
     )
     parser.add_argument(
-        "--test-scenes",
-        type=int,
-        help=f"source scenes in test "
-        f"(default {defaults.test_scenes}, --small {SMALL['test_scenes']})",
+        "--small", action="store_true", help="the same as --preset small (tests and the demo)"
+    )
+    parser.add_argument(
+        "--train-scenes", type=int, help=preset_help("train_scenes", "source scenes in train")
+    )
+    parser.add_argument(
+        "--test-scenes", type=int, help=preset_help("test_scenes", "source scenes in test")
     )
     parser.add_argument(
         "--mods-per-scene",
         type=int,
-        help=f"modifications per source scene "
-        f"(default {defaults.mods_per_scene}, --small {SMALL['mods_per_scene']})",
+        help=preset_help("mods_per_scene", "modifications per source scene"),
     )
     parser.add_argument(
-        "--mod-pool",
-        type=int,
-        help=f"distinct modifications per split "
-        f"(default {defaults.mod_pool}, --small {SMALL['mod_pool']})",
+        "--mod-pool", type=int, help=preset_help("mod_pool", "distinct modifications per split")
     )
     parser.add_argument("--image-size", type=int, default=defaults.image_size)
     parser.add_argument(
-        "--shard-size",
-        type=int,
-        help=f"images per shard (default {defaults.shard_size}, --small {SMALL['shard_size']})",
+        "--shard-size", type=int, help=preset_help("shard_size", "images per shard")
     )
-    parser.add_argument("--small", action="store_true", help="small preset for tests and the demo")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument(
         "--render-processes",
@@ -290,7 +296,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    settings = dict(SMALL) if args.small else {}
+    if args.small and args.preset not in ("default", "small"):
+        parser.error(f"--small contradicts --preset {args.preset}")
+    preset = "small" if args.small else args.preset
+    settings = dict(PRESETS[preset])
     for field in ("train_scenes", "test_scenes", "mods_per_scene", "mod_pool", "shard_size"):
         if getattr(args, field) is not None:
             settings[field] = getattr(args, field)
@@ -303,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
             workers=args.workers,
             overwrite=args.overwrite,
             progress=True,
-            preset="small" if args.small else "default",
+            preset=preset,
         )
     except FileExistsError as err:
         print(f"error: {err}", file=sys.stderr)

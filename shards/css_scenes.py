@@ -61,6 +61,17 @@ SMALL = {
     "mod_pool": 450,
     "shard_size": 200,
 }
+# Middle difficulty for CPU-sized reproductions: the test split of the original CSS3D
+# release's size (400 sources x 6 modifications: 2,400 queries over 2,800 images) and
+# 2,500 training scenes (15,000 triplets), in minutes of rendering.
+MEDIUM = {
+    "train_scenes": 2500,
+    "test_scenes": 400,
+    "mods_per_scene": 6,
+    "mod_pool": 6000,
+    "shard_size": 700,
+}
+PRESETS: dict[str, dict[str, int]] = {"default": {}, "small": SMALL, "medium": MEDIUM}
 
 
 @dataclass

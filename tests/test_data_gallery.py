@@ -9,7 +9,7 @@ import pytest
 import torch
 from shard_fixtures import image_bytes, write_dataset
 
-from pipeline.data import _decode_batch_on_device
+from pipeline.device_batches import decode_batch_on_device
 from pipeline.gallery_data import gallery_loader, read_gallery_bytes
 from pipeline.images import ImagePreprocess, decode_image, decode_images, predecode_for_gpu
 
@@ -97,7 +97,7 @@ def test_decode_on_device_batch_drops_corrupt_triplets():
         "ref_ids": ["r0", "r1", "r2"],
         "target_ids": ["t0", "t1", "t2"],
     }
-    out = _decode_batch_on_device(batch, ImagePreprocess(16), torch.device("cpu"), random.Random(0))
+    out = decode_batch_on_device(batch, ImagePreprocess(16), torch.device("cpu"), random.Random(0))
     assert out["ref_ids"] == ["r0", "r2"] and out["texts"] == ["a b", "d"]
     assert out["ref_images"].shape == out["target_images"].shape == (2, 3, 16, 16)
     assert out["tokens"].tolist() == [[2, 3], [5, 0]] and out["lengths"].tolist() == [2, 1]
@@ -122,5 +122,5 @@ def test_gpu_readers_predecode_png_in_the_worker_and_keep_jpeg_bytes():
         "ref_ids": ["r0", "r1"],
         "target_ids": ["t0", "t1"],
     }
-    out = _decode_batch_on_device(batch, ImagePreprocess(16), torch.device("cpu"), random.Random(0))
+    out = decode_batch_on_device(batch, ImagePreprocess(16), torch.device("cpu"), random.Random(0))
     assert out["ref_images"].shape == (2, 3, 16, 16) and out["ref_ids"] == ["r0", "r1"]

@@ -268,12 +268,17 @@ def test_corrupt_samples_are_skipped_and_counted(tmp_path, caplog):
 
 
 def test_group_runs_keep_every_triplet_in_shuffled_runs_of_one_group():
+    """Runs of exactly k where the group has k triplets: the odd one out of group a is
+    paired with a copy of another of a's triplets; group c (1 triplet) stays alone."""
     triplets = [{"group": g, "n": i} for i, g in enumerate("aaaaabbc")]
     runs = list(group_runs(iter(triplets), 2, random.Random(0)))
-    assert sorted(t["n"] for run in runs for t in run) == list(range(8))  # nothing lost
-    assert all(len({t["group"] for t in run}) == 1 and 1 <= len(run) <= 2 for run in runs)
-    assert [len(run) for run in runs] == [2, 2, 1, 2, 1]
-    assert [t["n"] for t in runs[0] + runs[1] + runs[2]] != [0, 1, 2, 3, 4]  # shuffled
+    assert {t["n"] for run in runs for t in run} == set(range(8))  # nothing lost
+    assert all(len({t["group"] for t in run}) == 1 for run in runs)
+    assert all(len({t["n"] for t in run}) == len(run) for run in runs)  # distinct in a run
+    assert [len(run) for run in runs] == [2, 2, 2, 2, 1]
+    drawn = Counter(t["n"] for run in runs for t in run)
+    assert sorted(drawn.values()) == [1] * 7 + [2]  # one of a's triplets twice
+    assert [t["n"] for t in runs[0] + runs[1]] != [0, 1, 2, 3]  # shuffled
 
 
 def test_triplets_per_group_puts_a_scene_s_modifications_in_one_batch(dataset, vocab):

@@ -153,6 +153,8 @@ def best_config(base: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
     config[SPACE_SECTION] = None
     config["demo"] = False
     config["demo_settings"] = {}
+    config["paper"] = False  # already merged into the base
+    config["paper_settings"] = {}
     config["fault_injection"] = None
     config["name"] = f"{base['name']}_best"
     config["out"] = None
