@@ -62,6 +62,7 @@ def save_checkpoint(
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "step": int(step),
         "metrics": plain_json(metrics or {}),
+        "rng": rng_state(),
     }
     tmp = directory / f".{CHECKPOINT_FILE}.tmp-{os.getpid()}"
     torch.save(payload, tmp)
@@ -69,6 +70,23 @@ def save_checkpoint(
     (directory / "vocab.json").write_text(json.dumps(vocab.to_dict()))
     (directory / "config.json").write_text(json.dumps(config, indent=1, default=str))
     return directory
+
+
+def rng_state() -> dict[str, torch.Tensor | None]:
+    """torch's CPU and (when initialised) current CUDA generator states: dropout and
+    soft triplet's negatives draw from them, so a resumed run restores them to train
+    on as an uninterrupted run would (``restore_rng_state``)."""
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None
+    return {"torch": torch.get_rng_state(), "cuda": cuda}
+
+
+def restore_rng_state(state: dict[str, Any] | None) -> None:
+    """Undo ``rng_state`` (a checkpoint without one leaves the generators seeded)."""
+    if not state:
+        return
+    torch.set_rng_state(state["torch"].cpu())
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"].cpu())
 
 
 def plain_json(value: Any) -> Any:

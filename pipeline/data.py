@@ -42,7 +42,7 @@ from __future__ import annotations
 import logging
 import random
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from itertools import chain, count, islice
 from pathlib import Path
 from typing import Any
@@ -65,6 +65,7 @@ from pipeline.shard_groups import (
     default_batches_per_epoch,
     group_runs,
     loader_worker,
+    one_run_per_group_per_batch,
     read_group_samples,
     reader_shards,
 )
@@ -158,15 +159,15 @@ class TripletStream(IterableDataset):
         # The DataLoader takes batch i from worker i % W: this worker's share of the
         # batches to skip (already trained on before a restore) is drawn, not decoded.
         own_skip = len(range(worker, self.skip_batches, num_workers))
-        units, drawn = _skip_triplets(units, own_skip * self.batch_size)
+        units, drawn = _skip_triplets(units, own_skip * self.batch_size, self._known_unusable)
         try:
             batch: list[dict[str, Any]] = []
             for unit in units:
+                first, drawn = drawn, drawn + len(unit)
                 try:
-                    for triplet in unit:
-                        drawn += 1
+                    for position, triplet in enumerate(unit, start=first + 1):
                         # a seed per triplet: skipped triplets leave later crops as they were
-                        crop_rng = random.Random(f"crop-{reader_seed}-{drawn}")
+                        crop_rng = random.Random(f"crop-{reader_seed}-{position}")
                         self._prepare_images(triplet, crop_rng)
                 except ValueError as err:  # the whole run goes, so runs stay aligned
                     skipped["undecodable image"] += len(unit)
@@ -188,7 +189,8 @@ class TripletStream(IterableDataset):
 
     def _units(self, triplets: Iterator[dict], reader_seed: str) -> Iterator[list[dict]]:
         """Shuffled triplets, one per unit, or with ``triplets_per_group`` = k > 1
-        shuffled runs of k triplets of one group (``group_runs``), so they share a batch."""
+        shuffled runs of k triplets of one group (``group_runs``), so they share a batch,
+        with at most one run of a group per batch (``one_run_per_group_per_batch``)."""
         per_group = self.triplets_per_group
         if per_group > 1:
             runs = group_runs(triplets, per_group, random.Random(f"runs-{reader_seed}"))
@@ -197,7 +199,7 @@ class TripletStream(IterableDataset):
                 runs = wds.shuffle(size, initial=size, rng=random.Random(f"buffer-{reader_seed}"))(
                     runs
                 )
-            return iter(runs)
+            return one_run_per_group_per_batch(runs, self.batch_size)
         if self.shuffle_buffer > 1:
             triplets = wds.shuffle(
                 self.shuffle_buffer,
@@ -249,6 +251,13 @@ class TripletStream(IterableDataset):
             return (sample for shard in shards for sample in self.cache.samples[shard])
         return read_group_samples(shards)
 
+    def _known_unusable(self, unit: list[dict[str, Any]]) -> bool:
+        """Whether a full pass would drop ``unit`` (known without decoding only for the
+        cache, whose records mark images that did not decode)."""
+        if self.image_mode != "cache":
+            return False
+        return any(t["ref_image_data"] < 0 or t["target_image_data"] < 0 for t in unit)
+
     def _prepare_images(self, triplet: dict[str, Any], crop_rng: random.Random) -> None:
         """CPU readers decode and preprocess here (``ref_image``/``target_image``); CUDA
         readers keep JPEG bytes for nvJPEG and decode the rest (``predecode_for_gpu``);
@@ -288,19 +297,23 @@ class TripletStream(IterableDataset):
 
 
 def _skip_triplets(
-    units: Iterator[list[dict[str, Any]]], count_: int
+    units: Iterator[list[dict[str, Any]]], count_: int, unusable: Callable[[list], bool]
 ) -> tuple[Iterator[list[dict[str, Any]]], int]:
-    """Draw ``count_`` triplets off ``units`` without preparing them: (the rest, with a
-    unit cut in two kept as its tail, and how many were drawn)."""
+    """Draw ``count_`` usable triplets off ``units`` without preparing them: (the rest,
+    with a unit cut in two kept as its tail, and how many triplets were drawn). Units
+    that ``unusable`` knows a full pass would drop are drawn but do not count."""
     units = iter(units)
-    drawn = 0
-    for unit in units:
-        if drawn + len(unit) > count_:
-            tail = unit[count_ - drawn :]
-            return chain([tail], units), count_
+    kept = drawn = 0
+    while kept < count_:
+        unit = next(units)
+        if unusable(unit):
+            drawn += len(unit)
+            continue
+        if kept + len(unit) > count_:
+            used = count_ - kept
+            return chain([unit[used:]], units), drawn + used
+        kept += len(unit)
         drawn += len(unit)
-        if drawn == count_:
-            break
     return units, drawn
 
 
@@ -341,9 +354,10 @@ class TripletLoader:
     def epoch_batches(self, epoch: int, skip: int = 0) -> Iterator[dict[str, Any]]:
         """Batches ``skip``..``batches_per_epoch - 1`` of ``epoch``: the ones before are
         drawn (so the rest are the same batches) but their images are never decoded --
-        a resumed run skips what it trained on at the cost of reading JSON only. (A
-        corrupt image among the skipped triplets, which a full pass would have dropped,
-        shifts the rest of that epoch by one run.) Advances ``self.epoch`` past it."""
+        a resumed run skips what it trained on at the cost of reading JSON only. (When
+        streaming, a corrupt image among the skipped triplets, which a full pass would
+        have dropped, shifts the rest of that epoch by one run; the cache knows its
+        undecodable images, so it resumes exactly.) Advances ``self.epoch`` past it."""
         if not 0 <= skip <= self.batches_per_epoch:
             raise ValueError(f"skip must be in 0..{self.batches_per_epoch}, got {skip}")
         self.stream.epoch, self.stream.skip_batches = epoch, skip

@@ -26,10 +26,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.checkpoint import load_checkpoint, restore_rng_state, save_checkpoint
 from pipeline.distributed import LocalContext, RunContext, scratch_dir
 from pipeline.optimization import build_model, build_optimizer, build_scheduler, seed_everything
 from pipeline.run_control import TimeLimit, TrainState, check_finite, inject_fault
+from pipeline.step_graph import EagerStep, GraphedStep, build_stepper, graph_unsupported
 from pipeline.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
@@ -141,6 +142,7 @@ class Run:
     batch_source: BatchSource
     autocast: Any
     writer: Any
+    stepper: EagerStep | GraphedStep | None = None  # set by ``train_loop`` after a restore
 
 
 def build_run(
@@ -162,7 +164,8 @@ def build_run(
     model = build_model(config, vocab).to(context.device)
     if train["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, optim)
+    graphs = graph_unsupported(context.device, context.world_size, train["step_graph"]) is None
+    optimizer = build_optimizer(model, optim, capturable=graphs)
     batches_per_epoch = train["batches_per_epoch"] or default_batches_per_epoch(
         config["data"], train["batch_size"], context.world_size
     )
@@ -178,7 +181,10 @@ def build_run(
         scheduler=build_scheduler(optimizer, optim, batches_per_epoch),
         batches_per_epoch=batches_per_epoch,
         batch_source=batch_source or shard_batches(config, vocab, context, batches_per_epoch),
-        autocast=torch.autocast(device_type, dtype=torch.bfloat16) if use_amp else nullcontext(),
+        # a CUDA graph replays the casts, so autocast must not cache them across steps
+        autocast=torch.autocast(device_type, dtype=torch.bfloat16, cache_enabled=not graphs)
+        if use_amp
+        else nullcontext(),
         writer=tensorboard_writer(config) if context.is_main else None,
     )
 
@@ -193,33 +199,65 @@ def restore(run: Run) -> tuple[int, dict[str, Any]]:
         run.model.load_state_dict(payload["model"])
         run.optimizer.load_state_dict(payload["optimizer"])
         run.scheduler.load_state_dict(payload["scheduler"])
+        restore_rng_state(payload.get("rng"))
         step = int(payload["step"])
         log.info("rank %d: resumed from %s at step %d", run.context.rank, directory, step)
         return step, dict(payload["metrics"])
 
 
-def train_step(run: Run, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any], int]:
-    """One optimiser step on ``batch``; (loss, loss logs, batch size), nothing read back."""
-    from pipeline.losses import compute_loss
-
-    device, train = run.context.device, run.config["train"]
+def step_inputs(run: Run, batch: dict[str, Any]) -> tuple[torch.Tensor, ...]:
+    """(ref, tokens, lengths, target) of ``batch`` on the run's device."""
+    device = run.context.device
     ref, tgt = batch["ref_images"].to(device), batch["target_images"].to(device)
-    if train["channels_last"]:
+    if run.config["train"]["channels_last"]:
         ref = ref.contiguous(memory_format=torch.channels_last)
         tgt = tgt.contiguous(memory_format=torch.channels_last)
-    tokens, lengths = batch["tokens"].to(device), batch["lengths"].to(device)
+    return ref, batch["tokens"].to(device), batch["lengths"].to(device), tgt
+
+
+def optimizer_step(run: Run) -> Callable:
+    """``fn(ref, tokens, lengths, target) -> (loss, loss logs)``: forward, loss, backward,
+    clipping and the optimiser step, with nothing read back (what a graph captures)."""
+    from pipeline.losses import compute_loss
+
+    loss_name = run.config["loss"]["name"]
     loss_cfg = {k: v for k, v in run.config["loss"].items() if k != "name"}
-    with run.autocast:
-        outputs = run.ddp_model(ref, tokens, lengths, tgt)
-        loss, loss_logs = compute_loss(outputs, run.config["loss"]["name"], **loss_cfg)
-    run.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
     clip = run.config["optim"]["grad_clip"]
-    if clip:
-        nn.utils.clip_grad_norm_(run.model.parameters(), float(clip))
-    run.optimizer.step()
+
+    def step(ref, tokens, lengths, tgt):
+        run.optimizer.zero_grad(set_to_none=True)
+        with run.autocast:
+            outputs = run.ddp_model(ref, tokens, lengths, tgt)
+            loss, loss_logs = compute_loss(outputs, loss_name, **loss_cfg)
+        loss.backward()
+        if clip:
+            nn.utils.clip_grad_norm_(run.model.parameters(), float(clip))
+        run.optimizer.step()
+        return loss.detach(), loss_logs
+
+    return step
+
+
+def make_stepper(run: Run) -> EagerStep | GraphedStep:
+    train = run.config["train"]
+    return build_stepper(
+        optimizer_step(run),
+        lambda batch: step_inputs(run, batch),
+        run.optimizer,
+        device=run.context.device,
+        world_size=run.context.world_size,
+        setting=train["step_graph"],
+        batch_size=int(train["batch_size"]),
+        max_text_len=train["max_text_len"],
+    )
+
+
+def train_step(run: Run, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any], int]:
+    """One optimiser step on ``batch`` (eager or a graph replay) and the LR schedule's
+    step; (loss, loss logs, batch size), nothing read back."""
+    loss, loss_logs, size = run.stepper(batch)
     run.scheduler.step()
-    return loss, loss_logs, ref.shape[0]
+    return loss, loss_logs, size
 
 
 def log_progress(
@@ -313,6 +351,7 @@ def train_loop(
         return metrics  # the same command after a finished run: nothing left to do
     run.ddp_model = context.wrap_model(run.model)
     run.model.train()
+    run.stepper = make_stepper(run)
     log_every, eval_every = int(train["log_every"]), int(train["eval_every"])
     checkpoint_every = int(train["checkpoint_every"])
     interval, since_report = TrainState(), TrainState()

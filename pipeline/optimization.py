@@ -17,8 +17,12 @@ def is_backbone_parameter(name: str) -> bool:
     return "backbone" in name.split(".")
 
 
-def build_optimizer(model: nn.Module, optim: dict[str, Any]) -> torch.optim.Optimizer:
-    """SGD / Adam / AdamW over two parameter groups: trunk (lr x mult) and the rest."""
+def build_optimizer(
+    model: nn.Module, optim: dict[str, Any], capturable: bool = False
+) -> torch.optim.Optimizer:
+    """SGD / Adam / AdamW over two parameter groups: trunk (lr x mult) and the rest.
+    ``capturable``: Adam's state on the device, so a CUDA graph can replay its step
+    (``pipeline.step_graph``; SGD's step is capturable as it is)."""
     trunk, rest = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
@@ -34,7 +38,8 @@ def build_optimizer(model: nn.Module, optim: dict[str, Any]) -> torch.optim.Opti
         )
     betas = tuple(float(b) for b in optim["betas"])
     cls = torch.optim.AdamW if optim["name"] == "adamw" else torch.optim.Adam
-    return cls(groups, lr=lr, betas=betas, weight_decay=weight_decay)
+    extra = {"capturable": True} if capturable else {}
+    return cls(groups, lr=lr, betas=betas, weight_decay=weight_decay, **extra)
 
 
 def lr_factor(step: int, optim: dict[str, Any], decay_steps: int) -> float:
