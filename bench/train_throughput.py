@@ -1,19 +1,26 @@
-"""Training throughput of one config: where the time goes (model vs data loading).
+"""Training throughput: eager vs graph steps, streamed vs cached images, in one table.
 
 Runs the in-process training loop (``pipeline.loop.train_loop``, no Ray: this script
-needs only torch) for ``--steps`` steps in up to three modes and prints a table:
+needs only torch and webdataset) for each case (model, image size, batch) and each path:
 
-* ``synthetic``: random tensors already on the device (the model, loss, backward
-  and optimiser alone);
-* ``shards``: the real loop reading the config's shards (decode + augment + model);
-* ``loader``: the shard reader alone, no model (how fast data can be fed).
+* ``eager-stream`` / ``graph-stream``: the shards decoded every epoch
+  (``train.image_cache=none``), with eager steps or the whole step as a CUDA graph
+  (``train.step_graph``);
+* ``eager-cache`` / ``graph-cache``: the images decoded once onto the device
+  (``train.image_cache=device``);
+* ``eager-synthetic`` / ``graph-synthetic``: fixed random tensors on the device, the
+  model, loss, backward and optimiser alone (the ceiling the data paths approach).
 
-Throughput is measured between the end of the ``--warmup`` th step and the last step
-(samples = steps x batch size). On a GPU it also samples utilisation through
-``torch.cuda.utilization`` (pynvml) or ``nvidia-smi`` and records peak memory.
+Throughput is measured between the end of step ``--warmup`` and the last step. Each
+JSON row carries ``gpu``, ``model``, ``image_size``, ``batch``, ``path``,
+``ms_per_step`` and ``triplets_per_s``, with the step mode the run really used (a CPU
+run asked for a graph runs eagerly and the row says why), GPU utilisation and peak
+memory; on a GPU every row also holds a ``profile``: the top operators of
+``--profile-steps`` steps (torch.profiler), so a row below its target says where the
+time goes. The JSON goes to ``docs/results/<gpu>-<date>/train_throughput.json``.
 
-    python bench/train_throughput.py --config configs/css_tirg.yaml --data data/css-small \\
-        --modes synthetic shards loader --steps 30 --out results/train_throughput.json
+    python bench/train_throughput.py --data data/css --cases tirg:64:32 tirg:224:32 \
+        tirg:224:256 ccnet:224:32 --steps 60
 """
 
 from __future__ import annotations
@@ -22,12 +29,16 @@ import sys
 from pathlib import Path
 
 # Run as a script Python puts bench/ on sys.path, not the repository root.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
 import argparse  # noqa: E402
+import datetime  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
+import os  # noqa: E402
 import platform  # noqa: E402
+import re  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
@@ -41,22 +52,52 @@ import torch  # noqa: E402
 from pipeline.config import load_config, resolve_run_paths  # noqa: E402
 from pipeline.vocab import Vocabulary  # noqa: E402
 
-MODES = ("synthetic", "shards", "loader")
+PATHS = tuple(f"{s}-{d}" for s in ("eager", "graph") for d in ("stream", "cache", "synthetic"))
+DEFAULT_PATHS = ("eager-stream", "eager-cache", "graph-stream", "graph-cache")
+DEFAULT_CASES = ("tirg:64:32", "tirg:224:32", "tirg:224:256", "ccnet:224:32")
+# triplets/s targets on the reference H200 (the issue's figures: 10x the authors' code
+# at 64 px, 80 % of the compute ceiling at 224 px batch 256)
+H200_TARGETS = {
+    ("tirg", 64, 32): 4600,
+    ("tirg", 224, 32): 3000,
+    ("tirg", 224, 256): 4750,
+    ("ccnet", 224, 32): 1500,
+}
 
 
 class StepClock:
     """Timestamps of every batch request: batch i+1 is asked for when step i is done."""
 
-    def __init__(self):
+    def __init__(self, profile_window: tuple[int, int] | None = None):
         self.times: list[float] = []
+        self.window = profile_window  # (first step, steps) profiled, None = none
+        self.profiler = None
+        self.profile: list[dict[str, Any]] | None = None
 
     def wrap(self, batches, device: torch.device) -> Iterator[dict[str, Any]]:
         for batch in batches:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             self.times.append(time.perf_counter())
+            self._profile_at(len(self.times) - 1, device)
             yield batch
+        self._profile_at(10**9, device)
         self.times.append(time.perf_counter())
+
+    def _profile_at(self, step: int, device: torch.device) -> None:
+        """Start the profiler when step ``window[0]`` begins, stop after ``window[1]``."""
+        if self.window is None:
+            return
+        first, count = self.window
+        if step == first and self.profiler is None:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if device.type == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler.__enter__()
+        elif self.profiler is not None and self.profile is None and step >= first + count:
+            self.profiler.__exit__(None, None, None)
+            self.profile = top_operators(self.profiler, min(step, first + count) - first)
 
     def samples_per_s(self, warmup: int, batch_size: int) -> float:
         # times[k] = when step k+1 started (after step k ended); the last = loop end
@@ -134,34 +175,93 @@ def synthetic_batches(
     return epoch_batches
 
 
-def bench_config(args: argparse.Namespace, mode: str, scratch: Path) -> dict[str, Any]:
-    overrides = list(args.overrides) + [
+def top_operators(profiler, steps: int, rows: int = 12) -> list[dict[str, Any]]:
+    """The profiled window's operators by self device time (CPU time without a GPU),
+    per step: where the time of a step goes."""
+    averages = profiler.key_averages()
+    cuda = any(getattr(e, "self_device_time_total", 0) for e in averages)
+
+    def self_time(event) -> float:
+        return event.self_device_time_total if cuda else event.self_cpu_time_total
+
+    top = sorted(averages, key=self_time, reverse=True)[:rows]
+    per_step = max(steps, 1)
+    return [
+        {
+            "op": event.key,
+            "calls_per_step": round(event.count / per_step, 1),
+            "self_cpu_ms_per_step": round(event.self_cpu_time_total / 1000 / per_step, 3),
+            "self_gpu_ms_per_step": round(event.self_device_time_total / 1000 / per_step, 3)
+            if cuda
+            else None,
+        }
+        for event in top
+    ]
+
+
+def parse_case(text: str) -> tuple[str, int, int]:
+    """``model:image_size:batch`` -> (model, size, batch)."""
+    try:
+        model, size, batch = text.split(":")
+        return model, int(size), int(batch)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(
+            f"a case is model:image_size:batch (e.g. tirg:64:32), got {text!r}"
+        ) from err
+
+
+class StepModeLog(logging.Handler):
+    """Keeps the loop's ``train.step_graph`` lines: which step mode a run really used."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith("train.step_graph"):
+            self.lines.append(message)
+
+
+def bench_config(
+    args: argparse.Namespace, case: tuple[str, int, int], path: str, scratch: Path
+) -> dict[str, Any]:
+    model, size, batch = case
+    step, data = path.split("-")
+    config_file = args.config_dir / f"css_{model}.yaml"
+    overrides = [
+        f"image.size={size}",
+        f"train.batch_size={batch}",
         f"train.steps={args.steps}",
         "train.workers=0",
         "train.eval_every=0",
         "train.checkpoint_every=0",
         "eval.at_end=false",
-        f"out={scratch / mode}",
-        f"train.log_every={max(args.steps // 5, 1)}",
+        f"train.log_every={max(args.steps // 3, 1)}",
+        f"train.step_graph={'true' if step == 'graph' else 'false'}",
+        f"train.image_cache={'device' if data == 'cache' else 'none'}",
+        f"out={scratch / f'{model}-{size}-{batch}-{path}'}",
+        *args.overrides,
     ]
-    if args.batch_size:
-        overrides.append(f"train.batch_size={args.batch_size}")
-    if args.data:
-        overrides.append(f"data={args.data}")
-    if mode == "synthetic":
+    if data == "synthetic":
         overrides += [f"train.batches_per_epoch={args.steps}"]
-        if not args.data:
-            overrides.append(f"data={scratch / 'no-data'}")
-    return resolve_run_paths(load_config(args.config, overrides))
+        overrides.append(f"data={args.data or scratch / 'no-data'}")
+    else:
+        overrides.append(f"data={args.data}")
+    return resolve_run_paths(load_config(config_file, overrides))
 
 
-def run_mode(args: argparse.Namespace, mode: str, scratch: Path) -> dict[str, Any]:
+def run_path(
+    args: argparse.Namespace, case: tuple[str, int, int], path: str, scratch: Path
+) -> dict[str, Any]:
     from pipeline.loop import local_context, shard_batches, train_loop
 
-    config = bench_config(args, mode, scratch)
+    config = bench_config(args, case, path, scratch)
     context = local_context(config)
-    device, clock = context.device, StepClock()
-    if mode == "synthetic":
+    device = context.device
+    window = (args.warmup, args.profile_steps) if device.type == "cuda" or args.profile else None
+    clock = StepClock(window)
+    if path.endswith("synthetic"):
         vocab = synthetic_vocab()
         source = synthetic_batches(config, vocab, device)
     else:
@@ -176,40 +276,60 @@ def run_mode(args: argparse.Namespace, mode: str, scratch: Path) -> dict[str, An
     def timed(epoch: int, skip: int = 0):
         return clock.wrap(source(epoch, skip), device)
 
+    modes = StepModeLog()
+    logging.getLogger("pipeline.loop").addHandler(modes)
     sampler = GpuSampler(device) if device.type == "cuda" else None
     if sampler:
         torch.cuda.reset_peak_memory_stats(device)
         sampler.start()
     start = time.perf_counter()
-    if mode == "loader":
-        steps = 0
-        while steps < args.steps:
-            for _ in timed(steps // per_epoch):
-                steps += 1
-                if steps >= args.steps:
-                    break
-    else:
+    try:
         train_loop(config, context=context, vocab=vocab, batch_source=timed)
+    finally:
+        logging.getLogger("pipeline.loop").removeHandler(modes)
+        if sampler:
+            sampler.stop.set()
+            sampler.join()
     wall = time.perf_counter() - start
-    if sampler:
-        sampler.stop.set()
-        sampler.join()
-    batch = config["train"]["batch_size"]
-    result = {
-        "mode": mode,
+    model, size, batch = case
+    triplets_per_s = clock.samples_per_s(args.warmup, batch)
+    row = {
+        "gpu": gpu_name(device),
+        "model": model,
+        "image_size": size,
+        "batch": batch,
+        "path": path,
+        "ms_per_step": round(1000 * batch / triplets_per_s, 2),
+        "triplets_per_s": round(triplets_per_s, 1),
+        "target_triplets_per_s_h200": H200_TARGETS.get(case),
+        "step_mode": modes.lines,
         "steps": args.steps,
-        "batch_size": batch,
-        "image_size": config["image"]["size"],
-        "model": config["model"]["name"],
-        "backbone": config["model"].get("image_backbone"),
+        "warmup": args.warmup,
         "wall_s": round(wall, 2),
-        "samples_per_s": round(clock.samples_per_s(args.warmup, batch), 2),
-        "step_ms": round(1000 * batch / clock.samples_per_s(args.warmup, batch), 1),
+        "backbone": config["model"].get("image_backbone"),
     }
     if sampler:
-        result["gpu_util_mean_pct"] = sampler.mean()
-        result["gpu_peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-    return result
+        row["gpu_util_mean_pct"] = sampler.mean()
+        row["gpu_peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    if clock.profile is not None:
+        row["profile"] = clock.profile
+    return row
+
+
+def gpu_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({os.cpu_count()} cores, no GPU)"
+
+
+def results_dir(root: Path, device_is_cuda: bool) -> Path:
+    """``docs/results/<gpu>-<date>``: e.g. h200-2026-12-02, cpu-2core-2026-12-02."""
+    if device_is_cuda:
+        name = torch.cuda.get_device_name(0).lower().replace("nvidia", "").strip()
+        slug = re.sub(r"[^a-z0-9]+", "-", name).strip("-").split("-")[0] or "gpu"
+    else:
+        slug = f"cpu-{os.cpu_count()}core"
+    return root / f"{slug}-{datetime.date.today().isoformat()}"
 
 
 def environment() -> dict[str, Any]:
@@ -225,49 +345,85 @@ def environment() -> dict[str, Any]:
     return info
 
 
+def print_table(rows: list[dict[str, Any]]) -> None:
+    print(f"GPU: {rows[0]['gpu'] if rows else '-'}")
+    print(
+        f"{'model':<7} {'size':>4} {'batch':>5} {'path':<16} {'ms/step':>8} "
+        f"{'triplets/s':>10} {'H200 target':>11} {'GPU util':>8}  step"
+    )
+    for r in rows:
+        util = r.get("gpu_util_mean_pct")
+        target = r["target_triplets_per_s_h200"]
+        mode = "; ".join(r["step_mode"]).replace("train.step_graph: ", "") or "eager"
+        print(
+            f"{r['model']:<7} {r['image_size']:>4} {r['batch']:>5} {r['path']:<16} "
+            f"{r['ms_per_step']:>8.1f} {r['triplets_per_s']:>10.1f} "
+            f"{'-' if target is None else target:>11} "
+            f"{'-' if util is None else f'{util:.0f}%':>8}  {mode[:60]}"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--data", help="shard dataset (needed by the shards/loader modes)")
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=["synthetic", "shards"])
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=5, help="steps left out of the timing")
-    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--data", help="shard dataset (the stream and cache paths read it)")
+    parser.add_argument(
+        "--cases",
+        nargs="+",
+        type=parse_case,
+        default=[parse_case(c) for c in DEFAULT_CASES],
+        metavar="MODEL:SIZE:BATCH",
+        help=f"default {' '.join(DEFAULT_CASES)} (configs/css_<model>.yaml)",
+    )
+    parser.add_argument("--paths", nargs="+", choices=PATHS, default=list(DEFAULT_PATHS))
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--warmup", type=int, default=10, help="steps left out of the timing")
+    parser.add_argument("--profile-steps", type=int, default=5, help="steps profiled per row")
+    parser.add_argument("--profile", action="store_true", help="profile on a CPU run too")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--out", default="results/train_throughput.json")
+    parser.add_argument("--config-dir", type=Path, default=ROOT / "configs")
+    parser.add_argument(
+        "--out-dir",
+        type=Path,
+        default=ROOT / "docs" / "results",
+        help="writes <out-dir>/<gpu>-<date>/train_throughput.json",
+    )
+    parser.add_argument("--out", type=Path, help="the JSON file itself (instead of --out-dir)")
     args = parser.parse_args(argv)
-    if args.warmup >= args.steps:
-        parser.error(f"--warmup ({args.warmup}) must be smaller than --steps ({args.steps})")
-    if {"shards", "loader"} & set(args.modes) and not args.data:
-        parser.error("the shards and loader modes need --data DIR")
+    if args.warmup + args.profile_steps >= args.steps:
+        parser.error(
+            f"--warmup ({args.warmup}) + --profile-steps ({args.profile_steps}) must be "
+            f"below --steps ({args.steps})"
+        )
+    if any(not p.endswith("synthetic") for p in args.paths) and not args.data:
+        parser.error("the stream and cache paths need --data DIR")
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        handler.setLevel(logging.WARNING)  # the console shows warnings only ...
+    logging.getLogger("pipeline.loop").setLevel(logging.INFO)  # ... StepModeLog sees INFO
     scratch = Path(tempfile.mkdtemp(prefix="train-bench-"))
+    rows = []
     try:
-        results = [run_mode(args, mode, scratch) for mode in args.modes]
+        for case in args.cases:
+            for path in args.paths:
+                rows.append(run_path(args, case, path, scratch))
+                print(
+                    f"done {case} {path}: {rows[-1]['triplets_per_s']:.1f} triplets/s", flush=True
+                )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    print_table(rows)
+    out = args.out or results_dir(args.out_dir, torch.cuda.is_available()) / "train_throughput.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     report = {
-        "config": args.config,
+        "command": "python bench/train_throughput.py " + " ".join(argv or sys.argv[1:]),
+        "data": args.data,
         "overrides": args.overrides,
         "environment": environment(),
-        "results": results,
+        "rows": rows,
     }
-    print(
-        f"{'mode':<10} {'model':<14} {'batch':>5} {'size':>5} {'samples/s':>10} "
-        f"{'ms/step':>8} {'GPU util':>8}"
-    )
-    for r in results:
-        util = r.get("gpu_util_mean_pct")
-        print(
-            f"{r['mode']:<10} {r['model']:<14} {r['batch_size']:>5} {r['image_size']:>5} "
-            f"{r['samples_per_s']:>10.1f} {r['step_ms']:>8.1f} "
-            f"{'-' if util is None else f'{util:.0f}%':>8}"
-        )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     print(f"wrote {out}")
     return 0

@@ -107,7 +107,8 @@ DEFAULTS: dict[str, Any] = {
         "augment": True,
     },
     "eval": {
-        "batch_size": 128,
+        "batch_size": 128,  # gallery images per forward pass
+        "query_batch_size": None,  # queries per scoring block; None = 1024 on a GPU, else batch_size
         "eval_set": None,  # None = the manifest's first evaluation set
         "rerank_top": 50,  # CCNet: candidates re-ranked by the correction network
         "grid_png": None,  # path of a result-grid image, None = none

@@ -42,8 +42,8 @@ from __future__ import annotations
 import logging
 import random
 from collections import Counter
-from collections.abc import Callable, Iterator
-from itertools import chain, count, islice
+from collections.abc import Iterator
+from itertools import count, islice
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,8 @@ from pipeline.shard_groups import (
     one_run_per_group_per_batch,
     read_group_samples,
     reader_shards,
+    round_robin,
+    skip_triplets,
 )
 from pipeline.triplets import draw_triplets
 from pipeline.vocab import Vocabulary
@@ -159,7 +161,7 @@ class TripletStream(IterableDataset):
         # The DataLoader takes batch i from worker i % W: this worker's share of the
         # batches to skip (already trained on before a restore) is drawn, not decoded.
         own_skip = len(range(worker, self.skip_batches, num_workers))
-        units, drawn = _skip_triplets(units, own_skip * self.batch_size, self._known_unusable)
+        units, drawn = skip_triplets(units, own_skip * self.batch_size, self._known_unusable)
         try:
             batch: list[dict[str, Any]] = []
             for unit in units:
@@ -296,27 +298,6 @@ class TripletStream(IterableDataset):
         return out
 
 
-def _skip_triplets(
-    units: Iterator[list[dict[str, Any]]], count_: int, unusable: Callable[[list], bool]
-) -> tuple[Iterator[list[dict[str, Any]]], int]:
-    """Draw ``count_`` usable triplets off ``units`` without preparing them: (the rest,
-    with a unit cut in two kept as its tail, and how many triplets were drawn). Units
-    that ``unusable`` knows a full pass would drop are drawn but do not count."""
-    units = iter(units)
-    kept = drawn = 0
-    while kept < count_:
-        unit = next(units)
-        if unusable(unit):
-            drawn += len(unit)
-            continue
-        if kept + len(unit) > count_:
-            used = count_ - kept
-            return chain([unit[used:]], units), drawn + used
-        kept += len(unit)
-        drawn += len(unit)
-    return units, drawn
-
-
 class TripletLoader:
     """Iterable of exactly ``len(self)`` training batches per epoch on this rank.
 
@@ -365,9 +346,7 @@ class TripletLoader:
         stream = self.stream
         if stream.image_mode == "cache":
             readers = max(1, self.loader_workers)
-            batches = _round_robin(
-                [stream.reader_batches(w, readers) for w in range(readers)], skip
-            )
+            batches = round_robin([stream.reader_batches(w, readers) for w in range(readers)], skip)
         else:
             batches = DataLoader(
                 stream, batch_size=None, num_workers=self.loader_workers, persistent_workers=False
@@ -383,12 +362,6 @@ class TripletLoader:
                 yield decode_batch_on_device(batch, stream.preprocess, self.device, rng)
             else:
                 yield stream.cache.batch(batch, stream.preprocess, rng)
-
-
-def _round_robin(readers: list[Iterator[dict[str, Any]]], skip: int) -> Iterator[dict[str, Any]]:
-    """Batch ``i`` (from ``skip`` on) from reader ``i % len(readers)``: the DataLoader's order."""
-    for index in count(skip):
-        yield next(readers[index % len(readers)])
 
 
 def triplet_loader(
@@ -470,6 +443,3 @@ def triplet_loader(
     return TripletLoader(
         stream, batches_per_epoch=batches_per_epoch, loader_workers=loader_workers, device=device
     )
-
-
-# -- gallery ------------------------------------------------------------------------------

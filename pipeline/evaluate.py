@@ -2,11 +2,13 @@
 the device.
 
 The gallery is embedded once: ``encode_image`` gives each catalogue image's stored
-representation (kept on the CPU so million-image galleries fit) and ``embed_target``
-its target embedding (N, D) (kept on the device). Queries are composed from the stored
-representations of their reference images -- a query's ``ref_id`` is a gallery id, as
-in serving -- then scored against all targets by a matrix product, chunk by chunk over
-queries, and ranked under the protocol.
+representation and ``embed_target`` its target embedding (N, D) (kept on the device).
+The representations stay on a GPU while they fit half its free memory (so the whole
+evaluation runs there in one pass) and move to the CPU otherwise, so million-image
+galleries fit. Queries are composed from the stored representations of their reference
+images -- a query's ``ref_id`` is a gallery id, as in serving -- then scored against all
+targets by one matrix product per block of ``query_batch_size`` queries (default 1024
+on a GPU, the image batch on a CPU), and ranked under the protocol.
 
 CCNet (models with ``has_correction``) re-ranks each query's top ``rerank_top``
 candidates with Eq. 15 of the CCNet paper: the sum of the composition network's
@@ -79,12 +81,19 @@ def embed_gallery_with_metas(
         loader_workers=loader_workers,
         device=device,
     )
+    # representations stay on a GPU while they fit half its free memory
+    budget = torch.cuda.mem_get_info(device)[0] // 2 if device.type == "cuda" else 0
+    held = 0
     for batch_ids, images, batch_metas in tqdm(
         loader, desc="gallery", unit="batch", disable=not show_progress
     ):
         image_repr = model.encode_image(images.to(device))
         targets.append(model.embed_target(image_repr).float())
-        reprs.append(tuple(r.detach().cpu() for r in image_repr))
+        held += sum(r.numel() * r.element_size() for r in image_repr)
+        if held > budget and reprs and reprs[0][0].device.type != "cpu":
+            reprs = [tuple(r.cpu() for r in rep) for rep in reprs]  # over: move to the host
+        on_host = held > budget
+        reprs.append(tuple(r.detach().cpu() if on_host else r.detach() for r in image_repr))
         ids += batch_ids
         metas += batch_metas
     if not ids:
@@ -211,6 +220,7 @@ def evaluate_model(
     mean=IMAGENET_MEAN,
     std=IMAGENET_STD,
     batch_size: int = 256,
+    query_batch_size: int | None = None,
     device: str | torch.device = "cpu",
     protocol_options: dict[str, Any] | None = None,
     rerank_top: int = 100,
@@ -227,6 +237,8 @@ def evaluate_model(
     CIRR's test-server JSON files.
     """
     device = torch.device(device)
+    if query_batch_size is None:
+        query_batch_size = max(batch_size, 1024) if device.type == "cuda" else batch_size
     manifest = load_manifest(dataset_dir)
     eval_name = eval_name or default_eval(manifest)
     queries_raw = load_queries(dataset_dir, manifest, eval_name)
@@ -262,7 +274,7 @@ def evaluate_model(
             gallery_repr=gallery_repr,
             targets=targets,
             k=min(k, len(ids)),
-            batch_size=batch_size,
+            batch_size=query_batch_size,
             rerank_top=rerank_top,
             subsets=bool(protocol.get("subset_ks")),
             show_progress=show_progress,

@@ -30,7 +30,14 @@ from pipeline.checkpoint import load_checkpoint, restore_rng_state, save_checkpo
 from pipeline.distributed import LocalContext, RunContext, scratch_dir
 from pipeline.optimization import build_model, build_optimizer, build_scheduler, seed_everything
 from pipeline.run_control import TimeLimit, TrainState, check_finite, inject_fault
-from pipeline.step_graph import EagerStep, GraphedStep, build_stepper, graph_unsupported
+from pipeline.step_graph import (
+    EagerStep,
+    GraphedStep,
+    build_stepper,
+    graph_unsupported,
+    optimizer_step,
+    step_inputs,
+)
 from pipeline.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
@@ -69,6 +76,7 @@ def evaluate(
             mean=image["mean"],
             std=image["std"],
             batch_size=ev["batch_size"],
+            query_batch_size=ev["query_batch_size"],
             device=device,
             rerank_top=ev["rerank_top"],
             grid_png=ev["grid_png"],
@@ -205,44 +213,19 @@ def restore(run: Run) -> tuple[int, dict[str, Any]]:
         return step, dict(payload["metrics"])
 
 
-def step_inputs(run: Run, batch: dict[str, Any]) -> tuple[torch.Tensor, ...]:
-    """(ref, tokens, lengths, target) of ``batch`` on the run's device."""
-    device = run.context.device
-    ref, tgt = batch["ref_images"].to(device), batch["target_images"].to(device)
-    if run.config["train"]["channels_last"]:
-        ref = ref.contiguous(memory_format=torch.channels_last)
-        tgt = tgt.contiguous(memory_format=torch.channels_last)
-    return ref, batch["tokens"].to(device), batch["lengths"].to(device), tgt
-
-
-def optimizer_step(run: Run) -> Callable:
-    """``fn(ref, tokens, lengths, target) -> (loss, loss logs)``: forward, loss, backward,
-    clipping and the optimiser step, with nothing read back (what a graph captures)."""
-    from pipeline.losses import compute_loss
-
-    loss_name = run.config["loss"]["name"]
-    loss_cfg = {k: v for k, v in run.config["loss"].items() if k != "name"}
-    clip = run.config["optim"]["grad_clip"]
-
-    def step(ref, tokens, lengths, tgt):
-        run.optimizer.zero_grad(set_to_none=True)
-        with run.autocast:
-            outputs = run.ddp_model(ref, tokens, lengths, tgt)
-            loss, loss_logs = compute_loss(outputs, loss_name, **loss_cfg)
-        loss.backward()
-        if clip:
-            nn.utils.clip_grad_norm_(run.model.parameters(), float(clip))
-        run.optimizer.step()
-        return loss.detach(), loss_logs
-
-    return step
-
-
 def make_stepper(run: Run) -> EagerStep | GraphedStep:
+    """The run's step function (``pipeline.step_graph``): eager or one CUDA graph."""
     train = run.config["train"]
     return build_stepper(
-        optimizer_step(run),
-        lambda batch: step_inputs(run, batch),
+        optimizer_step(
+            run.model,
+            run.ddp_model,
+            run.optimizer,
+            run.autocast,
+            run.config["loss"],
+            run.config["optim"]["grad_clip"],
+        ),
+        step_inputs(run.context.device, bool(train["channels_last"])),
         run.optimizer,
         device=run.context.device,
         world_size=run.context.world_size,

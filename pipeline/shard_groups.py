@@ -13,7 +13,8 @@ import json
 import logging
 import random
 import tarfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from itertools import chain, count
 from pathlib import Path
 from typing import Any
 
@@ -239,3 +240,30 @@ def one_run_per_group_per_batch(
         if filled >= batch_size:  # the next batch starts (a straddling run opens it)
             filled -= batch_size
             in_batch = {run[0]["group"]} if filled else set()
+
+
+def skip_triplets(
+    units: Iterator[list[dict[str, Any]]], count_: int, unusable: Callable[[list], bool]
+) -> tuple[Iterator[list[dict[str, Any]]], int]:
+    """Draw ``count_`` usable triplets off ``units`` without preparing them: (the rest,
+    with a unit cut in two kept as its tail, and how many triplets were drawn). Units
+    that ``unusable`` knows a full pass would drop are drawn but do not count."""
+    units = iter(units)
+    kept = drawn = 0
+    while kept < count_:
+        unit = next(units)
+        if unusable(unit):
+            drawn += len(unit)
+            continue
+        if kept + len(unit) > count_:
+            used = count_ - kept
+            return chain([unit[used:]], units), drawn + used
+        kept += len(unit)
+        drawn += len(unit)
+    return units, drawn
+
+
+def round_robin(readers: list[Iterator[dict[str, Any]]], skip: int) -> Iterator[dict[str, Any]]:
+    """Batch ``i`` (from ``skip`` on) from reader ``i % len(readers)``: the DataLoader's order."""
+    for index in count(skip):
+        yield next(readers[index % len(readers)])

@@ -183,6 +183,48 @@ def _pad_tokens(tokens: torch.Tensor, length: int) -> torch.Tensor:
     return nn.functional.pad(tokens, (0, length - tokens.shape[1]), value=0)
 
 
+def step_inputs(device: torch.device, channels_last: bool) -> Callable:
+    """``fn(batch) -> (ref, tokens, lengths, target)`` on ``device``."""
+
+    def prepare(batch: dict[str, Any]) -> tuple[torch.Tensor, ...]:
+        ref, tgt = batch["ref_images"].to(device), batch["target_images"].to(device)
+        if channels_last:
+            ref = ref.contiguous(memory_format=torch.channels_last)
+            tgt = tgt.contiguous(memory_format=torch.channels_last)
+        return ref, batch["tokens"].to(device), batch["lengths"].to(device), tgt
+
+    return prepare
+
+
+def optimizer_step(
+    model: nn.Module,
+    ddp_model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    autocast: Any,
+    loss: dict[str, Any],
+    grad_clip: float | None,
+) -> Callable:
+    """``fn(ref, tokens, lengths, target) -> (loss, loss logs)``: forward, loss, backward,
+    clipping and the optimiser step, with nothing read back (what a graph captures)."""
+    from pipeline.losses import compute_loss
+
+    loss_name = loss["name"]
+    loss_cfg = {k: v for k, v in loss.items() if k != "name"}
+
+    def step(ref, tokens, lengths, tgt):
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            outputs = ddp_model(ref, tokens, lengths, tgt)
+            value, logs = compute_loss(outputs, loss_name, **loss_cfg)
+        value.backward()
+        if grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), float(grad_clip))
+        optimizer.step()
+        return value.detach(), logs
+
+    return step
+
+
 def build_stepper(
     step_fn: Callable,
     prepare: Callable,
