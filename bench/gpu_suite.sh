@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU figure of the README in one run on a machine with torch + onnxruntime but no
-# Ray (our lent H100): the paper-scale CSS reproduction first (the figure that matters
-# most), then serving, export and training latency/throughput.
+# Ray (the lent H100/H200): the paper-scale CSS reproduction first (the figure that
+# matters most), then training throughput (eager/graph x stream/cache), serving and
+# export latency.
 #
 #   OUT=results/gpu bash bench/gpu_suite.sh [TRAIN_SECONDS] [SEEDS] [MODELS] [EVAL_EVERY] \
 #       2>&1 | tee results/gpu/suite.log
@@ -62,13 +63,12 @@ timeout 90 python3 -m shards.css --out /tmp/css64 --render-processes 16 2>&1 | t
 models=$(python3 -c "from bench.reproduce import resolve_models; print(len(resolve_models('$MODELS')))")
 runs=$(( models * SEEDS ))
 stage "paper-scale CSS reproduction: $models models ($MODELS) x $SEEDS seeds, $runs runs at once, ${TRAIN_SECONDS} s of training each"
-# Adam 1e-3 from random weights, as in the README's CPU tables: no ImageNet-trained trunk
-# can be fetched here, and the paper's SGD (trunk at 0.1 x 0.01) learns little from
-# scratch in a few thousand steps. One CPU thread and one loader process per run.
+# The CSS configs' defaults (batch classification, trunk at 1 x lr, the authors' sampler:
+# docs/reproduce.md "CSS defaults"), each run's step as one CUDA graph and its images
+# cached on the GPU (train.step_graph / train.image_cache: auto). One CPU thread per run.
 repro_flags=(--data /tmp/css64 --models "$MODELS" --seeds "$SEEDS" --steps 160000
     --in-process --paper-scale --parallel "$runs" --out /tmp/reproduce
-    --set optim.name=adam --set optim.lr=0.001 --set optim.weight_decay=0
-    --set optim.backbone_lr_mult=1 --set train.threads=1 --set train.loader_workers=1
+    --set train.threads=1 --set train.loader_workers=1
     --set train.log_every=500 --set train.checkpoint_every=0
     --set "train.time_limit_s=$TRAIN_SECONDS" --set "train.eval_every=$EVAL_EVERY")
 timeout $(( TRAIN_SECONDS + 150 )) python3 -m bench.reproduce "${repro_flags[@]}" \
@@ -76,7 +76,8 @@ timeout $(( TRAIN_SECONDS + 150 )) python3 -m bench.reproduce "${repro_flags[@]}
 echo "reproduce exit code $?"
 grep -E "bench.reproduce: \[|time_limit_s| eval R@|Error|error" /tmp/reproduce.log | tail -60
 python3 -m bench.reproduce "${repro_flags[@]}" --report-only 2>&1 | tail -16
-# the device returns at most 8 files: the log, these four and three bench JSONs
+# the device returns at most 8 files: these four and four bench JSONs (the suite's log
+# is the command's output)
 gzip -c /tmp/reproduce.log > "$OUT/reproduce.log.gz"
 cp /tmp/reproduce/table.md "$OUT/reproduce_table.md"
 cp /tmp/reproduce/runs.json "$OUT/reproduce_runs.json"
@@ -90,21 +91,21 @@ if [ "${REPRODUCE_ONLY:-0}" = 1 ]; then
     exit 0
 fi
 
+stage "training throughput: eager vs graph, streamed vs cached (TIRG 64/224 px, CCNet 224 px)"
+timeout 60 python3 -m shards.css --small --image-size 224 --out /tmp/css224 --render-processes 16 2>&1 | tail -2
+timeout 150 python3 bench/train_throughput.py --data /tmp/css64 --cases tirg:64:32 \
+    --steps 60 --warmup 15 --set train.loader_workers=8 \
+    --out "$OUT/train_throughput_64.json" 2>&1 | grep -v "image cache" | tail -8
+timeout 240 python3 bench/train_throughput.py --data /tmp/css224 \
+    --cases tirg:224:32 tirg:224:256 ccnet:224:32 --steps 50 --warmup 15 \
+    --set train.loader_workers=8 --out "$OUT/train_throughput_224.json" 2>&1 | grep -v "image cache" | tail -16
+
 stage serving latency: search over 10k/100k/1M fp16 embeddings and the query network
 timeout 70 python3 bench/serve_latency.py --device cuda --seconds 0.5 --no-faiss \
     --json-out "$OUT/serve_latency.json" 2>&1 | grep -v "^INFO" | tail -30
 
 stage export latency: torch eager on the GPU vs ONNX Runtime
 timeout 35 python3 -m bench.export_latency --random-model tirg --image-size 224 --device cuda \
-    --backends torch onnxruntime --batches 1 64 --iters 30 --json "$OUT/export_latency.json" \
+    --backends torch onnxruntime --batches 1 64 --iters 30 --json /tmp/export_latency.json \
     2>&1 | tail -15
-
-stage training throughput through the training loop, TIRG ResNet-18 224 px, bf16
-timeout 30 python3 -m shards.css --small --image-size 224 --out /tmp/css224 --render-processes 16 2>&1 | tail -2
-timeout 50 python3 bench/train_throughput.py --config configs/css_tirg.yaml --data /tmp/css224 \
-    --modes synthetic shards --steps 40 --set image.size=224 --set train.loader_workers=8 \
-    --out "$OUT/train_throughput_tirg224.json" 2>&1 | tail -10
-timeout 35 python3 bench/train_throughput.py --config configs/css_tirg.yaml --modes synthetic \
-    --steps 30 --batch-size 256 --set image.size=224 \
-    --out /tmp/train_throughput_tirg224_b256.json 2>&1 | tail -6
 stage done

@@ -216,6 +216,22 @@ def test_bad_inputs_raise_clear_errors(models, name):
             model(*args)
 
 
+def test_value_checks_are_skipped_while_a_cuda_graph_captures(monkeypatch):
+    """Reading token ids back is a host sync, which would invalidate a CUDA graph capture
+    (the training step's, serving's query graphs): the value checks step aside then,
+    the shape checks still run."""
+    from pipeline.models import checks
+
+    tokens, lengths = torch.full((2, 3), VOCAB + 5), torch.tensor([1, 9])
+    with pytest.raises(ValueError, match="tokens must be ids"):
+        checks.check_text(tokens, lengths, VOCAB)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    checks.check_text(tokens, lengths, VOCAB)  # values unread: no error, no sync
+    with pytest.raises(ValueError, match="shape"):
+        checks.check_text(tokens[0], lengths, VOCAB)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_unknown_kwarg_is_named(name):
     with pytest.raises(TypeError, match="colour.*accepted: vocab_size"):

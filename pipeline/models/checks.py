@@ -2,7 +2,9 @@
 
 Shape checks are static (they read ``dim()`` and fixed sizes) and always run.
 Checks that read tensor *values* (token ids, lengths) or dynamic sizes are skipped
-while a graph is being traced or compiled, so the same code path exports to ONNX.
+while a graph is being traced or compiled, so the same code path exports to ONNX, and
+while a CUDA graph is being captured: reading a value back is a host sync, which
+invalidates the capture (the training step's graph and serving's query graphs).
 """
 
 from __future__ import annotations
@@ -13,9 +15,13 @@ MIN_IMAGE_SIZE = 32
 
 
 def is_tracing() -> bool:
-    """True while torch.jit/ONNX tracing or torch.compile is capturing a graph."""
+    """True while torch.jit/ONNX tracing or torch.compile is capturing a graph, or the
+    current CUDA stream is capturing a CUDA graph."""
     return bool(
-        torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
+        torch.jit.is_tracing()
+        or torch.compiler.is_compiling()
+        or torch.onnx.is_in_onnx_export()
+        or (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing())
     )
 
 
