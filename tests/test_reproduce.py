@@ -336,6 +336,27 @@ def test_real_tiny_run_in_process(tmp_path):
     assert json.loads((out / "runs.json").read_text())["runs"][0]["reused"] is True
 
 
+def test_difficulty_of_a_rendered_dataset_and_of_a_plan(tmp_path, capsys):
+    """``--data`` reads a rendered dataset's labels, ``--plan`` a preset's plan; the
+    medium preset's ceilings are the ones docs/reproduce.md states."""
+    from bench import reproduce_difficulty
+    from shards.css import CssConfig, generate_css
+
+    data = tmp_path / "css"
+    generate_css(
+        data,
+        CssConfig(train_scenes=2, test_scenes=6, mods_per_scene=3, mod_pool=30, image_size=16),
+        workers=1,
+    )
+    assert reproduce_difficulty.main(["--data", str(data), "--json", str(tmp_path / "d.json")]) == 0
+    assert "image oracle" in capsys.readouterr().out
+    assert json.loads((tmp_path / "d.json").read_text())
+    assert reproduce_difficulty.main(["--plan", "medium", "--json", str(tmp_path / "m.json")]) == 0
+    medium = json.loads((tmp_path / "m.json").read_text())
+    assert round(medium["image oracle"]["all"]["R@1"], 1) == 16.6
+    assert round(medium["text oracle"]["all"]["R@1"], 1) == 3.1
+
+
 def test_expected_recall_with_random_ties_is_exact():
     from bench.reproduce_difficulty import expected_recalls
 

@@ -294,3 +294,20 @@ def test_existing_output_is_kept_unless_overwrite(tiny, tmp_path):
     assert (tiny / "manifest.json").is_file()
     rc = css.main(["--out", str(tiny), "--train-scenes", "2"])
     assert rc == 2 and load_manifest(tiny)["splits"]["train"]["samples"] == TINY.train_scenes
+
+
+def test_presets_and_their_flags(tmp_path, capsys):
+    """``--preset medium`` writes the medium sizes (flags override them), ``--small`` is
+    ``--preset small``, and contradicting the two is a usage error."""
+    out = tmp_path / "medium"
+    argv = ["--out", str(out), "--preset", "medium", "--train-scenes", "2", "--test-scenes", "2"]
+    assert css.main([*argv, "--image-size", "16", "--render-processes", "1"]) == 0
+    manifest = load_manifest(out)
+    generator = manifest["extra"]["generator"]
+    assert generator["preset"] == "medium"
+    assert generator["mods_per_scene"] == css.MEDIUM["mods_per_scene"]
+    assert generator["train_scenes"] == 2  # the flag wins
+    assert manifest["evals"]["test"]["count"] == 2 * css.MEDIUM["mods_per_scene"]
+    with pytest.raises(SystemExit) as exit_info:
+        css.main(["--out", str(tmp_path / "x"), "--small", "--preset", "medium"])
+    assert exit_info.value.code == 2 and "contradicts" in capsys.readouterr().err
