@@ -65,10 +65,11 @@ def train_timed(config: dict[str, Any]) -> tuple[dict[str, Any], float]:
 
 def train_in_subprocess(config: dict[str, Any]) -> tuple[dict[str, Any], float]:
     """``train_timed`` in a pool process (``--in-process --parallel K``), with logging."""
-    # runs share one log: each line names its run
+    # runs share one log: each line names its run (force: a pool process trains several
+    # runs one after another, and basicConfig alone would keep the first run's name)
     run_name = f"{config['model']['name']}/seed{config['train']['seed']}"
     logging.basicConfig(
-        level=logging.INFO, format=f"%(asctime)s [{run_name}] %(name)s: %(message)s"
+        level=logging.INFO, format=f"%(asctime)s [{run_name}] %(name)s: %(message)s", force=True
     )
     return train_timed(config)
 
