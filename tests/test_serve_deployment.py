@@ -56,13 +56,15 @@ def deployed(artifacts):
 
     temp = tempfile.mkdtemp(prefix="rayserve", dir="/tmp")  # short: unix socket paths
     ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, log_to_driver=False)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"artifacts": str(artifacts[1]), **SETTINGS}), name="default")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-    ray.shutdown()
-    shutil.rmtree(temp, ignore_errors=True)
+    try:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app({"artifacts": str(artifacts[1]), **SETTINGS}), name="default")
+        yield f"http://127.0.0.1:{port}"
+        serve.shutdown()
+    finally:  # a failed start (e.g. the proxy timing out on a loaded machine) still
+        ray.shutdown()  # ends this cluster, so the Ray tests after it can start theirs
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
