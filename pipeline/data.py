@@ -417,13 +417,10 @@ def triplet_loader(
     shards = shard_paths(dataset_dir, manifest, split)
     preprocess = ImagePreprocess(image_size, mean, std, augment=augment)
     images = int(manifest["splits"][split].get("images", 0))
-    cache = None
+    cache, image_mode = None, "gpu" if device.type == "cuda" else "decode"
     if wants_cache(image_cache, images, image_size, device, image_cache_gb):
         cache = ImageCache.build(shards, preprocess, device, images, progress=progress)
-    if cache is not None:
         image_mode = "cache"
-    else:
-        image_mode = "gpu" if device.type == "cuda" else "decode"
     stream = TripletStream(
         shards,
         vocab,

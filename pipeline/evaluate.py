@@ -89,11 +89,11 @@ def embed_gallery_with_metas(
     ):
         image_repr = model.encode_image(images.to(device))
         targets.append(model.embed_target(image_repr).float())
+        was_on_device = held <= budget
         held += sum(r.numel() * r.element_size() for r in image_repr)
-        if held > budget and reprs and reprs[0][0].device.type != "cpu":
-            reprs = [tuple(r.cpu() for r in rep) for rep in reprs]  # over: move to the host
-        on_host = held > budget
-        reprs.append(tuple(r.detach().cpu() if on_host else r.detach() for r in image_repr))
+        if held > budget and was_on_device:  # just went over: what is held moves to the host
+            reprs = [tuple(r.cpu() for r in rep) for rep in reprs]
+        reprs.append(tuple(r.detach().cpu() if held > budget else r.detach() for r in image_repr))
         ids += batch_ids
         metas += batch_metas
     if not ids:

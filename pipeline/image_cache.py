@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from pipeline.device_batches import preprocess_cached
 from pipeline.images import ImagePreprocess, decode_image
@@ -127,7 +128,13 @@ class ImageCache:
         extra: list[torch.Tensor] = []
         rows = 0
         samples: dict[str, list[GroupSample]] = {}
-        bar = _progress(expected_images, progress)
+        bar = tqdm(
+            total=expected_images,
+            desc="image cache",
+            unit="img",
+            mininterval=2.0,
+            disable=not progress,
+        )
         for shard in shards:
             records: list[GroupSample] = []
             for key, group, datas, error in read_group_samples([shard]):
@@ -153,10 +160,6 @@ class ImageCache:
             images = torch.cat([images, torch.stack(extra)])
         return cls(images=images[:rows], samples=samples)
 
-    @property
-    def nbytes(self) -> int:
-        return self.images.numel() * self.images.element_size()
-
     def batch(self, batch: dict[str, Any], preprocess: ImagePreprocess, rng) -> dict[str, Any]:
         """An index batch of ``TripletStream`` -> the training batch on the cache's
         device (``ref_images``/``target_images`` (B, 3, S, S) float32, tokens on it too)."""
@@ -176,19 +179,3 @@ def _square_uint8(data: bytes, preprocess: ImagePreprocess, device: torch.device
     and centre-cropped, rounded. Raises ``ValueError`` for an undecodable image."""
     square = preprocess.square(decode_image(data, device))
     return square.mul_(255.0).round_().clamp_(0, 255).to(torch.uint8)
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc="image cache", unit="img", mininterval=2.0)

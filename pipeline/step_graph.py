@@ -78,8 +78,8 @@ class GraphedStep:
     """The step as CUDA graphs, one per padded text length (see the module docstring).
 
     ``step_fn`` is the eager step; ``optimizer`` is read for the LRs a capture bakes
-    in; ``capture(fn, static_inputs)`` returns a replay function (``cuda_capture`` by
-    default; tests pass one that calls ``fn`` directly, to check the buffers on a CPU).
+    in. Captures go through the module's ``cuda_capture`` (tests replace it with a
+    stand-in that runs ``fn`` on each replay, to check the bookkeeping on a CPU).
     """
 
     def __init__(
@@ -89,12 +89,11 @@ class GraphedStep:
         optimizer: torch.optim.Optimizer,
         batch_size: int,
         max_text_len: int | None,
-        capture: Callable | None = None,
         warmup: int = WARMUP_STEPS,
     ):
         self.step_fn, self.prepare, self.optimizer = step_fn, prepare, optimizer
         self.batch_size, self.max_text_len = batch_size, max_text_len
-        self.capture = capture or cuda_capture
+        self.capture = cuda_capture
         self.warmup_left = warmup
         self.graphs: dict[int, tuple[list[torch.Tensor], Callable, Any]] = {}
         self.captured_lrs: tuple[float, ...] | None = None
