@@ -88,10 +88,10 @@ class GallerySearch:
             self.layout = "resident-fp32"
         else:
             self.layout = "chunked-mmap-fp32"
-        if layout == "exact":
-            self.resident_bytes = (
-                0 if self.gallery is None else self.gallery.numel() * (self.gallery.element_size())
-            )
+        if self.gallery is not None:
+            self.resident_bytes = self.gallery.numel() * self.gallery.element_size()
+        elif self.selector is None:
+            self.resident_bytes = 0  # chunked: read from the memory map per query
         log.info(
             "gallery search: %d x %d, %s on %s", self.count, self.dim, self.layout, self.device
         )
@@ -135,11 +135,15 @@ class GallerySearch:
         """The found rows' scores recomputed in float64 from the stored rows and rounded
         to float32: the same number for a (query, row) pair however the gallery is laid
         out, sharded or batched (a matrix product's rounding depends on its shape)."""
-        valid = torch.isfinite(scores)
-        unique, inverse = torch.unique(rows.clamp(min=0), return_inverse=True)
+        exact = self._stored_scores(queries, rows.clamp(min=0))
+        return torch.where(torch.isfinite(scores), exact, scores)
+
+    def _stored_scores(self, queries: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """queries (B, D), rows (B, C) >= 0 -> float32 (B, C): each row's score in float64
+        from the stored rows (each distinct row read once), rounded to float32."""
+        unique, inverse = torch.unique(rows, return_inverse=True)
         stored = torch.from_numpy(np.asarray(self.source[unique.numpy()], dtype=np.float64))
-        exact = torch.einsum("bd,bkd->bk", queries.cpu().double(), stored[inverse]).float()
-        return torch.where(valid, exact, scores)
+        return torch.einsum("bd,bcd->bc", queries.cpu().double(), stored[inverse]).float()
 
     def _search_device(
         self, queries: torch.Tensor, wanted: int
@@ -161,10 +165,7 @@ class GallerySearch:
         count = min(self.count, max(wanted + self.margin, floor))
         rows = self.selector.candidates(queries, count)
         rows = torch.where(rows < 0, rows.max(dim=1, keepdim=True).values, rows)  # faiss pads -1
-        unique, inverse = torch.unique(rows, return_inverse=True)
-        stored = torch.from_numpy(np.asarray(self.source[unique.numpy()], dtype=np.float64))
-        exact = torch.einsum("bd,bcd->bc", queries.cpu().double(), stored[inverse]).float()
-        exact = _mask_repeats(exact, rows)
+        exact = _mask_repeats(self._stored_scores(queries, rows), rows)
         return _topk_of(exact, rows, min(wanted, rows.shape[1]))
 
     def _search_chunked(
