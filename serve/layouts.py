@@ -8,7 +8,7 @@
   candidate scores are one int8 x int8 -> int32 matrix product (``torch._int_mm``: VNNI
   on x86 CPUs, tensor cores on a GPU), times both scales.
 * ``faiss``: an inverted-file index with product-quantised codes (``faiss.IndexIVFPQ``,
-  trained when the index is built; ``serve.layouts.build_faiss``): a query visits
+  trained when the index is built; ``serve.faiss_build.build_faiss``): a query visits
   ``nprobe`` of ``nlist`` cells. For 10M+ rows, where exact search costs a pass over
   every row per query. Its recall@k against exact search is measured at build time and
   stored with it (``serve.faiss_build``).

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from serve.layouts import LAYOUTS
+from serve.layouts import LAYOUTS, Fp16Rows
 
 log = logging.getLogger(__name__)
 
@@ -73,15 +73,8 @@ class GallerySearch:
             )
             self.layout = f"{layout}+rescore"
             self.resident_bytes = self.selector.nbytes
-        elif self.device.type == "cuda":
-            self.gallery = torch.empty(
-                (self.count, self.dim), dtype=torch.float16, device=self.device
-            )
-            for start in range(0, self.count, self.chunk_rows):
-                rows = np.asarray(embeddings[start : start + self.chunk_rows])
-                self.gallery[start : start + len(rows)].copy_(
-                    torch.from_numpy(rows).to(torch.float16)
-                )
+        elif self.device.type == "cuda":  # the fp16 layout's rows, re-scored on the device
+            self.gallery = Fp16Rows(embeddings, self.device, self.chunk_rows).rows
             self.layout = "device-fp16"
         elif self.count * self.dim * 4 <= max_resident_bytes:
             self.gallery = torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32))
