@@ -15,7 +15,7 @@ from export.artifacts import write_json_atomic
 def add_layouts(out: Path, args: argparse.Namespace) -> dict[str, Any]:
     """``--shards`` and ``--faiss`` on a complete index; returns what they recorded."""
     from serve.gallery import GalleryIndex
-    from serve.sharding import read_shards, write_shards
+    from serve.sharding import index_shards, shard_dir, write_shards
 
     index = GalleryIndex(out)
     recorded: dict[str, Any] = {}
@@ -24,10 +24,10 @@ def add_layouts(out: Path, args: argparse.Namespace) -> dict[str, Any]:
     if args.faiss:
         from serve.faiss_build import build_faiss
 
-        ranges = read_shards(out, len(index)) or [(0, len(index))]
+        ranges = index_shards(out, len(index))
         recorded["faiss"] = []
         for i, (start, end) in enumerate(ranges):
-            target = out if len(ranges) == 1 else out / f"shard-{i}"
+            target = shard_dir(out, i, len(ranges))
             target.mkdir(exist_ok=True)
             recorded["faiss"].append(
                 build_faiss(

@@ -34,7 +34,7 @@ from ray import serve
 
 from serve.engine import EncodedQueries, Query, QueryEngine
 from serve.limits import ServiceLimits
-from serve.sharding import ShardSearch, merge_shard_results, read_shards
+from serve.sharding import ShardSearch, index_shards, merge_shard_results, shard_dir
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,7 @@ class GallerySearcher:
         from serve.gallery import GalleryIndex
 
         self.index = GalleryIndex(Path(settings.artifacts) / "index")
-        ranges = read_shards(self.index.dir, len(self.index)) or [(0, len(self.index))]
+        ranges = index_shards(self.index.dir, len(self.index))
         start, end = ranges[shard]
         self.searcher = ShardSearch(
             self.index.embeddings,
@@ -125,7 +125,7 @@ class GallerySearcher:
             layout=settings.layout,
             margin=settings.margin,
             nprobe=settings.nprobe,
-            index_dir=self.index.dir if len(ranges) == 1 else self.index.dir / f"shard-{shard}",
+            index_dir=shard_dir(self.index.dir, shard, len(ranges)),
         )
 
     def search(
@@ -196,7 +196,7 @@ def build_app(args: dict[str, Any]):
 
     settings = DeploymentSettings.from_args(dict(args))
     index = GalleryIndex(Path(settings.artifacts) / "index")
-    searchers = len(read_shards(index.dir, len(index)) or [(0, len(index))])
+    searchers = len(index_shards(index.dir, len(index)))
     index.close()
     scaling = (
         {"autoscaling_config": settings.query_autoscaling}

@@ -61,6 +61,19 @@ def read_shards(index_dir: str | Path, count: int) -> list[tuple[int, int]] | No
     return ranges
 
 
+def index_shards(index_dir: str | Path, count: int) -> list[tuple[int, int]]:
+    """``read_shards``, or one shard of all ``count`` rows for an unsharded index."""
+    return read_shards(index_dir, count) or [(0, count)]
+
+
+def shard_dir(index_dir: str | Path, shard: int, shards: int) -> Path:
+    """Where shard ``shard`` of ``shards`` keeps its own files (the faiss layout): the
+    index directory itself when there is one shard, else ``index_dir/shard-<shard>``.
+    ``export.index --faiss`` writes there and every searcher reads there."""
+    index_dir = Path(index_dir)
+    return index_dir if shards == 1 else index_dir / f"shard-{shard}"
+
+
 class ShardSearch:
     """One shard's searcher: ``GallerySearch`` over rows [start, end), answering with
     global rows. ``layout`` options as ``GallerySearch`` (a faiss layout is read from
@@ -109,7 +122,7 @@ class ShardedSearch:
                 start,
                 end,
                 device,
-                index_dir=None if index_dir is None else Path(index_dir) / f"shard-{i}",
+                index_dir=None if index_dir is None else shard_dir(index_dir, i, len(ranges)),
                 **options,
             )
             for i, (start, end) in enumerate(ranges)

@@ -14,7 +14,7 @@ from serve_fixtures import limit_threads, serving_artifacts
 from export.index import main as index_main
 from serve.engine import QueryEngine
 from serve.search import GallerySearch
-from serve.sharding import ShardedSearch, read_shards, shard_ranges
+from serve.sharding import ShardedSearch, read_shards, shard_dir, shard_ranges
 
 
 def unit_rows(count: int, dim: int, seed: int = 0) -> np.ndarray:
@@ -29,6 +29,22 @@ def test_shard_ranges_tile_the_rows():
         shard_ranges(5, 6)
     with pytest.raises(ValueError, match="shards must be >= 1"):
         shard_ranges(5, 0)
+
+
+def test_one_listed_shard_reads_its_faiss_layout_where_export_index_writes_it(tmp_path):
+    """A shards.json of one shard keeps the faiss files in the index directory itself
+    (``shard_dir``), and the one-process sharded search reads them there."""
+    pytest.importorskip("faiss")
+    from serve.faiss_build import build_faiss
+
+    assert shard_dir(tmp_path, 0, 1) == tmp_path
+    assert shard_dir(tmp_path, 2, 3) == tmp_path / "shard-2"
+    gallery = unit_rows(4000, 32)
+    build_faiss(gallery, shard_dir(tmp_path, 0, 1), m=8, nprobe=8, check_queries=20)
+    sharded = ShardedSearch(gallery, [(0, len(gallery))], "cpu", layout="faiss", index_dir=tmp_path)
+    single = GallerySearch(gallery, "cpu", layout="faiss", index_dir=tmp_path)
+    queries = torch.from_numpy(gallery[:5])
+    assert torch.equal(sharded.search(queries, 5)[1], single.search(queries, 5)[1])
 
 
 @pytest.mark.parametrize("layout", ["exact", "int8"])
