@@ -98,20 +98,6 @@ class EncodedQueries:
             for i, row in enumerate(self.rows)
         ]
 
-    @staticmethod
-    def join(parts: Sequence[EncodedQueries]) -> EncodedQueries:
-        """The batch of several ``EncodedQueries`` (in order)."""
-
-        def cat(dicts):
-            return {n: torch.cat([d[n] for d in dicts]) for n in dicts[0]} if dicts[0] else {}
-
-        return EncodedQueries(
-            [r for p in parts for r in p.rows],
-            torch.cat([p.query for p in parts]),
-            cat([p.image_repr for p in parts]),
-            cat([p.text_repr for p in parts]),
-        )
-
 
 @dataclass
 class BatchResult:
