@@ -1,4 +1,5 @@
-"""Latency of the exported model: torch eager vs ONNX Runtime vs TensorRT (where installed).
+"""Latency of the exported model: torch eager vs ONNX Runtime (float32, and with the int8
+image encoder of export.int8) vs TensorRT (where installed).
 
     python -m bench.export_latency --artifacts ART_DIR [--batches 1 64] [--iters 30]
         [--text-len 12] [--device cpu|cuda] [--threads N] [--json out.json]
@@ -9,9 +10,11 @@ encoder, composer, target head, correction) and of the whole query path (encode 
 encode text + compose). Every backend is timed through the one runtime
 (``export.runtime``, torch tensors on the device: no host copies on a GPU), torch eager
 without CUDA graphs. The last lines give the query path's speed-up of each backend over
-torch eager at each batch size. ``--random-model``
-exports a random-weight checkpoint first (a temporary ART_DIR), for machines without a
-trained run. Imports neither Ray nor anything that needs it.
+torch eager at each batch size. ``--random-model`` exports a random-weight checkpoint
+first (a temporary ART_DIR), for machines without a trained run, and on a CPU quantizes
+its image encoder on random images for the ``onnxruntime-int8`` row; with
+``--artifacts`` that row needs ``ART_DIR/int8`` (``python -m export.int8``). Imports
+neither Ray nor anything that needs it.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ import torch
 
 from bench.random_model import random_artifacts
 from export.runtime import BACKENDS, GraphRuntime, open_runtime
+
+INT8_BACKEND = "onnxruntime-int8"
 
 
 def time_call(
@@ -86,13 +91,29 @@ def bench_backend(
     return {name: time_call(fn, iters, warmup, sync) for name, fn in steps.items()}
 
 
+# the runtime's backends, and ONNX Runtime with the int8 image encoder of export.int8
+BENCH_BACKENDS = (*BACKENDS[:2], INT8_BACKEND, *BACKENDS[2:])
+
+
+def random_int8(art_dir: Path, threads: int) -> None:
+    """Int8 graphs for a random-weight export, calibrated on random images: their
+    speed is that of any int8 image encoder; their accuracy says nothing."""
+    from export.int8 import build_int8
+
+    side = json.loads((art_dir / "artifacts.json").read_text())["preprocess"]["crop"]
+    images = np.random.default_rng(0).standard_normal((40, 3, side, side), dtype=np.float32)
+    build_int8(art_dir, images[:32], images[32:], threads=threads, overwrite=True)
+
+
 def open_backend(
     name: str, art_dir: Path, device: str, threads: int
 ) -> tuple[GraphRuntime | None, str]:
     """The backend through ``export.runtime``, or ``(None, reason)`` when it cannot run."""
-    options = {"threads": threads} if name == "onnxruntime" else {}
+    options = {"threads": threads} if name in ("onnxruntime", INT8_BACKEND) else {}
     if name == "torch":
         options["cuda_graphs"] = False  # eager: the graphs are serve_latency's subject
+    if name == INT8_BACKEND:
+        name, options["precision"] = "onnxruntime", "int8"
     try:
         runtime = open_runtime(art_dir, name, device, **options)
     except Exception as err:  # no TensorRT, no GPU, no onnxruntime-gpu, or no engines built
@@ -101,10 +122,10 @@ def open_backend(
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    lines = [f"{'backend':12s} {'batch':>5s} {'graph':14s} {'p50 ms':>9s} {'p99 ms':>9s}"]
+    lines = [f"{'backend':16s} {'batch':>5s} {'graph':14s} {'p50 ms':>9s} {'p99 ms':>9s}"]
     for r in rows:
         lines.append(
-            f"{r['backend']:12s} {r['batch']:5d} {r['graph']:14s} "
+            f"{r['backend']:16s} {r['batch']:5d} {r['graph']:14s} "
             f"{r['p50_ms']:9.2f} {r['p99_ms']:9.2f}"
         )
     return "\n".join(lines)
@@ -123,7 +144,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--text-len", type=int, default=12)
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
+    parser.add_argument(
+        "--backends",
+        nargs="+",
+        choices=BENCH_BACKENDS,
+        default=list(BENCH_BACKENDS),
+        help=f"{INT8_BACKEND}: ONNX Runtime with ART_DIR/int8 (export.int8; with "
+        "--random-model it is quantized first, on random images)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--threads",
@@ -148,6 +176,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
         )
         arts = json.loads((art_dir / "artifacts.json").read_text())
+        if args.random_model and INT8_BACKEND in args.backends and args.device == "cpu":
+            random_int8(art_dir, args.threads)
         rows, notes = [], {}
         for backend in args.backends:
             model, note = open_backend(backend, art_dir, args.device, args.threads)

@@ -10,7 +10,7 @@ after ``--warmup`` runs. Prints a table and writes JSON.
     python bench/model_latency.py --image-size 64 --json-out model_latency_64.json
 
 Models are built with their defaults (embed_dim 512, ResNet-18) except CCNet, which uses
-``--ccnet-embed-dim`` (1024, as configs/ccnet_base.yaml) on the same ``--backbone``.
+``--ccnet-expert-dim`` (D per expert: 1024, as configs/ccnet_base.yaml) on the same ``--backbone``.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--text-len", type=int, default=12)
     p.add_argument("--vocab-size", type=int, default=5000)
     p.add_argument("--backbone", default="resnet18")
-    p.add_argument("--ccnet-embed-dim", type=int, default=1024)
+    p.add_argument("--ccnet-expert-dim", type=int, default=1024)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--warmup", type=int, default=1)
@@ -70,7 +70,7 @@ def timed(fn, device: torch.device, warmup: int, repeats: int) -> float:
 def measure(name: str, args: argparse.Namespace, device: torch.device) -> dict:
     kwargs = {"vocab_size": args.vocab_size, "image_backbone": args.backbone}
     if name == "ccnet":
-        kwargs["embed_dim"] = args.ccnet_embed_dim
+        kwargs["expert_dim"] = args.ccnet_expert_dim
     torch.manual_seed(0)
     model = create_model(name, **kwargs).to(device).eval()
     row = {

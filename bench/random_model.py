@@ -11,16 +11,17 @@ import torch
 def random_artifacts(
     out: Path, model_name: str, image_size: int, embed_dim: int = 512, threads: int = 0
 ) -> Path:
-    """Export a random-weight ``model_name`` (vocabulary of 998 words) to ``out/artifacts``
+    """Export a random-weight ``model_name`` (vocabulary of 998 words; ``embed_dim`` is
+    CCNet's D per expert) to ``out/artifacts``
     (its checkpoint in ``out/checkpoint``); returns the artifact directory."""
     from export.onnx import export_artifacts
     from pipeline.checkpoint import save_checkpoint
-    from pipeline.models import create_model
+    from pipeline.models import create_model, size_kwarg
     from pipeline.vocab import Vocabulary
 
     vocab = Vocabulary([f"word{i}" for i in range(998)])
     torch.manual_seed(0)
-    model = create_model(model_name, vocab_size=len(vocab), embed_dim=embed_dim)
+    model = create_model(model_name, vocab_size=len(vocab), **{size_kwarg(model_name): embed_dim})
     config = {
         "name": f"bench-{model_name}",
         "model": {"name": model_name},

@@ -183,6 +183,18 @@ def iterations(args: argparse.Namespace) -> int | None:
     return args.steps
 
 
+def model_scale(overrides: list[str], model: str) -> list[str]:
+    """A scale's overrides for ``model``: its ``model.embed_dim`` (the query size) sets
+    CCNet's ``model.expert_dim`` (D per expert) instead, the keyword CCNet has."""
+    from pipeline.models import size_kwarg
+
+    size = size_kwarg(model)
+    return [
+        f"model.{size}={item.split('=', 1)[1]}" if item.startswith("model.embed_dim=") else item
+        for item in overrides
+    ]
+
+
 def plan_runs(args: argparse.Namespace, models: list[str]) -> list[PlannedRun]:
     """Resolved configs through the entry point's own flag handling (``pipeline.train``)."""
     from pipeline.cli_flags import add_common_flags, config_from_args
@@ -197,9 +209,9 @@ def plan_runs(args: argparse.Namespace, models: list[str]) -> list[PlannedRun]:
     add_common_flags(flag_parser)
     out, steps = Path(args.out).resolve(), iterations(args)
     workers = 0 if args.in_process else args.workers
-    overrides = scale_overrides(args) + list(args.overrides)
     runs = []
     for model in models:
+        overrides = model_scale(scale_overrides(args), model) + list(args.overrides)
         for seed in range(args.seeds):
             argv = [
                 "--config",

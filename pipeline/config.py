@@ -38,9 +38,8 @@ DEFAULTS: dict[str, Any] = {
     "paper_settings": {},
     "fault_injection": None,  # {"step": N, "rank": R}: rank R exits once at step N (tests)
     "tune": None,  # search space of tune.search (tune/space.py); training ignores it
-    "model": {
+    "model": {  # and the model's own keywords (each defaults to its constructor's)
         "name": "tirg",
-        "embed_dim": 512,
         "image_backbone": "resnet18",
         "pretrained_path": None,
     },

@@ -24,6 +24,8 @@ from serve.limits import add_limit_flags, limits_from_args
 STARTUP_ERRORS = (ArtifactError, CheckpointError, GalleryIndexError)
 
 log = logging.getLogger("serve")
+# --precision per backend (the torch backend has one)
+BACKEND_PRECISIONS = {"tensorrt": ("fp32", "fp16"), "onnxruntime": ("fp32", "int8")}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,10 +46,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--precision",
-        choices=("fp32", "fp16"),
+        choices=("fp32", "fp16", "int8"),
         default=None,
-        help="tensorrt: which engines of export.trt to serve (default: fp16 when "
-        "ART_DIR/engines lists fp16 engines for every graph, else fp32)",
+        help="tensorrt: fp32 or fp16, which engines of export.trt to serve (default: fp16 "
+        "when ART_DIR/engines lists fp16 engines for every graph, else fp32); "
+        "onnxruntime: fp32 (default) or int8, the image encoder of export.int8",
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
@@ -96,6 +99,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(str(err))
     if not 0 < args.port < 65536:
         parser.error(f"--port must be in 1..65535, got {args.port}")
+    allowed = BACKEND_PRECISIONS.get(args.backend, ())
+    if args.precision is not None and args.precision not in allowed:
+        parser.error(
+            f"--precision {args.precision} is not a precision of backend {args.backend} "
+            f"(it has {', '.join(allowed) or 'none to choose'})"
+        )
     return args
 
 
@@ -150,13 +159,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _backend_options(args: argparse.Namespace) -> dict:
-    """Options of the runtime backend from the command line (tensorrt: the precision)."""
+    """Options of the runtime backend from the command line: the precision (tensorrt:
+    which engines; onnxruntime: int8 graphs or not; checked by ``parse_args``)."""
     if args.precision is None:
         return {}
-    if args.backend != "tensorrt":
-        log.warning("--precision applies to the tensorrt backend only; ignored")
-        return {}
-    return {"fp16": args.precision == "fp16"}
+    if args.backend == "tensorrt":
+        return {"fp16": args.precision == "fp16"}
+    return {"precision": args.precision}
 
 
 def _is_loopback(host: str) -> bool:

@@ -22,6 +22,7 @@ IMAGE_SIZE = 32
 EMBED_DIM = 32
 SMALL_SIZES = {
     "embed_dim": EMBED_DIM,
+    "expert_dim": EMBED_DIM,
     "word_dim": 16,
     "text_hidden_dim": 16,
     "image_backbone": "resnet18",

@@ -31,7 +31,7 @@ def serving_artifacts(base: Path, model_name: str = "tirg") -> tuple[Path, Path]
     from export.index import build_index
     from export.onnx import export_artifacts
     from pipeline.checkpoint import save_checkpoint
-    from pipeline.models import create_model
+    from pipeline.models import create_model, size_kwarg
     from pipeline.vocab import Vocabulary
 
     base.mkdir(parents=True, exist_ok=True)
@@ -39,7 +39,9 @@ def serving_artifacts(base: Path, model_name: str = "tirg") -> tuple[Path, Path]
     queries = json.loads((data_dir / "queries.json").read_text())
     vocab = Vocabulary.build([q["text"] for q in queries] + ["make it red", "add a circle"])
     torch.manual_seed(0)
-    model = create_model(model_name, vocab_size=len(vocab), embed_dim=EMBED_DIM)
+    model = create_model(
+        model_name, vocab_size=len(vocab), **{size_kwarg(model_name): EMBED_DIM}
+    )
     config = {
         "name": f"serve-test-{model_name}",
         "model": {"name": model_name},

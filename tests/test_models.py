@@ -9,7 +9,7 @@ import torch
 
 from export.runtime.onnxruntime_graphs import ort_session
 from pipeline.losses import compute_loss
-from pipeline.models import accepted_kwargs, create_model, list_models
+from pipeline.models import accepted_kwargs, create_model, list_models, size_kwarg
 from pipeline.models.export_wrappers import export_graph, graph_modules
 
 VOCAB = 12
@@ -19,7 +19,7 @@ NAMES = list_models()
 
 
 def small_kwargs(name: str) -> dict:
-    kwargs = {"vocab_size": VOCAB, "embed_dim": DIM, "image_backbone": "resnet18"}
+    kwargs = {"vocab_size": VOCAB, size_kwarg(name): DIM, "image_backbone": "resnet18"}
     small = {"word_dim": 32, "text_hidden_dim": 32}
     kwargs.update({k: v for k, v in small.items() if k in accepted_kwargs(name)})
     return kwargs

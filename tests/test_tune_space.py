@@ -138,8 +138,8 @@ def test_default_space_without_tirg_weights():
 def test_default_space_of_ccnet_is_lr_hidden_size_dropout():
     config = load_config("configs/fashioniq_ccnet.yaml")
     space = search_space(config)
-    assert set(space) == {"optim.lr", "model.embed_dim", "model.dropout"}
-    assert space["model.embed_dim"].values == (512, 1024, 2048)
+    assert set(space) == {"optim.lr", "model.expert_dim", "model.dropout"}
+    assert space["model.expert_dim"].values == (512, 1024, 2048)
     assert space["optim.lr"].low == pytest.approx(1e-5)
 
 

@@ -15,7 +15,7 @@ model's constructor (``model.*``) or of the loss (``loss.*``). When the section 
 absent the model's default space is searched (``default_space``): for the TIRG family
 the initial gate/residual weights ``w_g``/``w_r`` (log-uniform around the code's 1 and
 10), whether they are learned, lr and weight decay; for CCNet lr, hidden size (its
-expert dimension ``model.embed_dim``: half, same, double) and dropout; for other models
+expert dimension ``model.expert_dim``: half, same, double) and dropout; for other models
 lr and weight decay. The lr range is a decade either side of the config's lr.
 """
 
@@ -209,10 +209,10 @@ def default_space(config: dict[str, Any]) -> dict[str, ParamSpec]:
             "model.learn_weights", "choice", values=(True, False)
         )
     if model == "ccnet":
-        # CCNet's hidden size is its expert dimension D (model.embed_dim; the query is 7 D)
-        size = int(config["model"]["embed_dim"])
-        space["model.embed_dim"] = ParamSpec(
-            "model.embed_dim", "choice", values=(size // 2, size, size * 2)
+        # CCNet's hidden size is its expert dimension D (the query is 7 D)
+        size = int(config["model"]["expert_dim"])
+        space["model.expert_dim"] = ParamSpec(
+            "model.expert_dim", "choice", values=(size // 2, size, size * 2)
         )
         space["model.dropout"] = ParamSpec("model.dropout", "uniform", low=0.0, high=0.5)
     else:

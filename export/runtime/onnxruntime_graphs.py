@@ -14,7 +14,7 @@ workers spinning after a run, and the next graph waited for them: the query path
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from export.artifacts import ArtifactError, Artifacts, GraphSpec
+from export.int8_listing import PRECISIONS, int8_graph_files
 from export.runtime.base import TORCH_DTYPES, ExportedGraphs, Reprs
 from pipeline.checkpoint import sha256_mismatch
 
@@ -87,26 +88,44 @@ def ort_providers(device: torch.device) -> list[Any]:
 class OnnxRuntimeGraphs(ExportedGraphs):
     """One ONNX Runtime session per graph, inputs and outputs bound to torch tensors.
 
-    ``threads`` sizes ONNX Runtime's intra-op pool (``ort_session``).
+    ``threads`` sizes ONNX Runtime's intra-op pool (``ort_session``). ``precision``
+    ``"int8"`` runs the graphs ``python -m export.int8`` quantized (``ART_DIR/int8/``,
+    the image encoder) in place of their float32 files; the others stay float32.
+    ``graph_files`` loads the named graphs from other files of the same interface
+    (``export.int8`` checks a quantized graph this way before it lists it).
     """
 
     name = "onnxruntime"
 
-    def __init__(self, artifacts: Artifacts, device: str | torch.device = "cpu", threads: int = 0):
+    def __init__(
+        self,
+        artifacts: Artifacts,
+        device: str | torch.device = "cpu",
+        threads: int = 0,
+        precision: str = "fp32",
+        graph_files: Mapping[str, Path] | None = None,
+    ):
         super().__init__(artifacts, device)
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         providers = ort_providers(self.device)
+        files = int8_graph_files(artifacts) if precision == "int8" else {}
+        files.update(graph_files or {})
         self.sessions = {}
         for graph, spec in artifacts.graphs.items():
             if spec.sha256 and (problem := sha256_mismatch(spec.file, spec.sha256)):
                 raise ArtifactError(problem)
+            file = files.get(graph, spec.file)
             try:
-                session = ort_session(spec.file, providers, threads)
+                session = ort_session(file, providers, threads)
             except Exception as err:  # ORT raises its own exception types for bad files
-                raise ArtifactError(f"{spec.file}: ONNX Runtime cannot load it ({err})") from err
+                raise ArtifactError(f"{file}: ONNX Runtime cannot load it ({err})") from err
             check_session_io(session, spec)
             self.sessions[graph] = session
         self._device_type = "cuda" if self.device.type == "cuda" else "cpu"
-        self.describe = f"onnxruntime ({'CUDA' if self._device_type == 'cuda' else 'CPU'} provider)"
+        provider = "CUDA" if self._device_type == "cuda" else "CPU"
+        swapped = f", {', '.join(f'{g} from {f.parent.name}/{f.name}' for g, f in sorted(files.items()))}"
+        self.describe = f"onnxruntime ({provider} provider, {precision}{swapped if files else ''})"
 
     def _run(self, graph: str, feeds: Reprs) -> Reprs:
         spec = self.artifacts.graph(graph)

@@ -5,7 +5,13 @@ Importing this package registers every model (the composer modules register on i
 
 from pipeline.models import ccnet, composers  # noqa: F401  (importing registers the models)
 from pipeline.models.base import ComposedRetrievalModel
-from pipeline.models.registry import accepted_kwargs, create_model, list_models, register_model
+from pipeline.models.registry import (
+    accepted_kwargs,
+    create_model,
+    list_models,
+    register_model,
+    size_kwarg,
+)
 
 __all__ = [
     "ComposedRetrievalModel",
@@ -13,4 +19,5 @@ __all__ = [
     "create_model",
     "list_models",
     "register_model",
+    "size_kwarg",
 ]

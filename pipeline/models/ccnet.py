@@ -2,7 +2,7 @@
 Learning in Interactive Image Retrieval", AAAI 2021; the winning Fashion-IQ 2020 entry,
 released as DCNet: github.com/ozmig77/dcnet, ``model/model.py``, ``model/composition.py``).
 
-M = 7 experts, each a D-dim subspace:
+M = 7 experts, each a D-dim subspace (``expert_dim``):
 
 * Image experts (Eq. 4): the global feature, an intermediate layer (ResNet ``layer3`` /
   DenseNet ``denseblock3``) and five 3x3 windows (top, left, centre, right, bottom) of the
@@ -16,7 +16,8 @@ M = 7 experts, each a D-dim subspace:
   normalised to a learned scale (``NormalizationLayer``, init 5); the score of a target is
   the sum over experts of the cosines, i.e. the dot product of the unit vectors
   ``concat_m(unit(phi_m)) / sqrt(M)`` returned by ``compose``/``embed_target``
-  (so the query size is ``model.embed_dim = M * D``).
+  (so the query size is ``model.embed_dim = M * D``; the config sets ``model.expert_dim``,
+  D, as TIRG-family configs set ``model.embed_dim``, their query size).
 * Correction network (Eq. 10-14): per expert, ``x' = ReLU(FC([x*y, x]))``,
   ``y' = ReLU(FC([x*y, y]))``, ``c = ReLU(FC([x, y' - x', y]))`` (the code's ``FusDiff``);
   its logit is ``s_t^2 * sum_m cos(c_m, t_m)`` with the text normalisation scale ``s_t``.
@@ -189,7 +190,7 @@ class CCNet(ComposedRetrievalModel):
     def __init__(
         self,
         vocab_size: int,
-        embed_dim: int = 512,
+        expert_dim: int = 512,
         image_backbone: str = "resnet18",
         pretrained_path: str | None = None,
         fusion: str = "hadamard",
@@ -209,7 +210,7 @@ class CCNet(ComposedRetrievalModel):
         super().__init__()
         check_positive(
             vocab_size=vocab_size,
-            embed_dim=embed_dim,
+            expert_dim=expert_dim,
             word_dim=word_dim,
             mutan_rank=mutan_rank,
             mutan_heads=mutan_heads,
@@ -218,9 +219,9 @@ class CCNet(ComposedRetrievalModel):
         if fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
         m = len(EXPERTS)
-        self.vocab_size, self.expert_dim, self.embed_dim = vocab_size, embed_dim, m * embed_dim
-        self.image_encoder = ExpertImageEncoder(embed_dim, image_backbone, pretrained_path, dropout)
-        self.text_encoder = ExpertTextEncoder(vocab_size, word_dim, embed_dim, m, dropout)
+        self.vocab_size, self.expert_dim, self.embed_dim = vocab_size, expert_dim, m * expert_dim
+        self.image_encoder = ExpertImageEncoder(expert_dim, image_backbone, pretrained_path, dropout)
+        self.text_encoder = ExpertTextEncoder(vocab_size, word_dim, expert_dim, m, dropout)
         if word_vectors_path is not None:
             if vocab_words is None:
                 raise ValueError(
@@ -235,13 +236,13 @@ class CCNet(ComposedRetrievalModel):
 
         def fusion_module() -> nn.Module:
             if fusion == "mutan":
-                return MutanFusion(embed_dim, mutan_rank, mutan_heads, dropout)
+                return MutanFusion(expert_dim, mutan_rank, mutan_heads, dropout)
             return HadamardFusion()
 
         self.composers = nn.ModuleList(
-            ExpertComposer(embed_dim, fusion_module(), w_g_init, w_r_init) for _ in range(m)
+            ExpertComposer(expert_dim, fusion_module(), w_g_init, w_r_init) for _ in range(m)
         )
-        self.correctors = nn.ModuleList(ExpertCorrector(embed_dim) for _ in range(m))
+        self.correctors = nn.ModuleList(ExpertCorrector(expert_dim) for _ in range(m))
         # NormalizationLayer scales of the code: image experts / text experts
         self.image_scale = nn.Parameter(torch.tensor(float(norm_scale_init)))
         self.text_scale = nn.Parameter(torch.tensor(float(norm_scale_init)))

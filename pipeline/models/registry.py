@@ -59,6 +59,12 @@ def accepted_kwargs(name: str) -> list[str]:
     return names
 
 
+def size_kwarg(name: str) -> str:
+    """The keyword that sets model ``name``'s width: ``embed_dim``, the query size, for
+    models that take it; else ``expert_dim`` (CCNet: D per expert, the query is 7 D)."""
+    return "embed_dim" if "embed_dim" in accepted_kwargs(name) else "expert_dim"
+
+
 def create_model(name: str, **kwargs: Any) -> ComposedRetrievalModel:
     """Build model ``name``; ``kwargs`` (vocab_size, embed_dim, ...) are recorded on it
     as ``model.model_kwargs`` so a checkpoint can rebuild it. An unknown keyword raises

@@ -9,6 +9,12 @@ identical in kind but make the module affordable: the first ``g_theta`` layer is
 ``[o_i, o_j, q]``, so it is applied per object and broadcast over pairs (the same function
 as applying it per pair), and the pair sum is a mean so its scale does not grow with the
 map size (the next linear layer absorbs a constant factor).
+
+Batch norm, as the TIRG code puts before its composers' layers (BN-ReLU-FC): on
+``g_theta``'s first pre-activation (per pair), on the pooled relations and on ``f_phi``'s
+hidden layer. From random weights with SGD the module barely learned without it
+(CSS medium preset, seed 0, 300 iterations, docs/reproduce.md: R@1 4.4 without, 8.2
+with the first, 10.6 with all three).
 """
 
 from __future__ import annotations
@@ -53,9 +59,14 @@ class Relationship(EncoderComposerModel):
         self.g_first = nn.Linear(obj, relation_dim)  # o_i part of g's first layer
         self.g_second = nn.Linear(obj, relation_dim, bias=False)  # o_j part
         self.g_text = nn.Linear(embed_dim, relation_dim, bias=False)  # q part
+        self.g_norm = nn.BatchNorm1d(relation_dim)
         self.g_rest = nn.Sequential(nn.ReLU(), nn.Linear(relation_dim, relation_dim), nn.ReLU())
         self.f = nn.Sequential(
-            nn.Linear(relation_dim, embed_dim), nn.ReLU(), nn.Linear(embed_dim, embed_dim)
+            nn.BatchNorm1d(relation_dim),
+            nn.Linear(relation_dim, embed_dim),
+            nn.BatchNorm1d(embed_dim),
+            nn.ReLU(),
+            nn.Linear(embed_dim, embed_dim),
         )
 
     def combine(self, image_repr: Repr, text_repr: Repr) -> torch.Tensor:
@@ -68,5 +79,6 @@ class Relationship(EncoderComposerModel):
             + self.g_second(objects)[:, None, :]
             + self.g_text(text)[:, None, None]
         )  # (B, N, N, relation_dim)
+        pairs = self.g_norm(pairs.flatten(0, 2)).unflatten(0, pairs.shape[:3])
         relations = self.g_rest(pairs).mean(dim=(1, 2))
         return self.f(relations)
