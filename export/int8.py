@@ -36,7 +36,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from export.artifacts import ArtifactError, Artifacts, load_artifacts, staging_dir, write_json_atomic
+from export.artifacts import (
+    ArtifactError,
+    Artifacts,
+    load_artifacts,
+    staging_dir,
+    write_json_atomic,
+)
 from export.int8_listing import INT8_DIR, INT8_FILE, INT8_FORMAT
 from pipeline.checkpoint import file_sha256
 
@@ -58,7 +64,12 @@ def read_images(
     pre = artifacts.preprocess
     batches, have = [], 0
     for _, images, _ in gallery_loader(
-        data, split, batch_size=64, image_size=artifacts.image_size, mean=pre["mean"], std=pre["std"]
+        data,
+        split,
+        batch_size=64,
+        image_size=artifacts.image_size,
+        mean=pre["mean"],
+        std=pre["std"],
     ):
         batches.append(images[: count - have].numpy())
         have += len(batches[-1])
@@ -185,7 +196,9 @@ def build_int8(
         for graph in QUANTIZED_GRAPHS:
             files[graph] = tmp / f"{graph}.onnx"
             log.info("quantizing %s on %d calibration images", graph, len(calibration))
-            quantize_graph(arts.graph(graph).file, files[graph], tmp / "calibration.npy", batch_size)
+            quantize_graph(
+                arts.graph(graph).file, files[graph], tmp / "calibration.npy", batch_size
+            )
         (tmp / "calibration.npy").unlink()
         fp32 = OnnxRuntimeGraphs(arts, threads=threads)
         int8 = OnnxRuntimeGraphs(arts, threads=threads, graph_files=files)
@@ -196,7 +209,8 @@ def build_int8(
                 graph: {
                     "file": f"{INT8_DIR}/{file.name}",
                     "sha256": file_sha256(file),
-                    "source_sha256": arts.graph(graph).sha256 or file_sha256(arts.graph(graph).file),
+                    "source_sha256": arts.graph(graph).sha256
+                    or file_sha256(arts.graph(graph).file),
                 }
                 for graph, file in files.items()
             },
@@ -229,9 +243,15 @@ def build_int8(
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m export.int8", description=__doc__.split("\n")[0])
-    parser.add_argument("--artifacts", required=True, metavar="ART_DIR", help="written by export.onnx")
-    parser.add_argument("--data", required=True, help="shard dataset: calibration images and recalls")
+    parser = argparse.ArgumentParser(
+        prog="python -m export.int8", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "--artifacts", required=True, metavar="ART_DIR", help="written by export.onnx"
+    )
+    parser.add_argument(
+        "--data", required=True, help="shard dataset: calibration images and recalls"
+    )
     parser.add_argument("--split", default="gallery", help="split the images come from")
     parser.add_argument("--calibration-images", type=int, default=256)
     parser.add_argument("--parity-images", type=int, default=64)

@@ -25,8 +25,7 @@ from typing import Any
 
 import yaml
 
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
+from pipeline.images import IMAGENET_MEAN, IMAGENET_STD
 
 DEFAULTS: dict[str, Any] = {
     "name": "run",
@@ -101,8 +100,8 @@ DEFAULTS: dict[str, Any] = {
     },
     "image": {
         "size": 224,
-        "mean": IMAGENET_MEAN,
-        "std": IMAGENET_STD,
+        "mean": list(IMAGENET_MEAN),  # lists, as YAML gives them
+        "std": list(IMAGENET_STD),
         "augment": True,
     },
     "eval": {

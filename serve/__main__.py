@@ -15,17 +15,18 @@ import sys
 
 from export.artifacts import ArtifactError
 from export.engines import TensorRTUnavailable
-from export.runtime import BACKENDS
+from export.runtime import BACKENDS, precision_options
 from pipeline.checkpoint import CheckpointError
+from serve.batching import CPU_BATCHING, GPU_BATCHING
+from serve.engine import DEFAULT_RERANK_TOP
 from serve.gallery import GalleryIndexError
 from serve.layouts import LAYOUTS
 from serve.limits import add_limit_flags, limits_from_args
+from serve.search import DEFAULT_MARGIN
 
 STARTUP_ERRORS = (ArtifactError, CheckpointError, GalleryIndexError)
 
 log = logging.getLogger("serve")
-# --precision per backend (the torch backend has one)
-BACKEND_PRECISIONS = {"tensorrt": ("fp32", "fp16"), "onnxruntime": ("fp32", "int8")}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,13 +59,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--max-batch",
         type=int,
         default=None,
-        help="queries per engine call (default 64 on GPU, 16 on CPU)",
+        help=f"queries per engine call (default {GPU_BATCHING[0]} on GPU, {CPU_BATCHING[0]} on CPU)",
     )
     parser.add_argument(
         "--batch-wait-ms",
         type=float,
         default=None,
-        help="how long a batch waits for more queries (default 2 on GPU, 0 on CPU)",
+        help=f"how long a batch waits for more queries (default {GPU_BATCHING[1]:g} on GPU, "
+        f"{CPU_BATCHING[1]:g} on CPU)",
     )
     parser.add_argument(
         "--layout",
@@ -74,13 +76,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(faiss needs `export.index --faiss`); see docs/serving.md",
     )
     parser.add_argument(
-        "--margin", type=int, default=32, help="extra candidates the compressed layouts re-score"
+        "--margin",
+        type=int,
+        default=DEFAULT_MARGIN,
+        help="extra candidates the compressed layouts re-score",
     )
     parser.add_argument("--nprobe", type=int, default=None, help="faiss: cells probed per query")
     parser.add_argument(
         "--rerank-top",
         type=int,
-        default=50,
+        default=DEFAULT_RERANK_TOP,
         help="candidates the correction network re-scores (CCNet only)",
     )
     parser.add_argument(
@@ -99,12 +104,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(str(err))
     if not 0 < args.port < 65536:
         parser.error(f"--port must be in 1..65535, got {args.port}")
-    allowed = BACKEND_PRECISIONS.get(args.backend, ())
-    if args.precision is not None and args.precision not in allowed:
-        parser.error(
-            f"--precision {args.precision} is not a precision of backend {args.backend} "
-            f"(it has {', '.join(allowed) or 'none to choose'})"
-        )
+    try:
+        args.backend_options = precision_options(args.backend, args.precision)
+    except ValueError as err:
+        parser.error(f"--precision: {err}")
     return args
 
 
@@ -132,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             max_image_pixels=limits.max_image_pixels,
             max_image_side=limits.max_image_side,
             max_aspect_ratio=limits.max_aspect_ratio,
-            backend_options=_backend_options(args),
+            backend_options=args.backend_options,
             layout=args.layout,
             margin=args.margin,
             nprobe=args.nprobe,
@@ -156,16 +159,6 @@ def main(argv: list[str] | None = None) -> int:
     uvicorn.Server(config).run()
     engine.close()
     return 0
-
-
-def _backend_options(args: argparse.Namespace) -> dict:
-    """Options of the runtime backend from the command line: the precision (tensorrt:
-    which engines; onnxruntime: int8 graphs or not; checked by ``parse_args``)."""
-    if args.precision is None:
-        return {}
-    if args.backend == "tensorrt":
-        return {"fp16": args.precision == "fp16"}
-    return {"precision": args.precision}
 
 
 def _is_loopback(host: str) -> bool:

@@ -37,7 +37,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve.batching import MicroBatcher, QueueFullError, QueueTimeoutError
+from serve.batching import MicroBatcher, QueueFullError, QueueTimeoutError, default_batching
 from serve.engine import (
     Hit,
     ImageTooLargeError,
@@ -90,13 +90,13 @@ def create_app(
     replicas (batched there by ``@serve.batch``) and gallery searchers.
     """
     limits = limits or ServiceLimits()
-    on_gpu = engine.device.type == "cuda"
+    default_batch, default_wait_ms = default_batching(engine.device.type == "cuda")
     batcher = None
     if answer is None:
         batcher = MicroBatcher(
             lambda items: _run_batch(engine, items),
-            max_batch=max_batch if max_batch is not None else (64 if on_gpu else 16),
-            max_wait_ms=max_wait_ms if max_wait_ms is not None else (2.0 if on_gpu else 0.0),
+            max_batch=max_batch if max_batch is not None else default_batch,
+            max_wait_ms=max_wait_ms if max_wait_ms is not None else default_wait_ms,
             max_queue=limits.max_queue,
         )
 

@@ -28,6 +28,16 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
+# (max_batch, max_wait_ms) by device: the service's defaults (serve.app, serve.deployment)
+GPU_BATCHING = (64, 2.0)
+CPU_BATCHING = (16, 0.0)
+
+
+def default_batching(on_gpu: bool) -> tuple[int, float]:
+    """(max_batch, max_wait_ms) of the service on a GPU or on the CPU."""
+    return GPU_BATCHING if on_gpu else CPU_BATCHING
+
+
 class QueueFullError(RuntimeError):
     """The batch queue holds ``max_queue`` waiting queries already."""
 
@@ -55,8 +65,8 @@ class MicroBatcher:
         self,
         run_batch: Callable[[list[Any]], tuple[list[Any], dict]],
         *,
-        max_batch: int = 64,
-        max_wait_ms: float = 2.0,
+        max_batch: int = GPU_BATCHING[0],
+        max_wait_ms: float = GPU_BATCHING[1],
         max_queue: int = 1024,
     ):
         if max_batch < 1:

@@ -32,8 +32,11 @@ from typing import Any
 import torch
 from ray import serve
 
-from serve.engine import EncodedQueries, Query, QueryEngine
+from export.runtime import precision_options
+from serve.batching import GPU_BATCHING
+from serve.engine import DEFAULT_RERANK_TOP, EncodedQueries, Query, QueryEngine
 from serve.limits import ServiceLimits
+from serve.search import DEFAULT_MARGIN
 from serve.sharding import ShardSearch, index_shards, merge_shard_results, shard_dir
 
 
@@ -43,11 +46,12 @@ class DeploymentSettings:
 
     artifacts: str
     backend: str = "onnxruntime"
+    precision: str | None = None  # tensorrt fp32 | fp16, onnxruntime fp32 | int8
     device: str = "cpu"
     layout: str = "exact"
-    margin: int = 32
+    margin: int = DEFAULT_MARGIN
     nprobe: int | None = None
-    rerank_top: int = 50
+    rerank_top: int = DEFAULT_RERANK_TOP
     query_replicas: int = 1
     query_autoscaling: dict | None = None  # min_replicas, max_replicas, target_ongoing_requests
     query_cpus: float = 1.0
@@ -56,8 +60,8 @@ class DeploymentSettings:
     searcher_gpus: float = 0.0
     ingress_replicas: int = 1
     ingress_cpus: float = 1.0
-    max_batch: int = 64
-    batch_wait_ms: float = 2.0
+    max_batch: int = GPU_BATCHING[0]
+    batch_wait_ms: float = GPU_BATCHING[1]
     app_name: str = "default"
     limits: dict = field(default_factory=dict)  # ServiceLimits fields
 
@@ -77,6 +81,7 @@ class DeploymentSettings:
             values[name] = value
         settings = cls(**values)
         ServiceLimits(**settings.limits)  # fails early, naming a bad limit
+        precision_options(settings.backend, settings.precision)  # and a bad precision
         return settings
 
 
@@ -91,6 +96,7 @@ class QueryNetwork:
             device=settings.device,
             rerank_top=settings.rerank_top,
             search_gallery=False,
+            backend_options=precision_options(settings.backend, settings.precision),
         )
         self.encode = serve.batch(
             max_batch_size=settings.max_batch, batch_wait_timeout_s=settings.batch_wait_ms / 1e3

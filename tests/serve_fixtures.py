@@ -39,9 +39,7 @@ def serving_artifacts(base: Path, model_name: str = "tirg") -> tuple[Path, Path]
     queries = json.loads((data_dir / "queries.json").read_text())
     vocab = Vocabulary.build([q["text"] for q in queries] + ["make it red", "add a circle"])
     torch.manual_seed(0)
-    model = create_model(
-        model_name, vocab_size=len(vocab), **{size_kwarg(model_name): EMBED_DIM}
-    )
+    model = create_model(model_name, vocab_size=len(vocab), **{size_kwarg(model_name): EMBED_DIM})
     config = {
         "name": f"serve-test-{model_name}",
         "model": {"name": model_name},

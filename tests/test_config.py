@@ -35,7 +35,9 @@ def test_inheritance_chain_merges_sections(tmp_path):
     assert config["optim"]["lr"] == 0.1  # mid wins over root
     assert config["optim"]["momentum"] == 0.8  # root kept where mid is silent
     assert config["model"]["name"] == "concat"
-    assert config["model"]["image_backbone"] == DEFAULTS["model"]["image_backbone"]  # defaults fill in
+    assert (
+        config["model"]["image_backbone"] == DEFAULTS["model"]["image_backbone"]
+    )  # defaults fill in
     assert config["train"]["steps"] == 10
     assert "base" not in config
 
@@ -135,15 +137,18 @@ def test_shipped_configs_load(path):
 
 @pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_build_their_model(path):
+    from pipeline.models import size_kwarg
     from pipeline.optimization import build_model
     from pipeline.vocab import Vocabulary
-
-    from pipeline.models import size_kwarg
 
     name = load_config(path)["model"]["name"]
     config = load_config(
         path,
-        [f"model.{size_kwarg(name)}=16", "model.image_backbone=resnet18", "model.pretrained_path=null"],
+        [
+            f"model.{size_kwarg(name)}=16",
+            "model.image_backbone=resnet18",
+            "model.pretrained_path=null",
+        ],
     )
     model = build_model(config, Vocabulary(["red", "blue"]))
     assert model.model_name == config["model"]["name"]

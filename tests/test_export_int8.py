@@ -14,7 +14,7 @@ from export import int8 as export_int8
 from export.artifacts import ArtifactError
 from export.int8_listing import listing_path
 from export.runtime import open_runtime
-from serve.__main__ import _backend_options, parse_args
+from serve.__main__ import parse_args
 
 limit_threads()
 CALIBRATION = ["--calibration-images", "8", "--parity-images", "4", "--threads", "1"]
@@ -107,7 +107,9 @@ def test_bad_inputs(built, tmp_path, capsys):
     )
     assert export_int8.main(["--artifacts", str(tmp_path / "none"), "--data", str(data)]) == 2
     with pytest.raises(SystemExit):
-        export_int8.parse_args(["--artifacts", str(art), "--data", str(data), "--parity-images", "0"])
+        export_int8.parse_args(
+            ["--artifacts", str(art), "--data", str(data), "--parity-images", "0"]
+        )
 
 
 @pytest.mark.parametrize(
@@ -116,15 +118,17 @@ def test_bad_inputs(built, tmp_path, capsys):
         ("onnxruntime", "int8", {"precision": "int8"}),
         ("onnxruntime", "fp32", {"precision": "fp32"}),
         ("tensorrt", "fp16", {"fp16": True}),
+        ("torch", "fp32", {}),
         ("onnxruntime", "fp16", None),
         ("torch", "int8", None),
     ],
 )
-def test_serve_precision_flag(backend, precision, options, tmp_path):
+def test_serve_precision_flag(backend, precision, options, tmp_path, capsys):
     argv = ["--artifacts", str(tmp_path), "--backend", backend, "--precision", precision]
     if options is None:
         with pytest.raises(SystemExit) as exit_info:
             parse_args(argv)
         assert exit_info.value.code == 2
+        assert f"precision {precision} is not one of backend {backend}'s" in capsys.readouterr().err
     else:
-        assert _backend_options(parse_args(argv)) == options
+        assert parse_args(argv).backend_options == options

@@ -187,3 +187,6 @@ def test_serve_config_is_a_valid_serve_deploy_file():
         DeploymentSettings.from_args({**app.args, "replicas": 3})
     with pytest.raises(ValueError, match="max_pending_uploads"):
         DeploymentSettings.from_args({**app.args, "limits": {"max_pending_uploads": 0}})
+    assert settings.precision == "fp16"  # the engines the config's comment names
+    with pytest.raises(ValueError, match="precision int8 is not one of backend tensorrt's"):
+        DeploymentSettings.from_args({**app.args, "precision": "int8"})

@@ -8,6 +8,7 @@ the gallery index, the query engine and the benches all open models here.
 Backends: ``torch`` (``ART_DIR/checkpoint.pt``; CUDA graphs on a GPU), ``onnxruntime``
 (IO-bound to torch tensors; CUDA provider with onnxruntime-gpu) and ``tensorrt``
 (engines of ``python -m export.trt``, ``fp16=True`` for FP16 engines; GPU only).
+``precision_options`` turns a command line's ``--precision`` into those options.
 """
 
 from __future__ import annotations
@@ -20,7 +21,37 @@ import torch
 from export.artifacts import Artifacts, load_artifacts
 from export.runtime.base import BACKENDS, ExportedGraphs, GraphRuntime, Reprs
 
-__all__ = ["BACKENDS", "ExportedGraphs", "GraphRuntime", "Reprs", "open_runtime"]
+__all__ = [
+    "BACKENDS",
+    "PRECISIONS",
+    "ExportedGraphs",
+    "GraphRuntime",
+    "Reprs",
+    "open_runtime",
+    "precision_options",
+]
+# The precisions each backend serves, its default first (TensorRT's default is fp16 when
+# the engine listing has fp16 engines for every graph).
+PRECISIONS = {"torch": ("fp32",), "onnxruntime": ("fp32", "int8"), "tensorrt": ("fp32", "fp16")}
+
+
+def precision_options(backend: str, precision: str | None) -> dict[str, Any]:
+    """``open_runtime`` options that select ``precision`` (None: the backend's default);
+    ValueError naming the backend's precisions for one it does not have."""
+    allowed = PRECISIONS.get(backend)
+    if allowed is None:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    if precision is None:
+        return {}
+    if precision not in allowed:
+        raise ValueError(
+            f"precision {precision} is not one of backend {backend}'s ({', '.join(allowed)})"
+        )
+    if backend == "tensorrt":
+        return {"fp16": precision == "fp16"}
+    if backend == "onnxruntime":
+        return {"precision": precision}
+    return {}
 
 
 def open_runtime(
@@ -31,7 +62,8 @@ def open_runtime(
 ) -> GraphRuntime:
     """The ``backend`` runtime over one artifact directory (or its loaded ``Artifacts``).
 
-    ``options``: ``cuda_graphs`` (torch), ``threads`` (onnxruntime), ``fp16`` (tensorrt).
+    ``options``: ``cuda_graphs`` (torch), ``threads`` and ``precision`` (onnxruntime:
+    ``"int8"`` for the graphs of ``export.int8``), ``fp16`` (tensorrt).
     """
     if not isinstance(artifacts, Artifacts):
         artifacts = load_artifacts(artifacts)

@@ -124,7 +124,9 @@ class OnnxRuntimeGraphs(ExportedGraphs):
             self.sessions[graph] = session
         self._device_type = "cuda" if self.device.type == "cuda" else "cpu"
         provider = "CUDA" if self._device_type == "cuda" else "CPU"
-        swapped = f", {', '.join(f'{g} from {f.parent.name}/{f.name}' for g, f in sorted(files.items()))}"
+        swapped = (
+            f", {', '.join(f'{g} from {f.parent.name}/{f.name}' for g, f in sorted(files.items()))}"
+        )
         self.describe = f"onnxruntime ({provider} provider, {precision}{swapped if files else ''})"
 
     def _run(self, graph: str, feeds: Reprs) -> Reprs:

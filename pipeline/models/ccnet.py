@@ -220,7 +220,9 @@ class CCNet(ComposedRetrievalModel):
             raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
         m = len(EXPERTS)
         self.vocab_size, self.expert_dim, self.embed_dim = vocab_size, expert_dim, m * expert_dim
-        self.image_encoder = ExpertImageEncoder(expert_dim, image_backbone, pretrained_path, dropout)
+        self.image_encoder = ExpertImageEncoder(
+            expert_dim, image_backbone, pretrained_path, dropout
+        )
         self.text_encoder = ExpertTextEncoder(vocab_size, word_dim, expert_dim, m, dropout)
         if word_vectors_path is not None:
             if vocab_words is None:
