@@ -148,16 +148,10 @@ def target_cosines(fp32, int8, images: np.ndarray, batch_size: int = 32) -> torc
 def compare_recalls(fp32, int8, data: str | Path, eval_set: str | None) -> dict[str, Any]:
     """The dataset's recalls through both runtimes (``pipeline.evaluate``)."""
     from export.runtime.model_api import RuntimeModule
-    from export.verify import recall_keys
-    from pipeline.evaluate import evaluate_model
+    from export.verify import evaluate_exported, recall_keys
 
-    pre = fp32.artifacts.preprocess
-    common = dict(
-        eval_name=eval_set, image_size=fp32.artifacts.image_size, mean=pre["mean"], std=pre["std"]
-    )
-    with torch.inference_mode():
-        want = evaluate_model(RuntimeModule(fp32), fp32.artifacts.vocab, data, **common)
-        got = evaluate_model(RuntimeModule(int8), fp32.artifacts.vocab, data, **common)
+    want = evaluate_exported(RuntimeModule(fp32), fp32.artifacts, data, eval_set=eval_set)
+    got = evaluate_exported(RuntimeModule(int8), fp32.artifacts, data, eval_set=eval_set)
     keys = [k for k in recall_keys(want) if k.startswith("R")]
     return {
         "eval": want.get("eval"),

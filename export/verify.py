@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from export.artifacts import load_artifacts
+from export.artifacts import Artifacts, load_artifacts
 from export.runtime import open_runtime
 from export.runtime.model_api import RuntimeModule
 
@@ -41,6 +41,34 @@ def different_recalls(reference: dict[str, Any], exported: dict[str, Any]) -> li
     ]
 
 
+def evaluate_exported(
+    model: nn.Module,
+    arts: Artifacts,
+    data: str | Path,
+    *,
+    eval_set: str | None = None,
+    image_size: int | None = None,
+    batch_size: int = 64,
+) -> dict[str, Any]:
+    """``pipeline.evaluate.evaluate_model`` of ``model`` (the checkpoint's, or a runtime
+    behind ``RuntimeModule``) on ``data`` with the export's preprocessing, on the CPU."""
+    from pipeline.evaluate import evaluate_model
+
+    pre = arts.preprocess
+    with torch.inference_mode():
+        return evaluate_model(
+            model,
+            arts.vocab,
+            data,
+            eval_name=eval_set,
+            image_size=image_size or int(pre["crop"]),
+            mean=pre["mean"],
+            std=pre["std"],
+            batch_size=batch_size,
+            device="cpu",
+        )
+
+
 def verify_recall(
     model: nn.Module,
     art_dir: str | Path,
@@ -53,24 +81,11 @@ def verify_recall(
 ) -> dict[str, dict[str, float]]:
     """Evaluate ``data`` with ``model`` and with the ONNX graphs of ``art_dir``; raise
     ``RecallMismatch`` unless every recall is equal. Returns both metric dicts."""
-    from pipeline.evaluate import evaluate_model
-
     arts = load_artifacts(art_dir)
     runtime = open_runtime(arts, "onnxruntime", "cpu", threads=threads)
-    vocab = arts.vocab
-    pre = arts.preprocess
-    size = image_size or int(pre["crop"])
-    common = dict(
-        eval_name=eval_set,
-        image_size=size,
-        mean=pre["mean"],
-        std=pre["std"],
-        batch_size=batch_size,
-        device="cpu",
-    )
-    with torch.inference_mode():
-        reference = evaluate_model(model, vocab, data, **common)
-        exported = evaluate_model(RuntimeModule(runtime), vocab, data, **common)
+    common = dict(eval_set=eval_set, image_size=image_size, batch_size=batch_size)
+    reference = evaluate_exported(model, arts, data, **common)
+    exported = evaluate_exported(RuntimeModule(runtime), arts, data, **common)
     keys = recall_keys(reference)
     different = different_recalls(reference, exported)
     torch_recalls = {k: reference[k] for k in keys}
