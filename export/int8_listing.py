@@ -21,7 +21,6 @@ from pipeline.checkpoint import sha256_mismatch
 INT8_DIR = "int8"
 INT8_FILE = "int8.json"
 INT8_FORMAT = "composed-retrieval-int8/1"
-PRECISIONS = ("fp32", "int8")  # ONNX Runtime's; TensorRT has fp32 / fp16 engines
 
 
 def listing_path(art_dir: str | Path) -> Path:

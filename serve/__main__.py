@@ -15,7 +15,7 @@ import sys
 
 from export.artifacts import ArtifactError
 from export.engines import TensorRTUnavailable
-from export.runtime import BACKENDS, precision_options
+from export.runtime import BACKENDS, PRECISIONS, precision_options
 from pipeline.checkpoint import CheckpointError
 from serve.batching import CPU_BATCHING, GPU_BATCHING
 from serve.engine import DEFAULT_RERANK_TOP
@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--precision",
-        choices=("fp32", "fp16", "int8"),
+        choices=sorted({p for ps in PRECISIONS.values() for p in ps}),
         default=None,
         help="tensorrt: fp32 or fp16, which engines of export.trt to serve (default: fp16 "
         "when ART_DIR/engines lists fp16 engines for every graph, else fp32); "

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from export.artifacts import Artifacts, load_artifacts
-from export.runtime.base import BACKENDS, ExportedGraphs, GraphRuntime, Reprs
+from export.runtime.base import BACKENDS, PRECISIONS, ExportedGraphs, GraphRuntime, Reprs
 
 __all__ = [
     "BACKENDS",
@@ -30,9 +30,6 @@ __all__ = [
     "open_runtime",
     "precision_options",
 ]
-# The precisions each backend serves, its default first (TensorRT's default is fp16 when
-# the engine listing has fp16 engines for every graph).
-PRECISIONS = {"torch": ("fp32",), "onnxruntime": ("fp32", "int8"), "tensorrt": ("fp32", "fp16")}
 
 
 def precision_options(backend: str, precision: str | None) -> dict[str, Any]:

@@ -27,6 +27,9 @@ from pipeline.models.export_wrappers import graph_tensor_names
 
 Reprs = dict[str, torch.Tensor]
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
+# The precisions each backend serves, its default first (TensorRT's default is fp16 when
+# the engine listing has fp16 engines for every graph).
+PRECISIONS = {"torch": ("fp32",), "onnxruntime": ("fp32", "int8"), "tensorrt": ("fp32", "fp16")}
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64}
 
 

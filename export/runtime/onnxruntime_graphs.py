@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from export.artifacts import ArtifactError, Artifacts, GraphSpec
-from export.int8_listing import PRECISIONS, int8_graph_files
-from export.runtime.base import TORCH_DTYPES, ExportedGraphs, Reprs
+from export.int8_listing import int8_graph_files
+from export.runtime.base import PRECISIONS, TORCH_DTYPES, ExportedGraphs, Reprs
 from pipeline.checkpoint import sha256_mismatch
 
 log = logging.getLogger(__name__)
@@ -106,8 +106,10 @@ class OnnxRuntimeGraphs(ExportedGraphs):
         graph_files: Mapping[str, Path] | None = None,
     ):
         super().__init__(artifacts, device)
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if precision not in PRECISIONS["onnxruntime"]:
+            raise ValueError(
+                f"precision must be one of {PRECISIONS['onnxruntime']}, got {precision!r}"
+            )
         providers = ort_providers(self.device)
         files = int8_graph_files(artifacts) if precision == "int8" else {}
         files.update(graph_files or {})
