@@ -162,7 +162,7 @@ def compare_recalls(fp32, int8, data: str | Path, eval_set: str | None) -> dict[
 
 
 def build_int8(
-    art_dir: str | Path,
+    artifacts: Artifacts | str | Path,
     calibration: np.ndarray,
     parity: np.ndarray,
     *,
@@ -174,12 +174,13 @@ def build_int8(
     overwrite: bool = False,
     calibration_source: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Quantize the image encoder of ``art_dir`` on ``calibration`` images (N, 3, S, S),
+    """Quantize the image encoder of ``artifacts`` (an ART_DIR or its loaded
+    ``Artifacts``) on ``calibration`` images (N, 3, S, S),
     check it (``parity`` images; recalls on ``data`` when given) and write ``int8/``.
     Returns the listing. ``RecallDrop`` when a recall drops by more than allowed."""
     from export.runtime.onnxruntime_graphs import OnnxRuntimeGraphs
 
-    arts = load_artifacts(art_dir)
+    arts = artifacts if isinstance(artifacts, Artifacts) else load_artifacts(artifacts)
     side = arts.image_size
     for name, images in (("calibration", calibration), ("parity", parity)):
         if images.ndim != 4 or images.shape[1:] != (3, side, side) or len(images) == 0:
@@ -276,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         images = read_images(arts, args.data, args.split, count, purpose)
         listing = build_int8(
-            arts.dir,
+            arts,
             images[: args.calibration_images],
             images[args.calibration_images :],
             data=None if args.no_recall else args.data,
