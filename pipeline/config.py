@@ -87,7 +87,8 @@ DEFAULTS: dict[str, Any] = {
         "seed": 0,
         "amp": True,  # bf16 autocast on CUDA
         # ... and on a CPU run too: ~1.5x faster steps where the CPU has AVX-512 BF16
-        # (Zen 4, Sapphire Rapids), much slower where bf16 is emulated; off by default.
+        # (Zen 4, Sapphire Rapids); a CPU without native bf16 trains in float32 and says
+        # so (pipeline.loop.cpu_bf16_autocast). Off by default.
         "amp_on_cpu": False,
         "channels_last": True,
         "log_every": 50,

@@ -178,7 +178,7 @@ def build_run(
         config["data"], train["batch_size"], context.world_size
     )
     device_type = context.device.type
-    use_amp = bool(train["amp"]) and (device_type == "cuda" or bool(train["amp_on_cpu"]))
+    use_amp = bool(train["amp"]) and (device_type == "cuda" or cpu_bf16_autocast(train))
     return Run(
         config=config,
         context=context,
@@ -195,6 +195,26 @@ def build_run(
         else nullcontext(),
         writer=tensorboard_writer(config) if context.is_main else None,
     )
+
+
+def cpu_bf16_supported() -> bool:
+    """Whether oneDNN runs bf16 natively on this CPU (AVX-512 BF16 or AMX)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def cpu_bf16_autocast(train: dict[str, Any]) -> bool:
+    """``train.amp_on_cpu``, where this CPU has native bf16. Elsewhere (AVX2 only: Zen 3,
+    older Xeons) oneDNN's bf16 LSTM cannot be built at all ("could not create a primitive
+    descriptor") and the emulated convolutions are slower than float32, so the run trains
+    in float32 and one log line says why."""
+    if not train["amp_on_cpu"]:
+        return False
+    if cpu_bf16_supported():
+        return True
+    log.warning(
+        "train.amp_on_cpu: this CPU has no native bf16 (AVX-512 BF16 / AMX); training in float32"
+    )
+    return False
 
 
 def restore(run: Run) -> tuple[int, dict[str, Any]]:
