@@ -10,12 +10,11 @@ import logging
 import pytest
 import torch
 from shard_fixtures import write_dataset
-from train_fixtures import tiny_config
+from train_fixtures import final_weights, tiny_config
 
 import pipeline.loop as loop
-from pipeline.checkpoint import load_checkpoint
 from pipeline.distributed import LocalContext
-from pipeline.loop import build_run, train_loop
+from pipeline.loop import build_run
 
 torch.set_num_threads(1)
 WARNING = "train.amp_on_cpu: this CPU has no native bf16 (AVX-512 BF16 / AMX); training in float32"
@@ -35,12 +34,6 @@ def amp_config(dataset, out, amp_on_cpu: bool) -> dict:
         "train.checkpoint_every=0",
         "eval.at_end=false",
     )
-
-
-def final_weights(config) -> dict[str, torch.Tensor]:
-    context = LocalContext(config["train"]["storage_path"], config["train"]["run_name"])
-    train_loop(config, context=context)
-    return load_checkpoint(context.checkpoints()[-1])["model"]
 
 
 def test_without_native_bf16_the_run_trains_float32_and_says_why(

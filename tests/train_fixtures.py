@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
+from pipeline.checkpoint import load_checkpoint
 from pipeline.config import load_config, resolve_run_paths
+from pipeline.distributed import LocalContext
+from pipeline.loop import train_loop
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,3 +44,10 @@ def tiny_config(data: Path, out: Path, *overrides: str, model: str = "tirg") -> 
             ],
         )
     )
+
+
+def final_weights(config: dict) -> dict[str, torch.Tensor]:
+    """Train ``config`` in process; the state dict of its last checkpoint."""
+    context = LocalContext(config["train"]["storage_path"], config["train"]["run_name"])
+    train_loop(config, context=context)
+    return load_checkpoint(context.checkpoints()[-1])["model"]
