@@ -112,6 +112,9 @@ DEFAULTS: dict[str, Any] = {
         "rerank_top": 50,  # CCNet: candidates re-ranked by the correction network
         "grid_png": None,  # path of a result-grid image, None = none
         "at_end": True,  # evaluate after the last step (the bench turns it off)
+        # The gallery decoded once onto the device for every evaluation of a run
+        # (pipeline.gallery_cache): none | device | auto (= device when it fits).
+        "image_cache": "auto",
     },
 }
 
@@ -276,6 +279,10 @@ def validate_config(config: dict) -> None:
     if train["image_cache"] not in ("none", "device", "auto"):
         raise ConfigError(
             f"train.image_cache must be none, device or auto, got {train['image_cache']!r}"
+        )
+    if config["eval"]["image_cache"] not in ("none", "device", "auto"):
+        raise ConfigError(
+            f"eval.image_cache must be none, device or auto, got {config['eval']['image_cache']!r}"
         )
     budget = train["image_cache_gb"]
     if budget is not None and (

@@ -37,6 +37,7 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline import protocols
+from pipeline.gallery_cache import GalleryCache
 from pipeline.gallery_data import gallery_loader
 from pipeline.images import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.models.base import Repr
@@ -64,28 +65,35 @@ def embed_gallery_with_metas(
     device: str | torch.device,
     loader_workers: int = 0,
     show_progress: bool = False,
+    gallery_cache: GalleryCache | None = None,
 ) -> tuple[list[str], Repr, torch.Tensor, list[dict]]:
-    """``embed_gallery`` plus each image's metadata."""
+    """``embed_gallery`` plus each image's metadata; with ``gallery_cache`` (that split,
+    decoded once: ``pipeline.gallery_cache``) no shard is read."""
     device = torch.device(device)
+    mean, std = image_cfg.get("mean", IMAGENET_MEAN), image_cfg.get("std", IMAGENET_STD)
+    if gallery_cache is not None:
+        gallery_cache.check_matches(dataset_dir, split, int(image_cfg["size"]))
+        batches = gallery_cache.batches(batch_size, mean, std)
+    else:
+        batches = gallery_loader(
+            dataset_dir,
+            split,
+            batch_size=batch_size,
+            image_size=int(image_cfg["size"]),
+            mean=mean,
+            std=std,
+            loader_workers=loader_workers,
+            device=device,
+        )
     ids: list[str] = []
     metas: list[dict] = []
     reprs: list[Repr] = []
     targets: list[torch.Tensor] = []
-    loader = gallery_loader(
-        dataset_dir,
-        split,
-        batch_size=batch_size,
-        image_size=int(image_cfg["size"]),
-        mean=image_cfg.get("mean", IMAGENET_MEAN),
-        std=image_cfg.get("std", IMAGENET_STD),
-        loader_workers=loader_workers,
-        device=device,
-    )
     # representations stay on a GPU while they fit half its free memory
     budget = torch.cuda.mem_get_info(device)[0] // 2 if device.type == "cuda" else 0
     held = 0
     for batch_ids, images, batch_metas in tqdm(
-        loader, desc="gallery", unit="batch", disable=not show_progress
+        batches, desc="gallery", unit="batch", disable=not show_progress
     ):
         image_repr = model.encode_image(images.to(device))
         targets.append(model.embed_target(image_repr).float())
@@ -228,13 +236,15 @@ def evaluate_model(
     submission_dir: str | Path | None = None,
     loader_workers: int = 0,
     show_progress: bool = False,
+    gallery_cache: GalleryCache | None = None,
 ) -> dict[str, Any]:
     """Recalls of ``model`` on evaluation set ``eval_name`` (default: the manifest's first).
 
     Returns the protocol's metrics (percent floats, ``score``, ``queries``) plus
     ``protocol``: a one-line description of the protocol and its options. ``grid_png``
     writes a picture of the first queries' top-5 results; ``submission_dir`` writes
-    CIRR's test-server JSON files.
+    CIRR's test-server JSON files. ``gallery_cache``: the evaluation set's gallery
+    decoded once (``pipeline.gallery_cache``), for repeated evaluations.
     """
     device = torch.device(device)
     if query_batch_size is None:
@@ -259,6 +269,7 @@ def evaluate_model(
             device=device,
             loader_workers=loader_workers,
             show_progress=show_progress,
+            gallery_cache=gallery_cache,
         )
         plan = protocols.build_plan(protocol, queries, ids, metas)
         k = max(protocol["ks"])

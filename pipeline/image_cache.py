@@ -72,34 +72,43 @@ def host_available_bytes() -> int:
 
 
 def wants_cache(
-    mode: str, images: int, size: int, device: torch.device, budget_gb: float | None = None
+    mode: str,
+    images: int,
+    size: int,
+    device: torch.device,
+    budget_gb: float | None = None,
+    *,
+    key: str = "train.image_cache",
+    otherwise: str = "streaming from the shards (set train.image_cache_gb to raise it)",
 ) -> bool:
-    """Whether ``train.image_cache`` = ``mode`` caches ``images`` pictures of ``size``;
-    says so in one log line."""
+    """Whether ``key`` = ``mode`` caches ``images`` pictures of ``size``; says so in one
+    log line (``otherwise``: what the run does instead when ``auto`` does not fit)."""
     if mode not in CACHE_MODES:
-        raise ValueError(f"train.image_cache must be one of {CACHE_MODES}, got {mode!r}")
+        raise ValueError(f"{key} must be one of {CACHE_MODES}, got {mode!r}")
     if mode == "none":
         return False
     need = cache_bytes(images, size)
     budget = cache_budget(device, budget_gb)
     what = f"{images} images x 3x{size}x{size} uint8 = {need / 1e6:.0f} MB"
     if need <= budget:
-        log.info("image cache: %s on %s (budget %.0f MB)", what, device, budget / 1e6)
+        log.info("%s: %s on %s (budget %.0f MB)", key, what, device, budget / 1e6)
         return True
     if mode == "device":
         log.warning(
-            "image_cache=device: %s exceeds the budget of %.0f MB on %s; caching anyway",
+            "%s=device: %s exceeds the budget of %.0f MB on %s; caching anyway",
+            key,
             what,
             budget / 1e6,
             device,
         )
         return True
     log.info(
-        "image_cache=auto: %s exceeds the budget of %.0f MB on %s: streaming from the "
-        "shards (set train.image_cache_gb to raise it)",
+        "%s=auto: %s exceeds the budget of %.0f MB on %s: %s",
+        key,
         what,
         budget / 1e6,
         device,
+        otherwise,
     )
     return False
 
@@ -141,7 +150,7 @@ class ImageCache:
                 indices = []
                 for data in datas:
                     try:
-                        square = _square_uint8(data, preprocess, device)
+                        square = square_uint8(data, preprocess, device)
                     except ValueError as err:
                         log.debug("image cache: %s: an image did not decode: %s", key, err)
                         indices.append(-1)
@@ -174,7 +183,7 @@ class ImageCache:
         return batch
 
 
-def _square_uint8(data: bytes, preprocess: ImagePreprocess, device: torch.device) -> torch.Tensor:
+def square_uint8(data: bytes, preprocess: ImagePreprocess, device: torch.device) -> torch.Tensor:
     """Encoded bytes -> uint8 (3, S, S) on ``device``: decoded (nvJPEG on CUDA), resized
     and centre-cropped, rounded. Raises ``ValueError`` for an undecodable image."""
     square = preprocess.square(decode_image(data, device))

@@ -38,6 +38,7 @@ from pipeline.step_graph import (
     optimizer_step,
     step_inputs,
 )
+from pipeline.train_eval import TrainingEvaluator, recall_line
 from pipeline.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
@@ -55,40 +56,6 @@ def local_context(config: dict[str, Any]) -> LocalContext:
         use_gpu=train["use_gpu"],
         num_to_keep=train["num_to_keep"],
     )
-
-
-def evaluate(
-    model: nn.Module, vocab: Vocabulary, config: dict[str, Any], device: torch.device
-) -> dict[str, float]:
-    """The dataset's evaluation protocol (rank 0 only); the model is back in train mode after."""
-    from pipeline.evaluate import evaluate_model
-
-    image, ev = config["image"], config["eval"]
-    was_training = model.training
-    model.eval()
-    try:
-        metrics = evaluate_model(
-            model,
-            vocab,
-            config["data"],
-            eval_name=ev["eval_set"],
-            image_size=image["size"],
-            mean=image["mean"],
-            std=image["std"],
-            batch_size=ev["batch_size"],
-            query_batch_size=ev["query_batch_size"],
-            device=device,
-            rerank_top=ev["rerank_top"],
-            grid_png=ev["grid_png"],
-        )
-    finally:
-        model.train(was_training)
-    return {k: float(v) if isinstance(v, (int, float)) else v for k, v in metrics.items()}
-
-
-def recall_line(recalls: dict[str, Any]) -> str:
-    """``"R@1 12.30  R@5 40.10 ..."``: the protocol's recalls of one evaluation, for the log."""
-    return "  ".join(f"{key} {value:.2f}" for key, value in recalls.items() if key.startswith("R@"))
 
 
 def shard_batches(
@@ -150,6 +117,7 @@ class Run:
     batch_source: BatchSource
     autocast: Any
     writer: Any
+    evaluator: TrainingEvaluator
     stepper: EagerStep | GraphedStep | None = None  # set by ``train_loop`` after a restore
 
 
@@ -194,6 +162,7 @@ def build_run(
         if use_amp
         else nullcontext(),
         writer=tensorboard_writer(config) if context.is_main else None,
+        evaluator=TrainingEvaluator(config, context.device, progress=context.is_main),
     )
 
 
@@ -306,7 +275,7 @@ def evaluate_and_report(
         "samples_per_s": since_report.samples_per_s * context.world_size,
     }
     if with_eval and context.is_main:
-        recalls = evaluate(run.model, run.vocab, run.config, context.device)
+        recalls = run.evaluator(run.model, run.vocab)
         metrics.update(recalls)
         log.info("step %d/%d  eval %s", step, total, recall_line(recalls))
         for key, val in recalls.items():
