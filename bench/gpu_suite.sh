@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU figure of the README in one run on a machine with torch + onnxruntime but no
 # Ray (the lent H100/H200): the paper-scale CSS reproduction first (the figure that
-# matters most), then training throughput (eager/graph x stream/cache), serving and
-# export latency.
+# matters most), then training throughput (eager/graph x stream/cache), evaluation at
+# Fashion200k's size, serving and export latency.
 #
 #   OUT=results/gpu bash bench/gpu_suite.sh [TRAIN_SECONDS] [SEEDS] [MODELS] [EVAL_EVERY] \
 #       2>&1 | tee results/gpu/suite.log
@@ -16,7 +16,10 @@
 # learning curve in the log); the table states the iterations each reached. Where CUDA MPS
 # can be started, the runs share the GPU through it (kernels of several processes run
 # at once instead of time-sliced); the log says which. Each later stage has its own time
-# limit, so a slow stage never costs the others; REPRODUCE_ONLY=1 skips them.
+# limit, so a slow stage never costs the others; REPRODUCE_ONLY=1 skips them and
+# SKIP_REPRODUCE=1 runs only them. On a lent device (at most 600 s per command) that is
+# two commands: `REPRODUCE_ONLY=1 bash bench/gpu_suite.sh 400 3`, then
+# `SKIP_REPRODUCE=1 bash bench/gpu_suite.sh` (~6 min).
 # webdataset/braceexpand wheels may be carried in .whl/ (see README).
 set -uo pipefail
 OUT=${OUT:-results/gpu}
@@ -60,29 +63,31 @@ echo "mps_started=$mps_started"
 stage data: CSS default size at 64 px
 timeout 90 python3 -m shards.css --out /tmp/css64 --render-processes 16 2>&1 | tail -2
 
-models=$(python3 -c "from bench.reproduce import resolve_models; print(len(resolve_models('$MODELS')))")
-runs=$(( models * SEEDS ))
-stage "paper-scale CSS reproduction: $models models ($MODELS) x $SEEDS seeds, $runs runs at once, ${TRAIN_SECONDS} s of training each"
-# The CSS configs' defaults (batch classification, trunk at 1 x lr, the authors' sampler:
-# docs/reproduce.md "CSS defaults"), each run's step as one CUDA graph and its images
-# cached on the GPU (train.step_graph / train.image_cache: auto). One CPU thread per run.
-repro_flags=(--data /tmp/css64 --models "$MODELS" --seeds "$SEEDS" --steps 160000
-    --in-process --paper-scale --parallel "$runs" --out /tmp/reproduce
-    --set train.threads=1 --set train.loader_workers=1
-    --set train.log_every=500 --set train.checkpoint_every=0
-    --set "train.time_limit_s=$TRAIN_SECONDS" --set "train.eval_every=$EVAL_EVERY")
-timeout $(( TRAIN_SECONDS + 150 )) python3 -m bench.reproduce "${repro_flags[@]}" \
-    > /tmp/reproduce.log 2>&1
-echo "reproduce exit code $?"
-grep -E "bench.reproduce: \[|time_limit_s| eval R@|Error|error" /tmp/reproduce.log | tail -60
-python3 -m bench.reproduce "${repro_flags[@]}" --report-only 2>&1 | tail -16
-# the device returns at most 8 files: these four and four bench JSONs (the suite's log
-# is the command's output)
-gzip -c /tmp/reproduce.log > "$OUT/reproduce.log.gz"
-cp /tmp/reproduce/table.md "$OUT/reproduce_table.md"
-cp /tmp/reproduce/runs.json "$OUT/reproduce_runs.json"
-cp /tmp/reproduce/recalls.png "$OUT/reproduce_recalls.png"
-if [ "$mps_started" = 1 ]; then
+if [ "${SKIP_REPRODUCE:-0}" != 1 ]; then
+    models=$(python3 -c "from bench.reproduce import resolve_models; print(len(resolve_models('$MODELS')))")
+    runs=$(( models * SEEDS ))
+    stage "paper-scale CSS reproduction: $models models ($MODELS) x $SEEDS seeds, $runs runs at once, ${TRAIN_SECONDS} s of training each"
+    # The CSS configs' defaults (batch classification, trunk at 1 x lr, the authors' sampler:
+    # docs/reproduce.md "CSS defaults"), each run's step as one CUDA graph and its images
+    # cached on the GPU (train.step_graph / train.image_cache: auto). One CPU thread per run.
+    repro_flags=(--data /tmp/css64 --models "$MODELS" --seeds "$SEEDS" --steps 160000
+        --in-process --paper-scale --parallel "$runs" --out /tmp/reproduce
+        --set train.threads=1 --set train.loader_workers=1
+        --set train.log_every=500 --set train.checkpoint_every=0
+        --set "train.time_limit_s=$TRAIN_SECONDS" --set "train.eval_every=$EVAL_EVERY")
+    timeout $(( TRAIN_SECONDS + 150 )) python3 -m bench.reproduce "${repro_flags[@]}" \
+        > /tmp/reproduce.log 2>&1
+    echo "reproduce exit code $?"
+    grep -E "bench.reproduce: \[|time_limit_s| eval R@|Error|error" /tmp/reproduce.log | tail -60
+    python3 -m bench.reproduce "${repro_flags[@]}" --report-only 2>&1 | tail -16
+    # the device returns at most 8 files: these four and four bench JSONs (train
+    # throughput x 2, evaluation speed, serving latency; the log is the command's output)
+    gzip -c /tmp/reproduce.log > "$OUT/reproduce.log.gz"
+    cp /tmp/reproduce/table.md "$OUT/reproduce_table.md"
+    cp /tmp/reproduce/runs.json "$OUT/reproduce_runs.json"
+    cp /tmp/reproduce/recalls.png "$OUT/reproduce_recalls.png"
+fi
+if [ "$mps_started" = 1 ]; then  # the benches below time one process on the GPU
     stop_mps
     sleep 1
 fi
@@ -99,6 +104,9 @@ timeout 150 python3 bench/train_throughput.py --data /tmp/css64 --cases tirg:64:
 timeout 240 python3 bench/train_throughput.py --data /tmp/css224 \
     --cases tirg:224:32 tirg:224:256 ccnet:224:32 --steps 50 --warmup 15 \
     --set train.loader_workers=8 --out "$OUT/train_throughput_224.json" 2>&1 | grep -v "image cache" | tail -16
+
+stage "evaluation at Fashion200k's size: 33,480 queries x 29,789 cached gallery images, 224 px, one pass"
+timeout 120 python3 -m bench.eval_speed --device cuda --out "$OUT/eval_speed.json" 2>&1 | tail -12
 
 stage serving latency: search over 10k/100k/1M fp16 embeddings and the query network
 timeout 70 python3 bench/serve_latency.py --device cuda --seconds 0.5 --no-faiss \

@@ -28,6 +28,7 @@ import argparse
 import json
 import logging
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +111,12 @@ def embed_gallery_with_metas(
     return ids, stacked, torch.cat(targets), metas
 
 
+def eval_autocast(device: torch.device, amp: bool):
+    """bf16 autocast for evaluation's forward passes when ``amp`` (a GPU run trained
+    with ``train.amp``), else nothing; the score matrix is computed in fp32 either way."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
+
+
 def embed_gallery(
     model: nn.Module,
     dataset_dir: str | Path,
@@ -164,7 +171,9 @@ def rank_queries(
         text_repr = model.encode_text(tokens.to(device), lengths.to(device))
         ref_rows = torch.as_tensor(plan.ref_index[rows])
         ref_repr = gather_rows(gallery_repr, ref_rows, device)
-        scores = model.compose(ref_repr, text_repr).float() @ targets.T  # (c, N)
+        composed = model.compose(ref_repr, text_repr).float()
+        with torch.autocast(device.type, enabled=False):  # scores in fp32 under bf16 forwards
+            scores = composed @ targets.T  # (c, N)
         top_idx, top_scores = protocols.rank_scores(scores, plan, rows, k)  # masks in place
         if subsets:
             candidates = protocols.subset_candidates(plan, rows).to(device)
@@ -237,6 +246,7 @@ def evaluate_model(
     loader_workers: int = 0,
     show_progress: bool = False,
     gallery_cache: GalleryCache | None = None,
+    amp: bool = False,
 ) -> dict[str, Any]:
     """Recalls of ``model`` on evaluation set ``eval_name`` (default: the manifest's first).
 
@@ -244,7 +254,8 @@ def evaluate_model(
     ``protocol``: a one-line description of the protocol and its options. ``grid_png``
     writes a picture of the first queries' top-5 results; ``submission_dir`` writes
     CIRR's test-server JSON files. ``gallery_cache``: the evaluation set's gallery
-    decoded once (``pipeline.gallery_cache``), for repeated evaluations.
+    decoded once (``pipeline.gallery_cache``), for repeated evaluations. ``amp``: the
+    model's forward passes under bf16 autocast (``eval_autocast``; scores stay fp32).
     """
     device = torch.device(device)
     if query_batch_size is None:
@@ -260,36 +271,37 @@ def evaluate_model(
     was_training = model.training
     model.eval()
     try:
-        ids, gallery_repr, targets, metas = embed_gallery_with_metas(
-            model,
-            dataset_dir,
-            ev["gallery"],
-            image_cfg={"size": image_size, "mean": mean, "std": std},
-            batch_size=batch_size,
-            device=device,
-            loader_workers=loader_workers,
-            show_progress=show_progress,
-            gallery_cache=gallery_cache,
-        )
-        plan = protocols.build_plan(protocol, queries, ids, metas)
-        k = max(protocol["ks"])
-        if protocol.get("subset_ks"):
-            k = max(k, protocols.CIRR_SUBMISSION_TOP)
-        if getattr(model, "has_correction", False):
-            k = max(k, rerank_top)
-        ranking, subset_ranking = rank_queries(
-            model,
-            vocab,
-            queries,
-            plan,
-            gallery_repr=gallery_repr,
-            targets=targets,
-            k=min(k, len(ids)),
-            batch_size=query_batch_size,
-            rerank_top=rerank_top,
-            subsets=bool(protocol.get("subset_ks")),
-            show_progress=show_progress,
-        )
+        with eval_autocast(device, amp):
+            ids, gallery_repr, targets, metas = embed_gallery_with_metas(
+                model,
+                dataset_dir,
+                ev["gallery"],
+                image_cfg={"size": image_size, "mean": mean, "std": std},
+                batch_size=batch_size,
+                device=device,
+                loader_workers=loader_workers,
+                show_progress=show_progress,
+                gallery_cache=gallery_cache,
+            )
+            plan = protocols.build_plan(protocol, queries, ids, metas)
+            k = max(protocol["ks"])
+            if protocol.get("subset_ks"):
+                k = max(k, protocols.CIRR_SUBMISSION_TOP)
+            if getattr(model, "has_correction", False):
+                k = max(k, rerank_top)
+            ranking, subset_ranking = rank_queries(
+                model,
+                vocab,
+                queries,
+                plan,
+                gallery_repr=gallery_repr,
+                targets=targets,
+                k=min(k, len(ids)),
+                batch_size=query_batch_size,
+                rerank_top=rerank_top,
+                subsets=bool(protocol.get("subset_ks")),
+                show_progress=show_progress,
+            )
     finally:
         model.train(was_training)
     metrics = protocols.compute_metrics(protocol, queries, ids, metas, ranking, subset_ranking)

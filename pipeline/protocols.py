@@ -273,19 +273,33 @@ def hit_matrix(
     ranking: np.ndarray,
 ) -> np.ndarray:
     """(M, K) bool: whether the j-th result of query i hits its target (-1 never hits)."""
-    ranking = np.asarray(ranking)
-    hits = np.zeros(ranking.shape, dtype=bool)
+    if protocol["hit"] == "label":
+        return hits_by_key(queries, gallery_ids, [gallery_label(m) for m in gallery_metas], ranking)
+    return hits_by_key(queries, gallery_ids, None, ranking)
+
+
+def hits_by_key(
+    queries: list[dict], gallery_ids: list[str], keys: list | None, ranking: np.ndarray
+) -> np.ndarray:
+    """(M, K) bool: whether result j of query i has the key (``keys[row]``; None: the row
+    itself) of one of the query's ``target_ids``; rows -1 never hit. Vectorised over the
+    whole ranking: a Fashion200k evaluation is 33,480 x 50 results."""
+    ranking = np.asarray(ranking, dtype=np.int64)
     index = {gid: i for i, gid in enumerate(gallery_ids)}
-    labels = [gallery_label(m) for m in gallery_metas] if protocol["hit"] == "label" else None
-    for i, q in enumerate(queries):
-        rows = ranking[i]
-        targets = [_row(index, q, t, "target_ids") for t in q["target_ids"]]
-        if labels is None:
-            hits[i] = np.isin(rows, targets) & (rows >= 0)
-        else:
-            wanted = {labels[t] for t in targets}
-            hits[i] = [r >= 0 and labels[r] in wanted for r in rows]
-    return hits
+    if keys is None:
+        codes = np.arange(len(gallery_ids), dtype=np.int64)
+    else:
+        numbering: dict[Any, int] = {}
+        codes = np.array([numbering.setdefault(k, len(numbering)) for k in keys], dtype=np.int64)
+    target_rows = [[_row(index, q, t, "target_ids") for t in q["target_ids"]] for q in queries]
+    width = max([len(rows) for rows in target_rows] + [1])
+    wanted = np.full((len(queries), width), -2, dtype=np.int64)  # -2: never a code
+    for i, rows in enumerate(target_rows):
+        wanted[i, : len(rows)] = codes[rows]
+    if ranking.size == 0 or len(codes) == 0:
+        return np.zeros(ranking.shape, dtype=bool)
+    found = np.where(ranking >= 0, codes[ranking.clip(min=0)], -1)
+    return (found[:, :, None] == wanted[:, None, :]).any(axis=2)
 
 
 def recall_at(hits: np.ndarray, ks: list[int]) -> dict[int, float]:
@@ -333,13 +347,9 @@ def compute_metrics(
         for k, r in recall_at(hits, ks).items():
             metrics[f"R@{k}"] = r
     if name == "mitstates":
-        index = {gid: i for i, gid in enumerate(gallery_ids)}
         parts = [adj_noun(m) for m in gallery_metas]
         for which, pos in (("adj", 0), ("noun", 1)):
-            part_hits = np.zeros(top.shape, dtype=bool)
-            for i, q in enumerate(qs):
-                wanted = {parts[_row(index, q, t, "target_ids")][pos] for t in q["target_ids"]}
-                part_hits[i] = [r >= 0 and parts[r][pos] in wanted for r in top[i]]
+            part_hits = hits_by_key(qs, gallery_ids, [p[pos] for p in parts], top)
             for k, r in recall_at(part_hits, ks).items():
                 metrics[f"{which}/R@{k}"] = r
     if protocol.get("subset_ks"):

@@ -66,6 +66,8 @@ class TrainingEvaluator:
                 rerank_top=ev["rerank_top"],
                 grid_png=ev["grid_png"],
                 gallery_cache=self.gallery_cache(),
+                # a GPU run trained under bf16 autocast evaluates under it too
+                amp=bool(self.config["train"]["amp"]) and self.device.type == "cuda",
             )
         finally:
             model.train(was_training)

@@ -8,12 +8,14 @@ query has at least one valid step.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 PAD, UNK = "<pad>", "<unk>"
@@ -79,11 +81,14 @@ class Vocabulary:
             if pad_to < width:
                 raise ValueError(f"pad_to={pad_to} is shorter than the longest text ({width})")
             width = pad_to
-        tokens = torch.full((len(seqs), width), PAD_ID, dtype=torch.long)
-        for i, s in enumerate(seqs):
-            tokens[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
-        return tokens, lengths
+        # one flat fill instead of a tensor per row: evaluation encodes ~10^5 texts
+        lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
+        tokens = np.full((len(seqs), width), PAD_ID, dtype=np.int64)
+        flat = itertools.chain.from_iterable(seqs)
+        tokens[np.arange(width) < lengths[:, None]] = np.fromiter(
+            flat, np.int64, int(lengths.sum())
+        )
+        return torch.from_numpy(tokens), torch.from_numpy(lengths)
 
     def decode(self, ids: Iterable[int]) -> str:
         return " ".join(self.words[i] for i in ids if i != PAD_ID)

@@ -288,3 +288,28 @@ def test_options_and_inputs_are_validated():
             ids,
             metas,
         )
+
+
+@pytest.mark.parametrize("hit", ["label", "id"])
+def test_hit_matrix_equals_a_loop_over_every_result(hit):
+    """The vectorised hits against the definition, on random rankings with -1 padding,
+    several targets per query and gallery images without a label."""
+    rng = np.random.default_rng(0)
+    ids = [f"g{i}" for i in range(40)]
+    metas = [{"id": g, **({"label": f"l{i % 7}"} if i % 9 else {})} for i, g in enumerate(ids)]
+    queries = [
+        {"qid": q, "ref_id": ids[q], "target_ids": list(rng.choice(ids, rng.integers(1, 4)))}
+        for q in range(25)
+    ]
+    ranking = rng.integers(-1, len(ids), size=(25, 12))
+    got = protocols.hit_matrix({"hit": hit}, queries, ids, metas, ranking)
+    labels = [protocols.gallery_label(m) for m in metas]
+    for i, q in enumerate(queries):
+        targets = [ids.index(t) for t in q["target_ids"]]
+        for j, row in enumerate(ranking[i]):
+            if hit == "label":
+                expected = row >= 0 and labels[row] in {labels[t] for t in targets}
+            else:
+                expected = row >= 0 and row in targets
+            assert got[i, j] == expected, (i, j)
+    assert protocols.hit_matrix({"hit": hit}, queries[:0], ids, metas, ranking[:0]).shape == (0, 12)
