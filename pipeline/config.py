@@ -276,14 +276,10 @@ def validate_config(config: dict) -> None:
             f"train.batch_size ({train['batch_size']}) must be a multiple of "
             f"train.triplets_per_group ({per_group}), so every batch holds whole runs"
         )
-    if train["image_cache"] not in ("none", "device", "auto"):
-        raise ConfigError(
-            f"train.image_cache must be none, device or auto, got {train['image_cache']!r}"
-        )
-    if config["eval"]["image_cache"] not in ("none", "device", "auto"):
-        raise ConfigError(
-            f"eval.image_cache must be none, device or auto, got {config['eval']['image_cache']!r}"
-        )
+    for section in ("train", "eval"):  # the training images' cache and the gallery's
+        mode = config[section]["image_cache"]
+        if mode not in ("none", "device", "auto"):
+            raise ConfigError(f"{section}.image_cache must be none, device or auto, got {mode!r}")
     budget = train["image_cache_gb"]
     if budget is not None and (
         isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0
