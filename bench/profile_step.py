@@ -41,7 +41,7 @@ def run_steps(
     model, optimizer, batch, steps: int, loss_name: str, amp: bool, device: torch.device
 ) -> float:
     """Mean seconds per training step over ``steps`` steps (after the caller's warm-up)."""
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if amp else nullcontext()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
@@ -67,7 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--loss", default="soft_triplet")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--no-amp", action="store_true")
+    parser.add_argument("--no-amp", action="store_true", help="float32 on a GPU")
+    parser.add_argument(
+        "--amp-on-cpu", action="store_true", help="bf16 autocast on a CPU too (AVX-512 BF16)"
+    )
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads")
     parser.add_argument("--no-channels-last", action="store_true")
     parser.add_argument("--cudnn-benchmark", action="store_true")
     parser.add_argument("--profile-rows", type=int, default=25)
@@ -76,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
 
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
-    amp = not args.no_amp and device.type == "cuda"
+    amp = not args.no_amp and (device.type == "cuda" or args.amp_on_cpu)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     channels_last = not args.no_channels_last
     torch.manual_seed(0)
     model = create_model(args.model, vocab_size=1000).to(device)

@@ -216,6 +216,23 @@ def test_bad_inputs_raise_clear_errors(models, name):
             model(*args)
 
 
+def test_text_only_training_never_encodes_the_reference():
+    """As in the TIRG code, the text-only baseline's training step runs the CNN on the
+    targets alone: batch norm's running statistics (used for target embeddings at
+    evaluation) are those of the targets, and the step costs a third less."""
+    refs, tokens, lengths, targets = triplets(4)
+    model, targets_only = build("text_only").train(), build("text_only").train()
+    model(refs * 10 + 3, tokens, lengths, targets)
+    targets_only.encode_image(targets)
+    for key, value in targets_only.image_encoder.state_dict().items():
+        torch.testing.assert_close(model.image_encoder.state_dict()[key], value, msg=key)
+    model.eval()
+    expected = torch.nn.functional.normalize(model.text_encoder(tokens, lengths), dim=1)
+    torch.testing.assert_close(model(refs, tokens, lengths, targets)["query"], expected)
+    with pytest.raises(ValueError, match="ref_images"):
+        model(refs[:, :1], tokens, lengths, targets)
+
+
 def test_value_checks_are_skipped_while_a_cuda_graph_captures(monkeypatch):
     """Reading token ids back is a host sync, which would invalidate a CUDA graph capture
     (the training step's, serving's query graphs): the value checks step aside then,

@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pipeline.models.base import Repr
+from pipeline.models.checks import check_images, check_same_batch
 from pipeline.models.encoder_composer import EncoderComposerModel
 from pipeline.models.registry import register_model
 
@@ -28,6 +30,28 @@ class TextOnly(EncoderComposerModel):
 
     def combine(self, image_repr: Repr, text_repr: Repr) -> torch.Tensor:
         return text_repr[0]
+
+    def forward(
+        self,
+        ref_images: torch.Tensor,
+        tokens: torch.Tensor,
+        lengths: torch.Tensor,
+        target_images: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """-> {"query": (B, D), "target": (B, D), "loss_scale": ()}.
+
+        The reference images are checked but never encoded, as in the TIRG code
+        (``SimpleModelTextOnly.compose_img_text`` reads only the text): encoding them
+        would cost a third of the step and fold them into batch norm's running
+        statistics, which the target embeddings use at evaluation.
+        """
+        check_images(ref_images, "ref_images")
+        check_same_batch(
+            ref_images=ref_images, tokens=tokens, lengths=lengths, target_images=target_images
+        )
+        query = F.normalize(self.combine((), self.encode_text(tokens, lengths)), dim=1)
+        target = self.embed_target(self.encode_image(target_images))
+        return {"query": query, "target": target, "loss_scale": self.loss_scale}
 
 
 @register_model("concat")
