@@ -13,7 +13,8 @@ needs only torch and webdataset) for each case (model, image size, batch) and ea
 
 Throughput is measured between the end of step ``--warmup`` and the last step. Each
 JSON row carries ``gpu``, ``model``, ``image_size``, ``batch``, ``path``,
-``ms_per_step`` and ``triplets_per_s``, with the step mode the run really used (a CPU
+``image_format`` (the shards' ``jpg``/``png``, or ``tensor``), ``ms_per_step`` and
+``triplets_per_s``, with the step mode the run really used (a CPU
 run asked for a graph runs eagerly and the row says why), GPU utilisation and peak
 memory; on a GPU every row also holds a ``profile``: the top operators of
 ``--profile-steps`` steps (torch.profiler), so a row below its target says where the
@@ -41,6 +42,7 @@ import platform  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
+import tarfile  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
@@ -51,6 +53,8 @@ import torch  # noqa: E402
 
 from pipeline.config import load_config, resolve_run_paths  # noqa: E402
 from pipeline.vocab import Vocabulary  # noqa: E402
+from shards.manifest import load_manifest, shard_paths  # noqa: E402
+from shards.verify import IMAGE_EXTS  # noqa: E402
 
 PATHS = tuple(f"{s}-{d}" for s in ("eager", "graph") for d in ("stream", "cache", "synthetic"))
 DEFAULT_PATHS = ("eager-stream", "eager-cache", "graph-stream", "graph-cache")
@@ -199,6 +203,19 @@ def top_operators(profiler, steps: int, rows: int = 12) -> list[dict[str, Any]]:
     ]
 
 
+def image_format(data: str | Path) -> str:
+    """The extension of the first training image of ``data`` (``jpg``, ``png``, ...): on a
+    GPU a JPEG is decoded by nvJPEG in the training process, anything else by the loader
+    workers, so the streamed rows depend on it."""
+    first = shard_paths(data, load_manifest(data), "train")[0]
+    with tarfile.open(first) as tar:
+        for name in tar.getnames():
+            ext = name.rsplit(".", 1)[-1].lower()
+            if ext in IMAGE_EXTS:
+                return "jpg" if ext == "jpeg" else ext
+    raise ValueError(f"{first} holds no image (expected one of {IMAGE_EXTS})")
+
+
 def parse_case(text: str) -> tuple[str, int, int]:
     """``model:image_size:batch`` -> (model, size, batch)."""
     try:
@@ -299,6 +316,7 @@ def run_path(
         "image_size": size,
         "batch": batch,
         "path": path,
+        "image_format": "tensor" if path.endswith("synthetic") else image_format(args.data),
         "ms_per_step": round(1000 * batch / triplets_per_s, 2),
         "triplets_per_s": round(triplets_per_s, 1),
         "target_triplets_per_s_h200": H200_TARGETS.get(case),
@@ -348,7 +366,7 @@ def environment() -> dict[str, Any]:
 def print_table(rows: list[dict[str, Any]]) -> None:
     print(f"GPU: {rows[0]['gpu'] if rows else '-'}")
     print(
-        f"{'model':<7} {'size':>4} {'batch':>5} {'path':<16} {'ms/step':>8} "
+        f"{'model':<7} {'size':>4} {'batch':>5} {'path':<16} {'images':<6} {'ms/step':>8} "
         f"{'triplets/s':>10} {'H200 target':>11} {'GPU util':>8}  step"
     )
     for r in rows:
@@ -357,6 +375,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         mode = "; ".join(r["step_mode"]).replace("train.step_graph: ", "") or "eager"
         print(
             f"{r['model']:<7} {r['image_size']:>4} {r['batch']:>5} {r['path']:<16} "
+            f"{r['image_format']:<6} "
             f"{r['ms_per_step']:>8.1f} {r['triplets_per_s']:>10.1f} "
             f"{'-' if target is None else target:>11} "
             f"{'-' if util is None else f'{util:.0f}%':>8}  {mode[:60]}"

@@ -62,18 +62,20 @@ from shards.css_scenes import (  # noqa: F401  (SMALL, PRESETS, CssConfig: the p
     plan_split,
     scene_label,
 )
-from shards.render import encode_png, render_scene
+from shards.render import IMAGE_FORMATS, encode_image, render_scene
 from shards.writer import DatasetWriter
 
 log = logging.getLogger(__name__)
 
 
 # -- writing ------------------------------------------------------------------------------
-def render_task(task: tuple[Scene, int, str]) -> bytes:
-    """PNG bytes of one scene; jitter is seeded by the image's own key, not by the worker."""
-    scene, image_size, jitter_key = task
+def render_task(task: tuple[Scene, int, str, str, int]) -> bytes:
+    """Encoded bytes of one scene (PNG or JPEG); jitter is seeded by the image's own key,
+    not by the worker."""
+    scene, image_size, jitter_key, image_format, quality = task
     objects = [object_dict(o) for o in scene]
-    return encode_png(render_scene(objects, image_size, random.Random(jitter_key)))
+    image = render_scene(objects, image_size, random.Random(jitter_key))
+    return encode_image(image, image_format, quality)
 
 
 def generate_css(
@@ -94,12 +96,24 @@ def generate_css(
         raise ValueError(f"scene, modification and pool counts must be >= 1, got {config}")
     if config.image_size < 8:
         raise ValueError(f"image_size must be >= 8 pixels, got {config.image_size}")
+    if config.image_format not in IMAGE_FORMATS:
+        raise ValueError(
+            f"image_format must be one of {IMAGE_FORMATS}, got {config.image_format!r}"
+        )
+    if not 1 <= config.jpeg_quality <= 100:
+        raise ValueError(f"jpeg_quality must be in [1, 100], got {config.jpeg_quality}")
     if Path(out_dir).exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists; pass --overwrite to replace it")
     start = time.perf_counter()
     plans = {split: plan_split(split, config) for split in ("train", "test")}
     tasks = [
-        (scene, config.image_size, f"css-{config.seed}-{split}-{i}")
+        (
+            scene,
+            config.image_size,
+            f"css-{config.seed}-{split}-{i}",
+            config.image_format,
+            config.jpeg_quality,
+        )
         for split in ("train", "test")
         for i, scene in enumerate(s for p in plans[split] for s in (p.scene, *p.targets))
     ]
@@ -116,8 +130,8 @@ def generate_css(
         images = _rendered(tasks, workers, progress)
         try:
             text_rng = random.Random(f"css-{config.seed}-texts")
-            _write_train(writer, plans["train"], images, text_rng, config.texts_per_pair)
-            queries = _write_test(writer, plans["test"], images, text_rng)
+            _write_train(writer, plans["train"], images, text_rng, config)
+            queries = _write_test(writer, plans["test"], images, text_rng, config.image_format)
         finally:
             images.close()  # stops the render processes when writing fails
         writer.set_queries("queries.json", queries)
@@ -156,7 +170,7 @@ def _write_train(
     plans: list[SourcePlan],
     images: Iterator[bytes],
     rng: random.Random,
-    texts_per_pair: int,
+    config: CssConfig,
 ) -> None:
     index = 0
     for g, plan in enumerate(plans):
@@ -169,7 +183,7 @@ def _write_train(
                     "objects": [object_dict(o) for o in scene],
                 }
             )
-            blobs.append((next(images), "png"))
+            blobs.append((next(images), config.image_format))
             index += 1
         pairs = []
         for i, mod in enumerate(plan.mods, start=1):
@@ -179,7 +193,7 @@ def _write_train(
                     "ref": 0,
                     "tgt": i,
                     "mod": mod_dict(mod),
-                    "texts": rng.sample(texts, min(texts_per_pair, len(texts))),
+                    "texts": rng.sample(texts, min(config.texts_per_pair, len(texts))),
                 }
             )
         group = {"group": f"g{g:06d}", "members": members, "pairs": pairs, "derive": None}
@@ -187,7 +201,11 @@ def _write_train(
 
 
 def _write_test(
-    writer: DatasetWriter, plans: list[SourcePlan], images: Iterator[bytes], rng: random.Random
+    writer: DatasetWriter,
+    plans: list[SourcePlan],
+    images: Iterator[bytes],
+    rng: random.Random,
+    image_format: str,
 ) -> list[dict[str, Any]]:
     queries: list[dict[str, Any]] = []
     index = 0
@@ -200,7 +218,7 @@ def _write_test(
                 "label": scene_label(scene),
                 "objects": [object_dict(o) for o in scene],
             }
-            writer.add_gallery("gallery", f"g{index:08d}", meta, next(images), "png")
+            writer.add_gallery("gallery", f"g{index:08d}", meta, next(images), image_format)
             index += 1
         for i, mod in enumerate(plan.mods, start=1):
             queries.append(
@@ -284,6 +302,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--image-size", type=int, default=defaults.image_size)
     parser.add_argument(
+        "--image-format",
+        choices=IMAGE_FORMATS,
+        default=defaults.image_format,
+        help="png (lossless, as the CSS release; decoded on the CPU) or jpg (as photo "
+        "catalogues; decoded by nvJPEG on a GPU)",
+    )
+    parser.add_argument(
+        "--jpeg-quality",
+        type=int,
+        default=defaults.jpeg_quality,
+        help="JPEG quality 1-100 with --image-format jpg",
+    )
+    parser.add_argument(
         "--shard-size", type=int, help=preset_help("shard_size", "images per shard")
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -303,7 +334,16 @@ def main(argv: list[str] | None = None) -> int:
     for field in ("train_scenes", "test_scenes", "mods_per_scene", "mod_pool", "shard_size"):
         if getattr(args, field) is not None:
             settings[field] = getattr(args, field)
-    config = dataclasses.replace(defaults, seed=args.seed, image_size=args.image_size, **settings)
+    if not 1 <= args.jpeg_quality <= 100:
+        parser.error(f"--jpeg-quality must be in [1, 100], got {args.jpeg_quality}")
+    config = dataclasses.replace(
+        defaults,
+        seed=args.seed,
+        image_size=args.image_size,
+        image_format=args.image_format,
+        jpeg_quality=args.jpeg_quality,
+        **settings,
+    )
     start = time.perf_counter()
     try:
         manifest = generate_css(

@@ -52,6 +52,8 @@ class CssConfig:
     image_size: int = 64
     shard_size: int = 1000  # images per shard (train: whole groups per shard)
     texts_per_pair: int = 3  # paraphrases stored per train pair
+    image_format: str = "png"  # "png" (lossless, as the CSS release) or "jpg"
+    jpeg_quality: int = 90  # with image_format "jpg"
 
 
 SMALL = {
