@@ -47,15 +47,35 @@ def decode_batch_on_device(
     if not keep:
         raise ValueError(f"every image of a batch failed to decode on {device}: {batch['ref_ids']}")
     index = torch.tensor(keep, dtype=torch.long)
+    ref_images, target_images = preprocess_pairs([pairs[i] for i in keep], preprocess, rng)
+    # non_blocking: nothing here waits for the training step in flight on the GPU
     return {
-        "ref_images": torch.stack([preprocess(pairs[i][0], rng) for i in keep]),
-        "target_images": torch.stack([preprocess(pairs[i][1], rng) for i in keep]),
-        "tokens": batch["tokens"][index].to(device),
-        "lengths": batch["lengths"][index].to(device),
+        "ref_images": ref_images,
+        "target_images": target_images,
+        "tokens": batch["tokens"][index].to(device, non_blocking=True),
+        "lengths": batch["lengths"][index].to(device, non_blocking=True),
         "texts": [batch["texts"][i] for i in keep],
         "ref_ids": [batch["ref_ids"][i] for i in keep],
         "target_ids": [batch["target_ids"][i] for i in keep],
     }
+
+
+def preprocess_pairs(
+    pairs: list[tuple[torch.Tensor, torch.Tensor]], preprocess: ImagePreprocess, rng: random.Random
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoded uint8 (reference, target) images -> two float32 (B, 3, S, S) batches.
+
+    Without augmentation, images of one shape (a catalogue's usual case) go through the
+    resize and normalisation as one batch: a few kernel launches instead of a few per
+    image, which at batch 256 would keep the host busy for longer than the GPU's step.
+    Otherwise each image is prepared alone, every reference first (the crops' draw order).
+    """
+    images = [ref for ref, _ in pairs] + [target for _, target in pairs]
+    if not preprocess.augment and len({tuple(x.shape) for x in images}) == 1:
+        both = preprocess(torch.stack(images))
+    else:
+        both = torch.stack([preprocess(x, rng) for x in images])
+    return both[: len(pairs)], both[len(pairs) :]
 
 
 def crop_boxes(rng: random.Random, count: int, size: int) -> torch.Tensor:

@@ -314,8 +314,10 @@ class ImagePreprocess:
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         """float (..., 3, size, size) in [0, 1] -> ``(x - mean) / std``, contiguous."""
-        mean = torch.tensor(self.mean, device=x.device).view(3, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(3, 1, 1)
+        # non_blocking: a blocking host-to-device copy waits for the GPU to finish the
+        # training step in flight, which would serialise data preparation with it
+        mean = torch.tensor(self.mean).view(3, 1, 1).to(x.device, non_blocking=True)
+        std = torch.tensor(self.std).view(3, 1, 1).to(x.device, non_blocking=True)
         return ((x - mean) / std).contiguous()
 
     def _central_square(self, images: torch.Tensor) -> torch.Tensor | None:

@@ -103,6 +103,32 @@ def test_decode_on_device_batch_drops_corrupt_triplets():
     assert out["tokens"].tolist() == [[2, 3], [5, 0]] and out["lengths"].tolist() == [2, 1]
 
 
+@pytest.mark.parametrize(
+    ("indices", "augment"),
+    [((0, 3, 6, 9, 12, 15), False), ((0, 1, 2, 3, 4, 5), False), ((0, 3, 6, 9, 12, 15), True)],
+    ids=["one-shape", "mixed-shapes", "augment"],
+)
+def test_decoded_batches_are_prepared_as_each_image_alone(indices, augment):
+    """A batch of one shape goes through one resize; it gives what each image alone
+    gives. Mixed shapes and augmentation go image by image, crops drawn references first."""
+    datas = [image_bytes(i) for i in indices]
+    batch = {
+        "ref_data": datas[:3],
+        "target_data": datas[3:],
+        "tokens": torch.tensor([[2], [3], [4]]),
+        "lengths": torch.tensor([1, 1, 1]),
+        "texts": ["a", "b", "c"],
+        "ref_ids": ["r0", "r1", "r2"],
+        "target_ids": ["t0", "t1", "t2"],
+    }
+    preprocess = ImagePreprocess(16, augment=augment)
+    out = decode_batch_on_device(batch, preprocess, torch.device("cpu"), random.Random(5))
+    rng = random.Random(5)
+    alone = [preprocess(decode_image(data), rng) for data in datas]
+    torch.testing.assert_close(out["ref_images"], torch.stack(alone[:3]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(out["target_images"], torch.stack(alone[3:]), atol=1e-6, rtol=0)
+
+
 def test_gpu_readers_predecode_png_in_the_worker_and_keep_jpeg_bytes():
     png, jpg = image_bytes(1), image_bytes(2, ext="jpg")
     decoded = predecode_for_gpu(png)
