@@ -75,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-channels-last", action="store_true")
     parser.add_argument("--cudnn-benchmark", action="store_true")
     parser.add_argument("--profile-rows", type=int, default=25)
+    parser.add_argument(
+        "--by-shape", action="store_true", help="one profile row per operator and input shape"
+    )
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args(argv)
 
@@ -114,13 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     batch = make_batch(args.batches[0], args.image_size, 12, 1000, device, channels_last)
-    with torch.profiler.profile(activities=activities) as prof:
+    with torch.profiler.profile(activities=activities, record_shapes=args.by_shape) as prof:
         run_steps(model, optimizer, batch, 5, args.loss, amp, device)
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    table = prof.key_averages().table(sort_by=sort, row_limit=args.profile_rows)
-    cpu_table = prof.key_averages().table(
-        sort_by="self_cpu_time_total", row_limit=args.profile_rows
-    )
+    averages = prof.key_averages(group_by_input_shape=args.by_shape)
+    table = averages.table(sort_by=sort, row_limit=args.profile_rows)
+    cpu_table = averages.table(sort_by="self_cpu_time_total", row_limit=args.profile_rows)
     print(table)
     print(cpu_table)
     if args.json_out:

@@ -162,8 +162,9 @@ def plot_recalls(path: str | Path, rows: list[dict[str, Any]], title: str) -> No
     ax.set_xticks(range(len(models)), models, rotation=30, ha="right")
     ax.set_ylabel("recall (%)")
     ax.set_ylim(0, 100)
-    ax.set_title(title)
-    ax.legend(fontsize=8, ncol=4, loc="upper right")
+    ax.set_title(title, pad=24)
+    # above the axes: inside them it covers the bars of recalls near 100
+    ax.legend(fontsize=8, ncol=4, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
