@@ -8,6 +8,8 @@
 # of SUITE_SECONDS (default 570: one device call runs at most 600 s, and a session's
 # device time is about 15 minutes, machine start included, so the suite runs once):
 #
+#   gputests    the CUDA-only tests: every model's training step captured as one CUDA graph
+#               trains what eager steps train; batch preparation never syncs
 #   throughput  bench/train_throughput.py: eager vs graph x stream vs cache, TIRG 64 px
 #               batch 32 (PNG shards), TIRG 224 px batch 32 and 256, CCNet 224 px batch
 #               32 (JPEG shards, nvJPEG on the streamed path)
@@ -21,12 +23,12 @@
 #   serve       bench/serve_latency.py: exact search over 10k/100k/1M fp16 rows + query net
 #   export      bench.export_latency: torch eager on the GPU vs ONNX Runtime
 #
-# STAGES picks them (default "throughput eval reproduce": serve and export re-measure
+# STAGES picks them (default "gputests throughput eval reproduce": serve and export re-measure
 # figures that no open issue asks for, and would take 105 s of the reproduction's). A
 # stage that fails or runs out of time is reported and the others still run; the exit
 # code is 1 when any stage failed. SMOKE=1 runs every stage at tiny sizes on the CPU
 # (tests/test_gpu_suite.py): it checks the plumbing and measures nothing.
-# webdataset/braceexpand wheels may be carried in .whl/ (see README).
+# webdataset/braceexpand wheels may be carried in .whl/ (docs/training.md says how).
 # The device returns at most 8 files from $OUT: the suite writes exactly 8 (the log is
 # the command's output).
 set -uo pipefail
@@ -36,7 +38,7 @@ SEEDS=${2:-${SEEDS:-}}
 MODELS=${3:-${MODELS:-}}
 EVAL_EVERY=${4:-${EVAL_EVERY:-0}}
 SUITE_SECONDS=${SUITE_SECONDS:-570}
-STAGES=${STAGES:-throughput eval reproduce}
+STAGES=${STAGES:-gputests throughput eval reproduce}
 SMOKE=${SMOKE:-0}
 WORK=${WORK:-/tmp/gpu-suite}
 mkdir -p "$OUT" "$WORK"
@@ -117,6 +119,16 @@ if [ "$DEVICE" = cuda ]; then
 fi
 $PY -c "import torch, onnxruntime; print('torch', torch.__version__, 'ort', onnxruntime.__version__)"
 echo "cores $(nproc); budget ${SUITE_SECONDS} s; stages: $STAGES"
+
+if wants gputests; then
+    stage "CUDA-only tests: the training step as one CUDA graph for every model, sync-free batches"
+    if [ "$DEVICE" = cuda ]; then
+        bounded gputests 120 15 $PY -m pytest -q -p no:cacheprovider \
+            tests/test_step_graph_gpu.py tests/test_device_batches_gpu.py
+    else
+        echo "gputests: skipped on the CPU (they need CUDA)"
+    fi
+fi
 
 if wants throughput || wants reproduce; then
     stage "data: CSS at 64 px (PNG) and 224 px (JPEG)"

@@ -40,7 +40,7 @@ def run_suite(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
 
 
 def test_every_stage_runs_and_writes_what_the_device_returns(tmp_path):
-    result = run_suite(tmp_path, STAGES="throughput eval reproduce serve export")
+    result = run_suite(tmp_path, STAGES="gputests throughput eval reproduce serve export")
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert "every stage ran" in result.stdout
     # at most 8 files come back from a device call: exactly these
@@ -58,6 +58,7 @@ def test_every_stage_runs_and_writes_what_the_device_returns(tmp_path):
     assert {r["model"] for r in formats} == {"tirg", "ccnet"}
     runs = json.loads((tmp_path / "out" / "reproduce_runs.json").read_text())
     assert sorted(r["model"] for r in runs["runs"]) == ["text_only", "tirg"]
+    assert "gputests: skipped on the CPU" in result.stdout
     for stage in ("training throughput", "evaluation at", "CSS reproduction:", "serving", "export"):
         assert f" s] {stage}" in result.stdout, stage
 
