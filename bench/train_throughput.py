@@ -316,7 +316,7 @@ def run_path(
         "image_size": size,
         "batch": batch,
         "path": path,
-        "image_format": "tensor" if path.endswith("synthetic") else image_format(args.data),
+        "image_format": "tensor" if path.endswith("synthetic") else args.image_format,
         "ms_per_step": round(1000 * batch / triplets_per_s, 2),
         "triplets_per_s": round(triplets_per_s, 1),
         "target_triplets_per_s_h200": H200_TARGETS.get(case),
@@ -416,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     if any(not p.endswith("synthetic") for p in args.paths) and not args.data:
         parser.error("the stream and cache paths need --data DIR")
+    args.image_format = image_format(args.data) if args.data else None
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)

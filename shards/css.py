@@ -334,8 +334,6 @@ def main(argv: list[str] | None = None) -> int:
     for field in ("train_scenes", "test_scenes", "mods_per_scene", "mod_pool", "shard_size"):
         if getattr(args, field) is not None:
             settings[field] = getattr(args, field)
-    if not 1 <= args.jpeg_quality <= 100:
-        parser.error(f"--jpeg-quality must be in [1, 100], got {args.jpeg_quality}")
     config = dataclasses.replace(
         defaults,
         seed=args.seed,
@@ -354,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
             progress=True,
             preset=preset,
         )
-    except FileExistsError as err:
+    except (FileExistsError, ValueError) as err:  # an existing --out, settings out of range
         print(f"error: {err}", file=sys.stderr)
         return 2
     seconds = time.perf_counter() - start
