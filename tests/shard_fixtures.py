@@ -20,6 +20,7 @@ import io
 import json
 from pathlib import Path
 
+import torch
 import webdataset as wds
 from PIL import Image, ImageDraw
 
@@ -62,6 +63,21 @@ def image_bytes(index: int, size: int = 32, ext: str = "png") -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="JPEG" if ext in ("jpg", "jpeg") else "PNG")
     return buf.getvalue()
+
+
+def reader_batch(ref_data: list, target_data: list) -> dict:
+    """A streaming reader's batch as a CUDA run's main process gets it: per image encoded
+    bytes or a worker-decoded uint8 tensor; one-token texts, ids ``r<i>``/``t<i>``."""
+    n = len(ref_data)
+    return {
+        "ref_data": list(ref_data),
+        "target_data": list(target_data),
+        "tokens": torch.arange(2, 2 + n).view(n, 1),
+        "lengths": torch.ones(n, dtype=torch.long),
+        "texts": [f"text {i}" for i in range(n)],
+        "ref_ids": [f"r{i}" for i in range(n)],
+        "target_ids": [f"t{i}" for i in range(n)],
+    }
 
 
 def write_dataset(

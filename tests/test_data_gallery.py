@@ -7,7 +7,7 @@ import random
 
 import pytest
 import torch
-from shard_fixtures import image_bytes, write_dataset
+from shard_fixtures import image_bytes, reader_batch, write_dataset
 
 from pipeline.device_batches import decode_batch_on_device
 from pipeline.gallery_data import gallery_loader, read_gallery_bytes
@@ -112,15 +112,7 @@ def test_decoded_batches_are_prepared_as_each_image_alone(indices, augment):
     """A batch of one shape goes through one resize; it gives what each image alone
     gives. Mixed shapes and augmentation go image by image, crops drawn references first."""
     datas = [image_bytes(i) for i in indices]
-    batch = {
-        "ref_data": datas[:3],
-        "target_data": datas[3:],
-        "tokens": torch.tensor([[2], [3], [4]]),
-        "lengths": torch.tensor([1, 1, 1]),
-        "texts": ["a", "b", "c"],
-        "ref_ids": ["r0", "r1", "r2"],
-        "target_ids": ["t0", "t1", "t2"],
-    }
+    batch = reader_batch(datas[:3], datas[3:])
     preprocess = ImagePreprocess(16, augment=augment)
     out = decode_batch_on_device(batch, preprocess, torch.device("cpu"), random.Random(5))
     rng = random.Random(5)
@@ -139,14 +131,6 @@ def test_gpu_readers_predecode_png_in_the_worker_and_keep_jpeg_bytes():
     # the main process gets a mix of decoded PNGs and JPEG bytes: both come out alike
     mixed = decode_images([decoded, jpg], "cpu")
     assert torch.equal(mixed[0], decode_image(png)) and torch.equal(mixed[1], decode_image(jpg))
-    batch = {
-        "ref_data": [decoded, jpg],
-        "target_data": [predecode_for_gpu(image_bytes(3)), jpg],
-        "tokens": torch.tensor([[2], [3]]),
-        "lengths": torch.tensor([1, 1]),
-        "texts": ["a", "b"],
-        "ref_ids": ["r0", "r1"],
-        "target_ids": ["t0", "t1"],
-    }
+    batch = reader_batch([decoded, jpg], [predecode_for_gpu(image_bytes(3)), jpg])
     out = decode_batch_on_device(batch, ImagePreprocess(16), torch.device("cpu"), random.Random(0))
     assert out["ref_images"].shape == (2, 3, 16, 16) and out["ref_ids"] == ["r0", "r1"]
