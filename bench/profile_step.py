@@ -21,6 +21,7 @@ import torch
 
 from pipeline.losses import compute_loss
 from pipeline.models import create_model, list_models
+from pipeline.models.small_map_conv import use_plain_convs
 
 
 def make_batch(
@@ -74,6 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="torch.set_num_threads")
     parser.add_argument("--no-channels-last", action="store_true")
     parser.add_argument("--cudnn-benchmark", action="store_true")
+    parser.add_argument(
+        "--plain-convs",
+        action="store_true",
+        help="nn.Conv2d on 2x2 maps too (no per-tap products: pipeline.models.small_map_conv)",
+    )
     parser.add_argument("--profile-rows", type=int, default=25)
     parser.add_argument(
         "--by-shape", action="store_true", help="one profile row per operator and input shape"
@@ -89,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     channels_last = not args.no_channels_last
     torch.manual_seed(0)
     model = create_model(args.model, vocab_size=1000).to(device)
+    if args.plain_convs:
+        use_plain_convs(model)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.train()
@@ -135,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                     "amp": amp,
                     "channels_last": channels_last,
                     "cudnn_benchmark": args.cudnn_benchmark,
+                    "plain_convs": args.plain_convs,
                     "device": torch.cuda.get_device_name(device)
                     if device.type == "cuda"
                     else platform.processor(),

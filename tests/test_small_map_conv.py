@@ -1,0 +1,171 @@
+"""Per-tap products for 3x3 convolutions onto 2x2 maps (pipeline.models.small_map_conv):
+the same outputs and gradients as F.conv2d, used only where it applies, and a ResNet
+trunk that trains to the same weights."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from pipeline.models.image_encoder import ImageEncoder
+from pipeline.models.small_map_conv import (
+    SmallMapConv2d,
+    per_tap_conv,
+    tap_pairs,
+    use_plain_convs,
+    use_small_map_convs,
+)
+
+# (input side, stride): every shape per_tap_conv takes in a ResNet at 64 px and the edges
+CASES = [(2, 1), (4, 2), (3, 2), (1, 1), (2, 2), (5, 1)]
+
+
+def conv_and_grads(conv, x, weight, grad_out):
+    x = x.detach().clone().requires_grad_()
+    weight = weight.detach().clone().requires_grad_()
+    out = conv(x, weight)
+    out.backward(grad_out)
+    return out.detach(), x.grad, weight.grad
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("in_side,stride", CASES)
+def test_per_tap_conv_matches_conv2d_in_float32(in_side, stride, channels_last):
+    torch.manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(3, 6, in_side, in_side).to(memory_format=fmt)
+    weight = torch.randn(5, 6, 3, 3).to(memory_format=fmt)
+    side = (in_side - 1) // stride + 1
+    grad_out = torch.randn(3, 5, side, side)
+    want = conv_and_grads(
+        lambda a, w: F.conv2d(a, w, stride=stride, padding=1), x, weight, grad_out
+    )
+    got = conv_and_grads(lambda a, w: per_tap_conv(a, w, stride), x, weight, grad_out)
+    for name, w, g in zip(("output", "input grad", "weight grad"), want, got):
+        assert g.shape == w.shape and g.dtype == w.dtype, name
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, msg=name)
+    assert got[0].is_contiguous(memory_format=fmt)
+    assert got[1].is_contiguous(memory_format=fmt)
+
+
+def test_per_tap_conv_under_cpu_autocast_is_bf16_like_conv2d():
+    torch.manual_seed(0)
+    x = torch.randn(8, 64, 2, 2).to(memory_format=torch.channels_last)
+    weight = (torch.randn(32, 64, 3, 3) * 0.1).to(memory_format=torch.channels_last)
+    grad_out = torch.randn(8, 32, 2, 2)
+
+    def under_autocast(conv):
+        def run(a, w):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = conv(a, w)
+            assert out.dtype == torch.bfloat16
+            return out.float()
+
+        return run
+
+    want = conv_and_grads(
+        under_autocast(lambda a, w: F.conv2d(a, w, padding=1)), x, weight, grad_out
+    )
+    got = conv_and_grads(under_autocast(per_tap_conv), x, weight, grad_out)
+    assert got[1].dtype == torch.float32 and got[2].dtype == torch.float32
+    for w, g in zip(want, got):
+        # both round bf16 products once; sums in another order differ by bf16 rounding
+        assert ((g - w).norm() / w.norm()).item() < 1e-2
+
+
+def test_tap_pairs_join_each_output_pixel_to_its_real_input_pixels():
+    pairs = tap_pairs(2, 1)
+    assert [len(outs) for outs, _ in pairs] == [1, 2, 1, 2, 4, 2, 1, 2, 1]
+    # every (output, input) pixel pair of a 2x2 map once: the dense map has no padding
+    joined = {(int(o), int(i)) for outs, ins in pairs for o, i in zip(outs, ins)}
+    assert joined == {(o, i) for o in range(4) for i in range(4)}
+    # 4x4 -> 2x2 at stride 2: 25 of the 36 (output pixel, tap) reads are real pixels
+    assert sum(len(outs) for outs, _ in tap_pairs(4, 2)) == 25
+    assert [int(i) for i in tap_pairs(4, 2)[4][1]] == [0, 2, 8, 10]  # centre tap
+
+
+def test_per_tap_conv_rejects_what_it_cannot_compute():
+    with pytest.raises(ValueError, match="square"):
+        per_tap_conv(torch.zeros(1, 2, 2, 3), torch.zeros(2, 2, 3, 3))
+    with pytest.raises(ValueError, match="3x3"):
+        per_tap_conv(torch.zeros(1, 2, 2, 2), torch.zeros(2, 2, 1, 1))
+    with pytest.raises(ValueError, match="channels"):
+        per_tap_conv(torch.zeros(1, 3, 2, 2), torch.zeros(2, 2, 3, 3))
+    with pytest.raises(ValueError, match="replaces"):
+        SmallMapConv2d.replacing(nn.Conv2d(2, 2, 3, padding=1, bias=True))
+
+
+def grad_fn_name(module: nn.Module, x: torch.Tensor) -> str:
+    out = module(x)
+    return type(out.grad_fn).__name__ if out.grad_fn is not None else "none"
+
+
+def test_small_map_conv_takes_the_per_tap_path_only_when_training_small_cpu_maps():
+    conv = SmallMapConv2d.replacing(nn.Conv2d(256, 4, 3, padding=1, bias=False))
+    small = torch.randn(2, 256, 2, 2).to(memory_format=torch.channels_last)
+    large = torch.randn(2, 256, 4, 4).to(memory_format=torch.channels_last)
+    assert grad_fn_name(conv.train(), small) == "_PerTapConvBackward"
+    assert grad_fn_name(conv.train(), large) == "ConvolutionBackward0"
+    narrow = SmallMapConv2d.replacing(nn.Conv2d(128, 4, 3, padding=1, bias=False))
+    assert grad_fn_name(narrow.train(), small[:, :128]) == "ConvolutionBackward0"
+    assert grad_fn_name(conv.eval(), small) == "ConvolutionBackward0"
+    with torch.no_grad():
+        torch.testing.assert_close(conv.train()(small), F.conv2d(small, conv.weight, padding=1))
+
+
+def test_resnet_last_stage_uses_it_with_the_state_dict_of_torchvision():
+    encoder = ImageEncoder(embed_dim=16, backbone="resnet18")
+    # every 3x3 conv of the trunk: the last stage's at 64 px, the one before at 32 px
+    head = [m for m in encoder.backbone.head.modules() if isinstance(m, SmallMapConv2d)]
+    assert len(head) == 4  # layer4: the stride-2 conv and the three that follow
+    assert sum(isinstance(m, SmallMapConv2d) for m in encoder.modules()) == 16
+    plain = as_plain_convs(encoder)
+    assert list(encoder.state_dict()) == list(plain.state_dict())
+    encoder.load_state_dict(plain.state_dict())  # strict: same keys, same shapes
+    assert use_small_map_convs(encoder) == 0  # already replaced: nothing fits twice
+
+
+def as_plain_convs(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` whose SmallMapConv2d layers are plain nn.Conv2d again."""
+    module = copy.deepcopy(module)
+    assert use_plain_convs(module) > 0
+    return module
+
+
+def test_a_64px_resnet_trains_to_the_weights_plain_convolutions_reach():
+    # float64: through batch norm a loss's float32 gradients cancel to ~1 % noise in
+    # any two summation orders, so only float64 tells an exact rewrite from a wrong one
+    torch.manual_seed(0)
+    per_tap = ImageEncoder(embed_dim=16, backbone="resnet18").double()
+    per_tap = per_tap.to(memory_format=torch.channels_last)
+    plain = as_plain_convs(per_tap)
+    images = torch.randn(3, 8, 3, 64, 64, dtype=torch.float64)
+    for model in (per_tap, plain):
+        model.train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        for batch in images:
+            feature, feature_map = model(batch.to(memory_format=torch.channels_last))
+            assert feature_map.shape[-2:] == (2, 2)
+            optimizer.zero_grad()
+            feature.square().mean().backward()
+            optimizer.step()
+    per_tap_grad = per_tap.backbone.head[1].conv2.weight.grad
+    assert per_tap_grad is not None and per_tap_grad.abs().sum() > 0
+    for (name, a), (_, b) in zip(per_tap.named_parameters(), plain.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_the_swap_draws_no_random_numbers():
+    """A seeded model initialises every parameter as it did before the swap existed."""
+    torch.manual_seed(0)
+    ImageEncoder(embed_dim=16, backbone="resnet18")
+    after_encoder = torch.rand(3)
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(weights=None)
+    nn.Linear(net.fc.in_features, 16)
+    torch.testing.assert_close(torch.rand(3), after_encoder)
