@@ -2,16 +2,17 @@
 
 At the TIRG paper's 64 px, ResNet's last stage runs on 2x2 maps: its 3x3 convolutions
 map 2x2 to 2x2 (stride 1) or 4x4 to 2x2 (stride 2, the stage's first). With padding 1, 5
-of a kernel's 9 taps fall on the padding at every output pixel of a 2x2 map (11 of 36 at
-stride 2), and oneDNN's convolution kernels do that arithmetic anyway; in bf16 their
-weight gradient also takes twice the forward's time: 15.7 ms per forward + backward of
-a 512-channel 2x2 conv at batch 32 on one Zen 4 core, the largest single cost of the
-CPU step. On so small a map each tap joins a fixed, short list of (output pixel, input
-pixel) pairs (at 2x2 stride 1: the centre tap 4, an edge tap 2, a corner tap 1), so per
-tap the convolution is one matrix product over its pairs' pixels, and the forward, the
-input gradient and the weight gradient are 9 products each with only the real pairs'
-arithmetic: 8.4 ms for that conv (``python -m bench.small_map_conv``). Each tap's
-weight gradient comes out of one product, rounded once, as from the convolution.
+of a kernel's 9 taps read only padding at every output pixel of a 2x2 map (11 of 36
+reads at stride 2), and oneDNN's convolution kernels compute them anyway; in bf16 their
+weight gradient also takes twice the forward's time, which made these convolutions the
+largest single cost of a CPU training step. On so small a map each tap joins a short,
+fixed list of (output pixel, input pixel) pairs (at 2x2 stride 1: the centre tap 4, an
+edge tap 2, a corner tap 1), so per tap the convolution is one matrix product over its
+pairs' pixels; the forward, the input gradient and the weight gradient are 9 products
+each, with only the real pairs' arithmetic. Products that meet at one pixel are summed
+in float32 and rounded once, as a convolution kernel accumulates. A 512-channel conv trains ~2.4x faster
+(``python -m bench.small_map_conv``; figures in docs/training.md). Each tap's weight
+gradient comes out of one product, rounded once, as from the convolution.
 
 The parameters, their names and the maths stay ``nn.Conv2d``'s; only CPU training takes
 this path (evaluation, export, CUDA and larger maps run ``nn.Conv2d``'s own kernel).
@@ -73,14 +74,19 @@ class _PerTapConv(torch.autograd.Function):
         # (C_out, 9, C_in): a free view of a channels_last weight
         taps = weight.to(dtype).permute(0, 2, 3, 1).reshape(c_out, 9, c_in)
         pixels = x.to(dtype).permute(2, 3, 0, 1).reshape(in_side * in_side, n, c_in)
-        out = pixels.new_zeros(side * side, n, c_out)
+        # products meeting at a pixel summed in float32 (or finer) and rounded once, as a
+        # conv kernel accumulates
+        sums = torch.promote_types(dtype, torch.float32)
+        out = pixels.new_zeros(side * side, n, c_out, dtype=sums)
         for tap, (outs, ins) in enumerate(pairs):
             if len(outs):
                 rows = pixels[ins].reshape(-1, c_in)  # (pairs * N, C_in)
-                out.index_add_(0, outs, (rows @ taps[:, tap].t()).view(-1, n, c_out))
+                product = (rows @ taps[:, tap].t()).view(-1, n, c_out)
+                out.index_add_(0, outs, product.to(sums))
         ctx.save_for_backward(pixels, taps)
         ctx.stride, ctx.dtypes = stride, (x.dtype, weight.dtype)
-        return out.view(side, side, n, c_out).permute(2, 3, 0, 1).contiguous(memory_format=_NHWC)
+        out = out.view(side, side, n, c_out).permute(2, 3, 0, 1)
+        return out.to(dtype, memory_format=_NHWC)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -89,16 +95,18 @@ class _PerTapConv(torch.autograd.Function):
         n, c_out, side = grad_out.shape[0], grad_out.shape[1], grad_out.shape[-1]
         in_pixels, c_in = pixels.shape[0], pixels.shape[-1]
         in_side = round(in_pixels**0.5)
+        sums = torch.promote_types(pixels.dtype, torch.float32)
         grads = grad_out.to(pixels.dtype).permute(2, 3, 0, 1).reshape(side * side, n, c_out)
         want_x, want_weight = ctx.needs_input_grad[:2]
-        grad_pixels = pixels.new_zeros(in_pixels, n, c_in) if want_x else None
+        grad_pixels = pixels.new_zeros(in_pixels, n, c_in, dtype=sums) if want_x else None
         grad_taps = pixels.new_zeros(c_out, 9, c_in) if want_weight else None
         for tap, (outs, ins) in enumerate(tap_pairs(in_side, ctx.stride)):
             if not len(outs):
                 continue
             grad_rows = grads[outs].reshape(-1, c_out)  # (pairs * N, C_out)
             if want_x:
-                grad_pixels.index_add_(0, ins, (grad_rows @ taps[:, tap]).view(-1, n, c_in))
+                product = (grad_rows @ taps[:, tap]).view(-1, n, c_in)
+                grad_pixels.index_add_(0, ins, product.to(sums))
             if want_weight:
                 grad_taps[:, tap] = grad_rows.t() @ pixels[ins].reshape(-1, c_in)
         grad_x = grad_weight = None
