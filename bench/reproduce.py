@@ -25,8 +25,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -74,6 +77,22 @@ def train_in_subprocess(config: dict[str, Any]) -> tuple[dict[str, Any], float]:
     return train_timed(config)
 
 
+def exit_with_parent(parent_pid: int, poll_s: float = 1.0) -> None:
+    """Pool initializer: end this worker once the process that started it is gone.
+
+    A killed ``bench.reproduce`` (SIGKILL, or SIGTERM while a pool shuts down) would
+    otherwise leave its workers training on as orphans, holding the cores that the
+    next invocation's runs are timed on. What they leave behind is what an interrupted
+    run leaves: the next invocation reuses finished runs and resumes the rest."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 class RunExecutor:
     """Runs configs one after another or K at a time; ``submit`` then ``wait_one``."""
 
@@ -87,7 +106,10 @@ class RunExecutor:
             from concurrent.futures import ProcessPoolExecutor
 
             self.pool = ProcessPoolExecutor(
-                self.parallel, mp_context=multiprocessing.get_context("spawn")
+                self.parallel,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=exit_with_parent,
+                initargs=(os.getpid(),),
             )
         elif not self.in_process:
             self.remote = start_ray(args)
@@ -132,9 +154,11 @@ class RunExecutor:
             log.exception("%s seed %d failed", run.model, run.seed)
             return run, None, f"{type(err).__name__}: {err}"
 
-    def close(self) -> None:
+    def close(self, *, interrupted: bool = False) -> None:
+        """Shut down the pool or Ray; ``interrupted``: do not wait for runs in flight
+        (the pool's workers end with this process, ``exit_with_parent``)."""
         if self.pool is not None:
-            self.pool.shutdown()
+            self.pool.shutdown(wait=not interrupted, cancel_futures=interrupted)
         if self.remote is not None:
             import ray
 
@@ -205,6 +229,7 @@ def run_all(runs: list[PlannedRun], args: argparse.Namespace) -> tuple[list[dict
         return results, failures
     executor = RunExecutor(args)
     walls, queue = [], list(todo)
+    interrupted = True  # until the loop ends normally
     try:
         while queue or executor.pending:
             while queue and executor.has_room():
@@ -240,8 +265,9 @@ def run_all(runs: list[PlannedRun], args: argparse.Namespace) -> tuple[list[dict
                 left,
                 format_eta(eta),
             )
+        interrupted = False
     finally:
-        executor.close()
+        executor.close(interrupted=interrupted)
     return results, failures
 
 
@@ -262,7 +288,24 @@ def hardware() -> dict[str, Any]:
     return info
 
 
+def exit_on_sigterm(signum, frame) -> None:
+    """SIGTERM as SystemExit, so ``run_all``'s cleanup runs (Python's default ends the
+    process on the spot)."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    if threading.current_thread() is not threading.main_thread():
+        return reproduce(argv)  # signal handlers can only be set in the main thread
+    previous = signal.signal(signal.SIGTERM, exit_on_sigterm)
+    try:
+        return reproduce(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def reproduce(argv: list[str] | None = None) -> int:
+    """``main`` without the SIGTERM handler: plan, train, write the outputs."""
     parser, args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:

@@ -392,3 +392,66 @@ def test_oracle_ceilings_on_a_hand_made_gallery():
     assert result["text oracle"]["add"]["R@1"] == pytest.approx(50.0)  # tgt and other fit
     assert result["text oracle"]["add"]["R@2"] == pytest.approx(100.0)
     assert result["chance"]["all"]["R@1"] == pytest.approx(100 / 3)
+
+
+# A stand-in for `bench.reproduce --in-process --parallel K`: the same pool, one worker
+# busy with a long run; prints the worker's pid, then waits to be killed.
+POOL_PARENT = """
+import multiprocessing, os, sys, time
+from concurrent.futures import ProcessPoolExecutor
+from bench.reproduce import exit_with_parent
+
+pool = ProcessPoolExecutor(
+    1,
+    mp_context=multiprocessing.get_context("spawn"),
+    initializer=exit_with_parent,
+    initargs=(os.getpid(), 0.1),
+)
+print(pool.submit(os.getpid).result(), flush=True)
+pool.submit(time.sleep, 120)
+time.sleep(120)
+"""
+
+
+def process_running(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie waiting to be reaped."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads process states from /proc")
+def test_pool_workers_end_when_the_bench_process_is_killed():
+    """A killed reproduction leaves no run training on as an orphan (it would hold the
+    cores the next invocation's runs are timed on)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parent.parent
+    parent = subprocess.Popen(
+        [sys.executable, "-c", POOL_PARENT], cwd=root, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        worker = int(parent.stdout.readline())
+        assert process_running(worker)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 20
+        while process_running(worker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not process_running(worker), "the pool worker outlived its killed parent"
+    finally:
+        parent.kill()
+        if "worker" in locals() and process_running(worker):
+            os.kill(worker, signal.SIGKILL)
+
+
+def test_sigterm_ends_reproduce_through_its_cleanup():
+    with pytest.raises(SystemExit) as stop:
+        reproduce.exit_on_sigterm(15, None)
+    assert stop.value.code == 143
