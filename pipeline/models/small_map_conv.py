@@ -10,9 +10,9 @@ fixed list of (output pixel, input pixel) pairs (at 2x2 stride 1: the centre tap
 edge tap 2, a corner tap 1), so per tap the convolution is one matrix product over its
 pairs' pixels; the forward, the input gradient and the weight gradient are 9 products
 each, with only the real pairs' arithmetic. Products that meet at one pixel are summed
-in float32 and rounded once, as a convolution kernel accumulates. A 512-channel conv trains ~2.4x faster
-(``python -m bench.small_map_conv``; figures in docs/training.md). Each tap's weight
-gradient comes out of one product, rounded once, as from the convolution.
+in float32 and rounded once, as a convolution kernel accumulates; each tap's weight
+gradient comes out of one product. A 512-channel conv trains ~2.4x faster
+(``python -m bench.small_map_conv``; figures in docs/training.md).
 
 The parameters, their names and the maths stay ``nn.Conv2d``'s; only CPU training takes
 this path (evaluation, export, CUDA and larger maps run ``nn.Conv2d``'s own kernel).
@@ -164,13 +164,7 @@ class SmallMapConv2d(nn.Conv2d):
         """A SmallMapConv2d that shares ``conv``'s weight (``fits_small_map(conv)``)."""
         if not fits_small_map(conv):
             raise ValueError(f"SmallMapConv2d replaces a 3x3 bias-free padding-1 conv, got {conv}")
-        # skip_init: no weight is drawn, so the random stream (and every parameter a
-        # seeded model initialises after this one) is what it is without the swap
-        new = nn.utils.skip_init(
-            cls, conv.in_channels, conv.out_channels, 3, stride=conv.stride, padding=1, bias=False
-        )
-        new.weight = conv.weight
-        return new
+        return sharing_weight(cls, conv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         stride = self.stride[0]
@@ -189,35 +183,42 @@ class SmallMapConv2d(nn.Conv2d):
         return super().forward(x)
 
 
-def use_small_map_convs(module: nn.Module) -> int:
-    """Replace every ``fits_small_map`` convolution under ``module`` with a
-    ``SmallMapConv2d`` sharing its weight; returns how many were replaced."""
+def sharing_weight(conv_class: type[nn.Conv2d], conv: nn.Conv2d) -> nn.Conv2d:
+    """A ``conv_class`` 3x3, padding 1, bias-free conv with ``conv``'s stride and weight.
+    skip_init: no weight is drawn, so the random stream (and every parameter a seeded
+    model initialises after this one) is what it is without the swap."""
+    new = nn.utils.skip_init(
+        conv_class,
+        conv.in_channels,
+        conv.out_channels,
+        3,
+        stride=conv.stride,
+        padding=1,
+        bias=False,
+    )
+    new.weight = conv.weight
+    return new
+
+
+def swap_convs(module: nn.Module, wanted, conv_class: type[nn.Conv2d]) -> int:
+    """Replace every child conv under ``module`` for which ``wanted(conv)`` holds with a
+    ``conv_class`` sharing its weight; returns how many were replaced."""
     replaced = 0
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Conv2d) and fits_small_map(child):
-                setattr(parent, name, SmallMapConv2d.replacing(child))
+            if wanted(child):
+                setattr(parent, name, sharing_weight(conv_class, child))
                 replaced += 1
     return replaced
+
+
+def use_small_map_convs(module: nn.Module) -> int:
+    """Replace every ``fits_small_map`` convolution under ``module`` with a
+    ``SmallMapConv2d`` sharing its weight; returns how many were replaced."""
+    return swap_convs(module, fits_small_map, SmallMapConv2d)
 
 
 def use_plain_convs(module: nn.Module) -> int:
     """Undo ``use_small_map_convs``: every ``SmallMapConv2d`` under ``module`` becomes an
     ``nn.Conv2d`` sharing its weight (for A/B timings); returns how many."""
-    replaced = 0
-    for parent in list(module.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, SmallMapConv2d):
-                plain = nn.utils.skip_init(
-                    nn.Conv2d,
-                    child.in_channels,
-                    child.out_channels,
-                    3,
-                    stride=child.stride,
-                    padding=1,
-                    bias=False,
-                )
-                plain.weight = child.weight
-                setattr(parent, name, plain)
-                replaced += 1
-    return replaced
+    return swap_convs(module, lambda conv: isinstance(conv, SmallMapConv2d), nn.Conv2d)
