@@ -2,8 +2,9 @@
 kernel against per-tap matrix products (pipeline.models.small_map_conv).
 
 One row per shape a ResNet-18 trunk trains on at 64 px (its last stage) and 32 px (the
-stage before), plus the shapes where per-tap products do not pay (why they stop at 2x2 maps and 256
-input channels).
+stage before), the composers' biased convs on the last map (tirg_lastconv, film at
+D = 512), plus the shapes where per-tap products do not pay (why they stop at 2x2 maps
+and 256 input channels).
 Each rep is forward + backward to the input and the float32 weight, under CPU bf16
 autocast by default, timed in rounds that alternate the two kernels (this machine's
 speed drifts by minutes); the table gives each kernel's fastest and median round.
@@ -32,25 +33,32 @@ from pipeline.models.small_map_conv import (
     per_tap_conv,
 )
 
-# (C_in, C_out, input side, stride, where it runs)
+# (C_in, C_out, input side, stride, bias, where it runs)
 SHAPES = [
-    (512, 512, 2, 1, "resnet18 layer4 at 64 px (3 per image)"),
-    (256, 512, 4, 2, "resnet18 layer4 first conv at 64 px"),
-    (256, 256, 2, 1, "resnet18 layer3 at 32 px"),
-    (128, 256, 4, 2, "resnet18 layer3 first conv at 32 px (not replaced: 128 in)"),
-    (256, 256, 4, 1, "resnet18 layer3 at 64 px (not replaced: 4x4 out)"),
+    (512, 512, 2, 1, False, "resnet18 layer4 at 64 px (3 per image)"),
+    (256, 512, 4, 2, False, "resnet18 layer4 first conv at 64 px"),
+    (256, 256, 2, 1, False, "resnet18 layer3 at 32 px"),
+    (1024, 1024, 2, 1, True, "tirg_lastconv gate/residual first conv at 64 px (2 per query)"),
+    (1024, 512, 2, 1, True, "tirg_lastconv gate/residual second conv at 64 px (2 per query)"),
+    (512, 512, 2, 1, True, "film residual block conv at 64 px"),
+    (128, 256, 4, 2, False, "resnet18 layer3 first conv at 32 px (not replaced: 128 in)"),
+    (256, 256, 4, 1, False, "resnet18 layer3 at 64 px (not replaced: 4x4 out)"),
 ]
 
 
-def forward_backward(conv: Callable, x, weight, grad_out, autocast: bool) -> Callable[[], None]:
-    """One rep: conv forward under ``autocast`` and backward to x and weight."""
+def forward_backward(
+    conv: Callable, x, weight, bias, grad_out, autocast: bool
+) -> Callable[[], None]:
+    """One rep: conv forward under ``autocast`` and backward to x, weight and bias."""
 
     def rep() -> None:
         context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else nullcontext()
         with context:
-            out = conv(x, weight)
+            out = conv(x, weight, bias)
         out.float().backward(grad_out)
         x.grad = weight.grad = None
+        if bias is not None:
+            bias.grad = None
 
     return rep
 
@@ -86,17 +94,20 @@ def main(argv: list[str] | None = None) -> int:
         f"{'C_in':>5} {'C_out':>5} {'map':>5} {'stride':>6} {'conv2d ms':>10} "
         f"{'per-tap ms':>11} {'speed-up':>8}  where"
     )
-    for c_in, c_out, side, stride, where in SHAPES:
+    for c_in, c_out, side, stride, with_bias, where in SHAPES:
         cl = torch.channels_last
         x = torch.randn(args.batch, c_in, side, side).to(memory_format=cl).requires_grad_()
         weight = (torch.randn(c_out, c_in, 3, 3) * 0.02).to(memory_format=cl).requires_grad_()
+        bias = torch.zeros(c_out).requires_grad_() if with_bias else None
         out = out_side(side, stride)
         grad_out = torch.randn(args.batch, c_out, out, out).to(memory_format=cl)
         kernels = {
-            "conv2d": lambda a, w, s=stride: F.conv2d(a, w, stride=s, padding=1),
-            "per_tap": lambda a, w, s=stride: per_tap_conv(a, w, s),
+            "conv2d": lambda a, w, b, s=stride: F.conv2d(a, w, b, stride=s, padding=1),
+            "per_tap": lambda a, w, b, s=stride: per_tap_conv(a, w, s, b),
         }
-        reps = {k: forward_backward(f, x, weight, grad_out, autocast) for k, f in kernels.items()}
+        reps = {
+            k: forward_backward(f, x, weight, bias, grad_out, autocast) for k, f in kernels.items()
+        }
         timing = time_kernels(reps, args.rounds, args.per_round)
         speed_up = timing["conv2d"][0] / timing["per_tap"][0]
         rows.append(
@@ -105,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                 "c_out": c_out,
                 "in_side": side,
                 "stride": stride,
+                "bias": with_bias,
                 "where": where,
                 "replaced": out <= MAX_OUT_SIDE and c_in >= MIN_IN_CHANNELS,
                 "conv2d_ms": {"min": timing["conv2d"][0], "median": timing["conv2d"][1]},

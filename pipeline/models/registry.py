@@ -9,6 +9,7 @@ from typing import Any
 from torch import nn
 
 from pipeline.models.base import ComposedRetrievalModel
+from pipeline.models.small_map_conv import use_small_map_convs
 
 _REGISTRY: dict[str, Callable[..., ComposedRetrievalModel]] = {}
 
@@ -77,6 +78,9 @@ def create_model(name: str, **kwargs: Any) -> ComposedRetrievalModel:
             f"accepted: {', '.join(accepted)}"
         )
     model = _REGISTRY[name](**kwargs)
+    # the composers' 3x3 convs on the last map (tirg_lastconv, film) train as per-tap
+    # products on the CPU, as the trunk's do (Backbone swaps its own)
+    use_small_map_convs(model)
     model.model_name = name
     model.model_kwargs = dict(kwargs)
     return model

@@ -16,6 +16,9 @@ gradient comes out of one product. A 512-channel conv trains ~2.4x faster
 
 The parameters, their names and the maths stay ``nn.Conv2d``'s; only CPU training takes
 this path (evaluation, export, CUDA and larger maps run ``nn.Conv2d``'s own kernel).
+Besides the trunk (``Backbone``), the composers' 3x3 convolutions on the last map take it
+(``create_model``): ``tirg_lastconv``'s gate and residual (1024 channels in at D = 512)
+and ``film``'s residual block, which have biases.
 """
 
 from __future__ import annotations
@@ -61,13 +64,14 @@ def tap_pairs(in_side: int, stride: int) -> tuple[tuple[torch.Tensor, torch.Tens
 
 
 class _PerTapConv(torch.autograd.Function):
-    """conv2d(x, weight, stride=stride, padding=1) for x (N, C_in, S, S), weight
-    (C_out, C_in, 3, 3), computed in ``dtype``; returns (N, C_out, s, s) channels_last in
-    ``dtype`` and the gradients in the inputs' own dtypes. Pixels are kept as
-    (S * S, N, C): a tap's pairs are then the rows of one matrix."""
+    """conv2d(x, weight, bias, stride=stride, padding=1) for x (N, C_in, S, S), weight
+    (C_out, C_in, 3, 3), bias (C_out,) or None, computed in ``dtype``; returns
+    (N, C_out, s, s) channels_last in ``dtype`` and the gradients in the inputs' own
+    dtypes. Pixels are kept as (S * S, N, C): a tap's pairs are then the rows of one
+    matrix."""
 
     @staticmethod
-    def forward(ctx, x, weight, stride: int, dtype: torch.dtype) -> torch.Tensor:
+    def forward(ctx, x, weight, bias, stride: int, dtype: torch.dtype) -> torch.Tensor:
         n, c_in, in_side = x.shape[0], x.shape[1], x.shape[-1]
         c_out, side = weight.shape[0], out_side(in_side, stride)
         pairs = tap_pairs(in_side, stride)
@@ -78,26 +82,29 @@ class _PerTapConv(torch.autograd.Function):
         # conv kernel accumulates
         sums = torch.promote_types(dtype, torch.float32)
         out = pixels.new_zeros(side * side, n, c_out, dtype=sums)
+        if bias is not None:  # in the float32 sums too: one rounding, as the kernel's
+            out += bias.to(dtype).to(sums)
         for tap, (outs, ins) in enumerate(pairs):
             if len(outs):
                 rows = pixels[ins].reshape(-1, c_in)  # (pairs * N, C_in)
                 product = (rows @ taps[:, tap].t()).view(-1, n, c_out)
                 out.index_add_(0, outs, product.to(sums))
         ctx.save_for_backward(pixels, taps)
-        ctx.stride, ctx.dtypes = stride, (x.dtype, weight.dtype)
+        ctx.stride = stride
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         out = out.view(side, side, n, c_out).permute(2, 3, 0, 1)
         return out.to(dtype, memory_format=_NHWC)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         pixels, taps = ctx.saved_tensors
-        x_dtype, weight_dtype = ctx.dtypes
+        x_dtype, weight_dtype, bias_dtype = ctx.dtypes
         n, c_out, side = grad_out.shape[0], grad_out.shape[1], grad_out.shape[-1]
         in_pixels, c_in = pixels.shape[0], pixels.shape[-1]
         in_side = round(in_pixels**0.5)
         sums = torch.promote_types(pixels.dtype, torch.float32)
         grads = grad_out.to(pixels.dtype).permute(2, 3, 0, 1).reshape(side * side, n, c_out)
-        want_x, want_weight = ctx.needs_input_grad[:2]
+        want_x, want_weight, want_bias = ctx.needs_input_grad[:3]
         grad_pixels = pixels.new_zeros(in_pixels, n, c_in, dtype=sums) if want_x else None
         grad_taps = pixels.new_zeros(c_out, 9, c_in) if want_weight else None
         for tap, (outs, ins) in enumerate(tap_pairs(in_side, ctx.stride)):
@@ -109,20 +116,28 @@ class _PerTapConv(torch.autograd.Function):
                 grad_pixels.index_add_(0, ins, product.to(sums))
             if want_weight:
                 grad_taps[:, tap] = grad_rows.t() @ pixels[ins].reshape(-1, c_in)
-        grad_x = grad_weight = None
+        grad_x = grad_weight = grad_bias = None
         if want_x:
             grad_x = grad_pixels.view(in_side, in_side, n, c_in).permute(2, 3, 0, 1)
             grad_x = grad_x.to(x_dtype, memory_format=_NHWC)
         if want_weight:
             grad_weight = grad_taps.view(c_out, 3, 3, c_in).permute(0, 3, 1, 2).to(weight_dtype)
-        return grad_x, grad_weight, None, None
+        if want_bias:
+            grad_bias = grads.to(sums).sum((0, 1)).to(bias_dtype)
+        return grad_x, grad_weight, grad_bias, None, None
 
 
-def per_tap_conv(x: torch.Tensor, weight: torch.Tensor, stride: int = 1) -> torch.Tensor:
-    """``F.conv2d(x, weight, stride=stride, padding=1)`` as per-tap matrix products, in
-    CPU autocast's dtype when it is on (as ``F.conv2d`` would be), else in x's.
-    x (N, C_in, S, S), weight (C_out, C_in, 3, 3) -> (N, C_out, s, s) with
-    s = (S - 1) // stride + 1, in x's memory format (channels_last or contiguous)."""
+def per_tap_conv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    stride: int = 1,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, stride=stride, padding=1)`` as per-tap matrix
+    products, in CPU autocast's dtype when it is on (as ``F.conv2d`` would be), else in
+    x's. x (N, C_in, S, S), weight (C_out, C_in, 3, 3), bias (C_out,) or None ->
+    (N, C_out, s, s) with s = (S - 1) // stride + 1, in x's memory format (channels_last
+    or contiguous)."""
     if x.dim() != 4 or x.shape[-1] != x.shape[-2] or weight.shape[-2:] != (3, 3):
         raise ValueError(
             f"per_tap_conv takes a square (N, C, S, S) map and a 3x3 kernel, got "
@@ -132,16 +147,20 @@ def per_tap_conv(x: torch.Tensor, weight: torch.Tensor, stride: int = 1) -> torc
         raise ValueError(
             f"per_tap_conv: x has {x.shape[1]} channels, the weight takes {weight.shape[1]}"
         )
+    if bias is not None and bias.shape != weight.shape[:1]:
+        raise ValueError(
+            f"per_tap_conv: bias {tuple(bias.shape)} does not fit {weight.shape[0]} output channels"
+        )
     autocast = torch.is_autocast_enabled("cpu")
     dtype = torch.get_autocast_dtype("cpu") if autocast else x.dtype
     with torch.autocast("cpu", enabled=False):
-        out = _PerTapConv.apply(x, weight, stride, dtype)
+        out = _PerTapConv.apply(x, weight, bias, stride, dtype)
     return out if x.is_contiguous(memory_format=_NHWC) else out.contiguous()
 
 
 def fits_small_map(conv: nn.Conv2d) -> bool:
-    """Whether ``conv`` is a bias-free 3x3, padding 1, stride 1 or 2, ungrouped
-    convolution (one that ``SmallMapConv2d`` can replace)."""
+    """Whether ``conv`` is a 3x3, padding 1, stride 1 or 2, ungrouped convolution (one
+    that ``SmallMapConv2d`` can replace), with or without a bias."""
     return (
         type(conv) is nn.Conv2d
         and conv.kernel_size == (3, 3)
@@ -149,13 +168,12 @@ def fits_small_map(conv: nn.Conv2d) -> bool:
         and conv.padding == (1, 1)
         and conv.dilation == (1, 1)
         and conv.groups == 1
-        and conv.bias is None
         and conv.padding_mode == "zeros"
     )
 
 
 class SmallMapConv2d(nn.Conv2d):
-    """``nn.Conv2d`` (3x3, padding 1, stride 1 or 2, no bias) that trains on the CPU
+    """``nn.Conv2d`` (3x3, padding 1, stride 1 or 2) that trains on the CPU
     through ``per_tap_conv`` where its output map is at most ``MAX_OUT_SIDE`` square and
     its input has at least ``MIN_IN_CHANNELS``; the same parameters and state dict keys."""
 
@@ -163,7 +181,7 @@ class SmallMapConv2d(nn.Conv2d):
     def replacing(cls, conv: nn.Conv2d) -> SmallMapConv2d:
         """A SmallMapConv2d that shares ``conv``'s weight (``fits_small_map(conv)``)."""
         if not fits_small_map(conv):
-            raise ValueError(f"SmallMapConv2d replaces a 3x3 bias-free padding-1 conv, got {conv}")
+            raise ValueError(f"SmallMapConv2d replaces a 3x3 padding-1 conv, got {conv}")
         return sharing_weight(cls, conv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -179,12 +197,12 @@ class SmallMapConv2d(nn.Conv2d):
             and not torch.jit.is_tracing()
             and not torch.compiler.is_compiling()
         ):
-            return per_tap_conv(x, self.weight, stride)
+            return per_tap_conv(x, self.weight, stride, self.bias)
         return super().forward(x)
 
 
 def sharing_weight(conv_class: type[nn.Conv2d], conv: nn.Conv2d) -> nn.Conv2d:
-    """A ``conv_class`` 3x3, padding 1, bias-free conv with ``conv``'s stride and weight.
+    """A ``conv_class`` 3x3, padding 1 conv with ``conv``'s stride, weight and bias.
     skip_init: no weight is drawn, so the random stream (and every parameter a seeded
     model initialises after this one) is what it is without the swap."""
     new = nn.utils.skip_init(
@@ -194,9 +212,9 @@ def sharing_weight(conv_class: type[nn.Conv2d], conv: nn.Conv2d) -> nn.Conv2d:
         3,
         stride=conv.stride,
         padding=1,
-        bias=False,
+        bias=conv.bias is not None,
     )
-    new.weight = conv.weight
+    new.weight, new.bias = conv.weight, conv.bias
     return new
 
 
