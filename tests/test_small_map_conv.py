@@ -144,8 +144,15 @@ def test_small_map_conv_takes_the_per_tap_path_only_when_training_small_cpu_maps
         torch.testing.assert_close(conv.train()(small), F.conv2d(small, conv.weight, padding=1))
 
 
-def test_resnet_last_stage_uses_it_with_the_state_dict_of_torchvision():
+def per_tap_encoder() -> ImageEncoder:
+    """A ResNet-18 ImageEncoder with its fitting convs swapped, as create_model does."""
     encoder = ImageEncoder(embed_dim=16, backbone="resnet18")
+    use_small_map_convs(encoder)
+    return encoder
+
+
+def test_resnet_last_stage_uses_it_with_the_state_dict_of_torchvision():
+    encoder = create_model("image_only", vocab_size=12, embed_dim=16).image_encoder
     # every 3x3 conv of the trunk: the last stage's at 64 px, the one before at 32 px
     head = [m for m in encoder.backbone.head.modules() if isinstance(m, SmallMapConv2d)]
     assert len(head) == 4  # layer4: the stride-2 conv and the three that follow
@@ -167,7 +174,7 @@ def test_a_64px_resnet_trains_to_the_weights_plain_convolutions_reach():
     # float64: through batch norm a loss's float32 gradients cancel to ~1 % noise in
     # any two summation orders, so only float64 tells an exact rewrite from a wrong one
     torch.manual_seed(0)
-    per_tap = ImageEncoder(embed_dim=16, backbone="resnet18").double()
+    per_tap = per_tap_encoder().double()
     per_tap = per_tap.to(memory_format=torch.channels_last)
     plain = as_plain_convs(per_tap)
     images = torch.randn(3, 8, 3, 64, 64, dtype=torch.float64)
@@ -189,7 +196,7 @@ def test_a_64px_resnet_trains_to_the_weights_plain_convolutions_reach():
 def test_the_swap_draws_no_random_numbers():
     """A seeded model initialises every parameter as it did before the swap existed."""
     torch.manual_seed(0)
-    ImageEncoder(embed_dim=16, backbone="resnet18")
+    per_tap_encoder()
     after_encoder = torch.rand(3)
     torch.manual_seed(0)
     net = torchvision.models.resnet18(weights=None)

@@ -16,8 +16,6 @@ import torch
 import torchvision
 from torch import nn
 
-from pipeline.models.small_map_conv import use_small_map_convs
-
 log = logging.getLogger(__name__)
 
 HUB_CACHE = "torch_hub"
@@ -82,9 +80,6 @@ class Backbone(nn.Module):
                 net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3
             )
             self.head = net.layer4
-            # maps of 2x2 (the last stage at 64 px, the one before at 32 px) train
-            # faster on the CPU as per-tap products (pipeline.models.small_map_conv)
-            use_small_map_convs(self)
         else:  # densenet: split after denseblock3 (its transition halves the size again)
             f = net.features
             self.stem = nn.Sequential(

@@ -78,8 +78,9 @@ def create_model(name: str, **kwargs: Any) -> ComposedRetrievalModel:
             f"accepted: {', '.join(accepted)}"
         )
     model = _REGISTRY[name](**kwargs)
-    # the composers' 3x3 convs on the last map (tirg_lastconv, film) train as per-tap
-    # products on the CPU, as the trunk's do (Backbone swaps its own)
+    # 3x3 convs onto 2x2 maps (the trunk's last stage at 64 px, the one before at 32 px,
+    # tirg_lastconv's and film's convs on the last map) train faster on the CPU as
+    # per-tap products (pipeline.models.small_map_conv)
     use_small_map_convs(model)
     model.model_name = name
     model.model_kwargs = dict(kwargs)

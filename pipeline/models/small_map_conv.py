@@ -16,9 +16,9 @@ gradient comes out of one product. A 512-channel conv trains ~2.4x faster
 
 The parameters, their names and the maths stay ``nn.Conv2d``'s; only CPU training takes
 this path (evaluation, export, CUDA and larger maps run ``nn.Conv2d``'s own kernel).
-Besides the trunk (``Backbone``), the composers' 3x3 convolutions on the last map take it
-(``create_model``): ``tirg_lastconv``'s gate and residual (1024 channels in at D = 512)
-and ``film``'s residual block, which have biases.
+``create_model`` swaps every fitting convolution of a model: the trunk's, and the
+composers' on the last map (``tirg_lastconv``'s gate and residual, 1024 channels in at
+D = 512, and ``film``'s residual block, which have biases).
 """
 
 from __future__ import annotations
@@ -179,7 +179,7 @@ class SmallMapConv2d(nn.Conv2d):
 
     @classmethod
     def replacing(cls, conv: nn.Conv2d) -> SmallMapConv2d:
-        """A SmallMapConv2d that shares ``conv``'s weight (``fits_small_map(conv)``)."""
+        """A SmallMapConv2d that shares ``conv``'s weight and bias (``fits_small_map(conv)``)."""
         if not fits_small_map(conv):
             raise ValueError(f"SmallMapConv2d replaces a 3x3 padding-1 conv, got {conv}")
         return sharing_weight(cls, conv)
