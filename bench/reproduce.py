@@ -330,6 +330,7 @@ def reproduce(argv: list[str] | None = None) -> int:
         "dataset": str(Path(args.data).resolve()),
         "models": models,
         "seeds": args.seeds,
+        "first_seed": args.first_seed,
         "iterations": iterations(args),
         "scale": scale_overrides(args),
         "overrides": args.overrides,

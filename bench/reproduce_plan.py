@@ -93,7 +93,16 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
     parser.add_argument(
         "--models", default="all", help="'all' (every registered model) or a comma-separated list"
     )
-    parser.add_argument("--seeds", type=int, default=3, help="runs per model (seeds 0..N-1)")
+    parser.add_argument(
+        "--seeds", type=int, default=3, help="runs per model (seeds S..S+N-1, S = --first-seed)"
+    )
+    parser.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="the first seed (default 0); with the same --out, '--first-seed 2 --seeds 2' "
+        "adds seeds 2 and 3 to a table of two, and '--seeds 4 --report-only' tabulates all four",
+    )
     parser.add_argument("--parallel", type=int, default=1, help="runs in flight at once")
     parser.add_argument(
         "--in-process", action="store_true", help="train with --workers 0 in this process (no Ray)"
@@ -132,6 +141,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
     for name in ("seeds", "parallel"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.first_seed < 0:
+        parser.error(f"--first-seed must be >= 0, got {args.first_seed}")
     if args.steps is not None and args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
     if args.workers < 1 and not args.in_process:
@@ -215,7 +226,7 @@ def plan_runs(args: argparse.Namespace, models: list[str]) -> list[PlannedRun]:
     runs = []
     for model in models:
         overrides = model_scale(scale_overrides(args), model) + list(args.overrides)
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             argv = [
                 "--config",
                 str(model_config_file(Path(args.config_dir), model)),

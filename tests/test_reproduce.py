@@ -170,6 +170,32 @@ def test_resume_skips_finished_runs(tmp_path, fake_dataset, monkeypatch):
     assert calls == [] and all(r["reused"] for r in results)
 
 
+def test_first_seed_adds_seeds_to_a_table(tmp_path, fake_dataset, monkeypatch):
+    """``--first-seed 2 --seeds 2`` trains seeds 2 and 3 only, each with its own seed and
+    directory; ``--seeds 4 --report-only`` over the same --out then tabulates all four."""
+    base = ["--data", str(fake_dataset), "--models", "tirg", "--in-process", "--steps", "3"]
+    base += ["--out", str(tmp_path / "out")]
+    calls: list = []
+    monkeypatch.setattr(reproduce, "train_timed", fake_training(calls))
+    _, first = reproduce.parse_args([*base, "--seeds", "2"])
+    reproduce.run_all(reproduce.plan_runs(first, ["tirg"]), first)
+    _, more = reproduce.parse_args([*base, "--seeds", "2", "--first-seed", "2"])
+    added = reproduce.plan_runs(more, ["tirg"])
+    assert [(r.seed, Path(r.config["out"]).name) for r in added] == [(2, "seed2"), (3, "seed3")]
+    assert all(r.config["train"]["seed"] == r.seed for r in added)
+    calls.clear()
+    reproduce.run_all(added, more)
+    assert calls == [("tirg", 2), ("tirg", 3)]
+
+    calls.clear()
+    _, report = reproduce.parse_args([*base, "--seeds", "4", "--report-only"])
+    results, missing = reproduce.run_all(reproduce.plan_runs(report, ["tirg"]), report)
+    assert calls == [] and missing == []
+    assert sorted(r["seed"] for r in results) == [0, 1, 2, 3]
+    (row,) = summarize(results)
+    assert row["seeds"] == [0, 1, 2, 3] and row["R@1"]["mean"] == pytest.approx(11.5)
+
+
 def test_report_only_trains_nothing(tmp_path, fake_dataset, monkeypatch):
     argv = [
         "--data",
@@ -259,6 +285,7 @@ def test_failed_run_is_reported_and_others_kept(tmp_path, fake_dataset, monkeypa
     [
         (["--models", "tirg,no_such_model"], "unknown model(s) ['no_such_model']"),
         (["--seeds", "0"], "--seeds must be >= 1"),
+        (["--first-seed", "-1"], "--first-seed must be >= 0"),
         (["--workers", "0"], "use --in-process"),
         (["--paper-scale", "--cpu-scale"], "not allowed with argument"),
         (["--steps", "0"], "--steps must be >= 1"),
