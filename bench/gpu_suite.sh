@@ -30,6 +30,7 @@
 # stage that fails or runs out of time is reported and the others still run; the exit
 # code is 1 when any stage failed. SMOKE=1 runs every stage at tiny sizes on the CPU
 # (tests/test_gpu_suite.py): it checks the plumbing and measures nothing.
+# PYTHON (default python3) is the interpreter every stage runs under.
 # webdataset/braceexpand wheels may be carried in .whl/ (docs/training.md says how).
 # The device returns at most 8 files from $OUT: the suite writes exactly 8 (the log is
 # the command's output).
