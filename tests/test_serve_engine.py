@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from serve_fixtures import limit_threads, serving_artifacts
+from serve_fixtures import serving_artifacts
 
 from pipeline.checkpoint import load_model
 from pipeline.images import ImagePreprocess, decode_image
@@ -24,19 +24,6 @@ from serve.engine import (
     UnknownReferenceError,
 )
 from serve.gallery import GalleryIndexError
-
-
-@pytest.fixture(scope="module")
-def art_dir(tmp_path_factory):
-    limit_threads()
-    return serving_artifacts(tmp_path_factory.getbasetemp())[0]
-
-
-@pytest.fixture(scope="module")
-def engine(art_dir):
-    engine = QueryEngine(art_dir, backend="torch", device="cpu")
-    yield engine
-    engine.close()
 
 
 @pytest.fixture(scope="module")

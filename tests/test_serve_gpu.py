@@ -6,18 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from serve_fixtures import serving_artifacts
 
 from export.runtime import open_runtime
 from serve.engine import Query, QueryEngine
 from serve.search import GallerySearch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-@pytest.fixture(scope="module")
-def art_dir(tmp_path_factory):
-    return serving_artifacts(tmp_path_factory.getbasetemp())[0]
 
 
 def test_cuda_graph_query_network_equals_eager(art_dir):

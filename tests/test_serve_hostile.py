@@ -26,7 +26,6 @@ from hostile_inputs import (
     png16,
 )
 from PIL import Image
-from serve_fixtures import limit_threads, serving_artifacts
 
 from pipeline.checkpoint import CheckpointError, load_checkpoint
 from pipeline.images import ImagePreprocess, decode_image
@@ -36,19 +35,6 @@ from serve.app import ServiceLimits, create_app
 from serve.engine import ImageTooLargeError, QueryEngine
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def art_dir(tmp_path_factory):
-    limit_threads()
-    return serving_artifacts(tmp_path_factory.getbasetemp())[0]
-
-
-@pytest.fixture(scope="module")
-def engine(art_dir):
-    engine = QueryEngine(art_dir, backend="torch", device="cpu")
-    yield engine
-    engine.close()
 
 
 # -- 1. extreme aspect ratios and sizes, refused from the header ----------------------------

@@ -11,30 +11,14 @@ import time
 
 import httpx
 import numpy as np
-import pytest
 from fastapi.testclient import TestClient
 from hostile_inputs import (
     encode,
 )
 from PIL import Image
-from serve_fixtures import ServerThread, limit_threads, serving_artifacts
+from serve_fixtures import ServerThread
 
 from serve.app import ServiceLimits, create_app
-from serve.engine import QueryEngine
-
-
-@pytest.fixture(scope="module")
-def art_dir(tmp_path_factory):
-    limit_threads()
-    return serving_artifacts(tmp_path_factory.getbasetemp())[0]
-
-
-@pytest.fixture(scope="module")
-def engine(art_dir):
-    engine = QueryEngine(art_dir, backend="torch", device="cpu")
-    yield engine
-    engine.close()
-
 
 # -- 4-6. slow clients, idle sockets, disconnects and upload bursts (live server) -----------
 TIMEOUT_LIMITS = ServiceLimits(header_timeout_s=0.5, body_timeout_s=0.5, keep_alive_s=1)
