@@ -41,7 +41,8 @@ def gated_residual(
     w_g: torch.Tensor,
     w_r: torch.Tensor,
 ) -> torch.Tensor:
-    """Eq. 1: ``w_g * sigmoid(gate(joint)) * x + w_r * residual(joint)``; x (B, D)."""
+    """Eq. 1: ``w_g * sigmoid(gate(joint)) * x + w_r * residual(joint)``; x (B, D) with
+    joint (B, J), or a map x (B, C, h, w) with joint (B, J, h, w) (``tirg_lastconv``)."""
     return w_g * torch.sigmoid(gate(joint)) * x + w_r * residual(joint)
 
 
@@ -52,6 +53,17 @@ class _GateResidualWeights(nn.Module):
         super().__init__()
         self.w_g = nn.Parameter(torch.tensor(float(w_g_init)), requires_grad=bool(learn_weights))
         self.w_r = nn.Parameter(torch.tensor(float(w_r_init)), requires_grad=bool(learn_weights))
+
+
+def conv_branch(joint: int, out: int) -> nn.Sequential:
+    """``tirg_lastconv``'s gate or residual: BN-Conv3x3-ReLU-Conv3x3, (B, joint, h, w) ->
+    (B, out, h, w)."""
+    return nn.Sequential(
+        nn.BatchNorm2d(joint),
+        nn.Conv2d(joint, joint, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(joint, out, 3, padding=1),
+    )
 
 
 @register_model("tirg")
@@ -105,24 +117,14 @@ class TIRGLastConv(EncoderComposerModel):
         super().__init__(vocab_size, embed_dim, image_backbone, pretrained_path, **common)
         c, joint = self.image_encoder.channels, self.image_encoder.channels + embed_dim
         self.weights = _GateResidualWeights(w_g_init, w_r_init, learn_weights)
-        self.gate = nn.Sequential(
-            nn.BatchNorm2d(joint),
-            nn.Conv2d(joint, joint, 3, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(joint, c, 3, padding=1),
-        )
-        self.residual = nn.Sequential(
-            nn.BatchNorm2d(joint),
-            nn.Conv2d(joint, joint, 3, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(joint, c, 3, padding=1),
-        )
+        self.gate = conv_branch(joint, c)
+        self.residual = conv_branch(joint, c)
 
     def combine(self, image_repr: Repr, text_repr: Repr) -> torch.Tensor:
         feature_map, text = image_repr[0], text_repr[0]
         tiled = text[:, :, None, None].expand(-1, -1, feature_map.shape[2], feature_map.shape[3])
         joint = torch.cat([feature_map, tiled], dim=1)
-        edited = self.weights.w_g * torch.sigmoid(
-            self.gate(joint)
-        ) * feature_map + self.weights.w_r * self.residual(joint)
+        edited = gated_residual(
+            feature_map, joint, self.gate, self.residual, self.weights.w_g, self.weights.w_r
+        )
         return self.image_encoder.project(edited)
