@@ -12,10 +12,9 @@ import time
 import httpx
 import numpy as np
 import pytest
-from serve_fixtures import ServerThread, limit_threads, serving_artifacts
+from serve_fixtures import ServerThread
 
 from serve.app import ServiceLimits, create_app
-from serve.engine import QueryEngine
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -28,16 +27,6 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-
-
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    limit_threads()
-    engine = QueryEngine(
-        serving_artifacts(tmp_path_factory.getbasetemp())[0], backend="torch", device="cpu"
-    )
-    yield engine
-    engine.close()
 
 
 @pytest.fixture(scope="module")
