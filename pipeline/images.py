@@ -98,7 +98,9 @@ def decode_with_pil(data: bytes) -> torch.Tensor:
             f"cannot decode image ({len(data)} bytes, starts {bytes(data[:8])!r}): corrupt "
             f"or unsupported image data: {err}"
         ) from err
-    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).contiguous()
+    # one explicit copy: Pillow's arrays are read-only, and a permuted view of a 1x1
+    # image already counts as contiguous, so .contiguous() would not have copied it
+    return torch.from_numpy(np.array(rgb.transpose(2, 0, 1), order="C"))
 
 
 def to_uint8(image: torch.Tensor) -> torch.Tensor:

@@ -95,6 +95,28 @@ def test_every_mode_decodes_to_the_same_rgb_picture(engine, mode):
     )
 
 
+@pytest.mark.parametrize("width,height", [(1, 1), (1, 5), (40, 30)])
+def test_a_pillow_decoded_image_owns_writable_memory(monkeypatch, width, height):
+    # Pillow hands out read-only arrays; a tensor that aliased one (a 1x1 image's
+    # permuted view already counts as contiguous, so nothing copied it) would let the
+    # preprocessing write into Pillow's buffer
+    import pipeline.images as images
+
+    real_pil_to_rgb, handed_out = images.pil_to_rgb, []
+
+    def keep(image):
+        handed_out.append(real_pil_to_rgb(image))
+        return handed_out[-1]
+
+    monkeypatch.setattr(images, "pil_to_rgb", keep)
+    data = encode(Image.fromarray(picture(width, height)), "TIFF")  # torchvision lacks TIFF
+    decoded = decode_image(data)
+    assert handed_out and not handed_out[0].flags.writeable
+    assert decoded.shape == (3, height, width) and decoded.is_contiguous()
+    assert not np.shares_memory(decoded.numpy(), handed_out[0])
+    decoded.fill_(7)  # and it can be written
+
+
 def test_a_16bit_png_scores_like_its_8bit_twin(engine):
     rgb = picture(64, 64)
     eight = engine.query("make it red", image=encode(Image.fromarray(rgb)), k=5)
